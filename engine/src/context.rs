@@ -1,0 +1,459 @@
+//! [`WorkflowContext`]: what workflow code uses to run durable steps and read its run's state.
+//!
+//! Every operation takes the next position in its scope (`0`, `1`, … at the top level). If the
+//! history already has that position, the recorded answer is returned without executing
+//! anything; otherwise the operation runs and its result is appended before it returns. So a
+//! resumed run replays its completed steps from the log and executes from the first step the
+//! log does not have.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cairn_storage::{EventStore, NewEvent, RunId, now_micros};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Interrupt, StepError, WorkflowError};
+use crate::event::{Event, Payload, StepPath};
+use crate::state::{RunState, StepStatus};
+
+/// Limits that keep one run's summaries bounded.
+const SUMMARY_INPUT_CHARS_MAX: usize = 500;
+const SUMMARY_RESULT_CHARS_MAX: usize = 1000;
+
+/// State shared by every context of one executing run.
+pub(crate) struct RunShared {
+    pub(crate) run_id: RunId,
+    pub(crate) store: Arc<dyn EventStore>,
+    /// The fold of the log so far, kept current as the run appends.
+    pub(crate) state: Mutex<LiveState>,
+    /// Cancelled when the run is cancelled.
+    pub(crate) cancel: CancellationToken,
+    /// Cancelled when the engine shuts down.
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) interrupt: Mutex<Option<Interrupt>>,
+}
+
+pub(crate) struct LiveState {
+    pub(crate) run: RunState,
+    /// The step answered or executed most recently, for `last_result`.
+    last: Option<StepPath>,
+    /// Steps answered from the log in this execution.
+    pub(crate) replayed: u64,
+    /// Steps executed in this execution.
+    pub(crate) executed: u64,
+}
+
+impl LiveState {
+    pub(crate) fn new(run: RunState) -> Self {
+        LiveState {
+            run,
+            last: None,
+            replayed: 0,
+            executed: 0,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the fold half-applied in a way later code
+    // trusts (each apply is one map update), so recover the guard.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RunShared {
+    pub(crate) fn take_interrupt(&self) -> Option<Interrupt> {
+        lock(&self.interrupt).clone()
+    }
+
+    fn set_interrupt(&self, i: Interrupt) -> WorkflowError {
+        let mut slot = lock(&self.interrupt);
+        // The first interrupt wins: it is the cause, later ones are consequences.
+        let i = slot.get_or_insert(i).clone();
+        WorkflowError::Interrupted(i)
+    }
+
+    fn check(&self) -> Result<(), WorkflowError> {
+        if let Some(i) = lock(&self.interrupt).clone() {
+            return Err(WorkflowError::Interrupted(i));
+        }
+        if self.cancel.is_cancelled() {
+            return Err(self.set_interrupt(Interrupt::Cancelled(self.run_id)));
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(self.set_interrupt(Interrupt::Shutdown(self.run_id)));
+        }
+        Ok(())
+    }
+
+    /// Appends one event, waits until it is durable, and folds it into the live state.
+    async fn record(&self, event: Event) -> Result<(), WorkflowError> {
+        let ne = NewEvent::now(event.encode());
+        let ts = ne.ts_us;
+        match self.store.append(self.run_id, vec![ne], None).await {
+            Ok(a) => {
+                let mut st = lock(&self.state);
+                let run = self.run_id;
+                st.run
+                    .apply_event(run, a.first.0, ts, event)
+                    .map_err(|e| {
+                        self.set_interrupt(Interrupt::Store {
+                            run,
+                            detail: e.to_string(),
+                        })
+                    })
+            }
+            Err(e) => Err(self.set_interrupt(Interrupt::Store {
+                run: self.run_id,
+                detail: e.to_string(),
+            })),
+        }
+    }
+}
+
+/// A step recorded in the run, as seen by workflow code.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CompletedStep {
+    /// The step's position.
+    pub path: String,
+    /// The step's name.
+    pub name: String,
+    /// Its output.
+    pub result: serde_json::Value,
+    /// When its successful attempt began (microseconds since the epoch).
+    pub started_us: i64,
+    /// When it completed (microseconds since the epoch).
+    pub finished_us: i64,
+}
+
+/// The handle workflow code uses for durable steps, recorded non-determinism and run state.
+///
+/// Cloning a context shares its position counter; use one context per logical sequence of
+/// steps so that positions are assigned in program order.
+#[derive(Clone)]
+pub struct WorkflowContext {
+    shared: Arc<RunShared>,
+    scope: Arc<Scope>,
+}
+
+struct Scope {
+    prefix: StepPath,
+    next: AtomicU32,
+}
+
+impl WorkflowContext {
+    pub(crate) fn root(shared: Arc<RunShared>) -> Self {
+        WorkflowContext {
+            shared,
+            scope: Arc::new(Scope {
+                prefix: StepPath::root(),
+                next: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    /// Reserves the next position in this scope. Positions are taken when an operation is
+    /// called, not when its future is first polled, so `join!` of steps stays deterministic.
+    fn next_path(&self) -> StepPath {
+        let i = self.scope.next.fetch_add(1, Ordering::Relaxed);
+        self.scope.prefix.child(i)
+    }
+
+    /// The run's id.
+    pub fn run_id(&self) -> RunId {
+        self.shared.run_id
+    }
+
+    /// The workflow's registered name.
+    pub fn workflow(&self) -> String {
+        lock(&self.shared.state).run.workflow.clone()
+    }
+
+    /// The run's input as JSON.
+    pub fn input_json(&self) -> serde_json::Value {
+        lock(&self.shared.state).run.input.to_json()
+    }
+
+    /// Whether the next operation in this scope will be answered from the log.
+    pub fn is_replaying(&self) -> bool {
+        let path = self
+            .scope
+            .prefix
+            .child(self.scope.next.load(Ordering::Relaxed));
+        lock(&self.shared.state).run.steps.contains_key(&path)
+    }
+
+    /// Whether the run has been asked to stop (cancelled or shutting down).
+    pub fn is_stopping(&self) -> bool {
+        self.shared.cancel.is_cancelled() || self.shared.shutdown.is_cancelled()
+    }
+
+    /// Runs `f` as a durable step named `name`: executed once, its result recorded; on resume
+    /// the recorded result is returned without running `f`.
+    ///
+    /// Side effects inside `f` are at-least-once: if the process dies while `f` runs, it runs
+    /// again on resume. A failure is recorded and returned as [`WorkflowError::Step`].
+    pub fn step<'a, T, F, Fut>(
+        &'a self,
+        name: &str,
+        f: F,
+    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + 'a
+    where
+        T: Serialize + DeserializeOwned + Send + 'a,
+        F: FnOnce() -> Fut + Send + 'a,
+        Fut: Future<Output = Result<T, StepError>> + Send + 'a,
+    {
+        let path = self.next_path();
+        let name = name.to_string();
+        async move { self.run_step(path, name, f).await }
+    }
+
+    async fn run_step<T, F, Fut>(
+        &self,
+        path: StepPath,
+        name: String,
+        f: F,
+    ) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, StepError>>,
+    {
+        let shared = &self.shared;
+        shared.check()?;
+        let attempt = {
+            let mut st = lock(&shared.state);
+            if let Some(key) = st.run.metadata_paths.get(&path) {
+                let recorded = format!("metadata `{key}`");
+                drop(st);
+                return Err(self.nondeterminism(path, recorded, name));
+            }
+            match st.run.steps.get(&path) {
+                Some(rec) if rec.name != name => {
+                    let recorded = rec.name.clone();
+                    drop(st);
+                    return Err(self.nondeterminism(path, recorded, name));
+                }
+                Some(rec) if rec.status == StepStatus::Completed => {
+                    let decoded = rec
+                        .output
+                        .as_ref()
+                        .map(|o| o.to_typed::<T>())
+                        .unwrap_or_else(|| serde_json::from_str("null"));
+                    st.last = Some(path.clone());
+                    st.replayed += 1;
+                    drop(st);
+                    return decoded.map_err(|e| {
+                        shared.set_interrupt(Interrupt::RecordedTypeChanged {
+                            run: shared.run_id,
+                            path,
+                            name,
+                            detail: e.to_string(),
+                        })
+                    });
+                }
+                Some(rec) if rec.status == StepStatus::Failed => {
+                    let message = rec.error.clone().unwrap_or_default();
+                    st.replayed += 1;
+                    return Err(WorkflowError::Step {
+                        path,
+                        name,
+                        message,
+                    });
+                }
+                // Started or awaiting a retry when the process stopped: run it again.
+                Some(rec) => rec.attempts + 1,
+                None => 1,
+            }
+        };
+        let started_us = now_micros();
+        let outcome = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => {
+                return Err(shared.set_interrupt(Interrupt::Cancelled(shared.run_id)));
+            }
+            _ = shared.shutdown.cancelled() => {
+                return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+            }
+            r = f() => r,
+        };
+        let outcome = outcome.and_then(|v| {
+            Payload::from_value(&v)
+                .map(|p| (v, p))
+                .map_err(|e| StepError::msg(format!("the step's output cannot be encoded as JSON: {e}")))
+        });
+        match outcome {
+            Ok((value, output)) => {
+                shared
+                    .record(Event::StepCompleted {
+                        path: path.clone(),
+                        name,
+                        attempt,
+                        started_us,
+                        output,
+                    })
+                    .await?;
+                let mut st = lock(&shared.state);
+                st.last = Some(path);
+                st.executed += 1;
+                Ok(value)
+            }
+            Err(e) => {
+                shared
+                    .record(Event::StepFailed {
+                        path: path.clone(),
+                        name: name.clone(),
+                        attempt,
+                        started_us,
+                        error: e.message().to_string(),
+                        retry_at_us: None,
+                    })
+                    .await?;
+                lock(&shared.state).executed += 1;
+                Err(WorkflowError::Step {
+                    path,
+                    name,
+                    message: e.message().to_string(),
+                })
+            }
+        }
+    }
+
+    fn nondeterminism(&self, path: StepPath, recorded: String, found: String) -> WorkflowError {
+        self.shared.set_interrupt(Interrupt::NonDeterminism {
+            run: self.shared.run_id,
+            path,
+            recorded,
+            found,
+        })
+    }
+
+    /// The current time, recorded: on replay the same instant is returned.
+    pub async fn now(&self) -> Result<chrono::DateTime<chrono::Utc>, WorkflowError> {
+        let us: i64 = self
+            .step("cairn.now", || async { Ok(now_micros()) })
+            .await?;
+        Ok(chrono::DateTime::from_timestamp_micros(us).unwrap_or_default())
+    }
+
+    /// A random number, recorded: on replay the same number is returned.
+    pub async fn random_u64(&self) -> Result<u64, WorkflowError> {
+        self.step("cairn.random", || async { Ok(rand::random::<u64>()) })
+            .await
+    }
+
+    /// A random (version 4) UUID string, recorded: on replay the same id is returned.
+    pub async fn uuid(&self) -> Result<String, WorkflowError> {
+        self.step("cairn.uuid", || async {
+            let mut b: [u8; 16] = rand::random();
+            b[6] = (b[6] & 0x0f) | 0x40;
+            b[8] = (b[8] & 0x3f) | 0x80;
+            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            Ok(format!(
+                "{}-{}-{}-{}-{}",
+                &h[0..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..32]
+            ))
+        })
+        .await
+    }
+
+    /// Records a metadata key for the run (e.g. a label found while running); takes a position
+    /// like a step, so replay does not record it twice.
+    pub async fn set_metadata<V: Serialize>(&self, key: &str, value: &V) -> Result<(), WorkflowError> {
+        let path = self.next_path();
+        self.shared.check()?;
+        {
+            let st = lock(&self.shared.state);
+            if let Some(rec) = st.run.steps.get(&path) {
+                let recorded = rec.name.clone();
+                drop(st);
+                return Err(self.nondeterminism(path, recorded, format!("metadata `{key}`")));
+            }
+            match st.run.metadata_paths.get(&path) {
+                Some(k) if k == key => return Ok(()),
+                Some(k) => {
+                    let recorded = format!("metadata `{k}`");
+                    drop(st);
+                    return Err(self.nondeterminism(path, recorded, format!("metadata `{key}`")));
+                }
+                None => {}
+            }
+        }
+        let value = Payload::from_value(value)
+            .map_err(|e| WorkflowError::msg(format!("metadata `{key}` cannot be encoded: {e}")))?;
+        self.shared
+            .record(Event::MetadataSet {
+                path,
+                key: key.to_string(),
+                value,
+            })
+            .await
+    }
+
+    /// A metadata value set earlier in the run.
+    pub fn metadata(&self, key: &str) -> Option<serde_json::Value> {
+        lock(&self.shared.state)
+            .run
+            .metadata
+            .get(key)
+            .map(Payload::to_json)
+    }
+
+    /// The completed steps of the run so far (recorded and new), in position order.
+    pub fn steps(&self) -> Vec<CompletedStep> {
+        lock(&self.shared.state)
+            .run
+            .completed_steps()
+            .map(|(p, r)| CompletedStep {
+                path: p.to_string(),
+                name: r.name.clone(),
+                result: r.output.as_ref().map(Payload::to_json).unwrap_or_default(),
+                started_us: r.started_us,
+                finished_us: r.finished_us.unwrap_or(r.started_us),
+            })
+            .collect()
+    }
+
+    /// The output of the step answered or executed most recently in this execution.
+    pub fn last_result(&self) -> Option<serde_json::Value> {
+        let st = lock(&self.shared.state);
+        let p = st.last.as_ref()?;
+        st.run.steps.get(p)?.output.as_ref().map(Payload::to_json)
+    }
+
+    /// A compact text summary for handing the run's progress to another agent: the task, the
+    /// completed step names and the last result, each bounded in length.
+    pub fn handoff_summary(&self) -> String {
+        let st = lock(&self.shared.state);
+        let input = truncate(&st.run.input.to_json().to_string(), SUMMARY_INPUT_CHARS_MAX);
+        let names: Vec<&str> = st
+            .run
+            .completed_steps()
+            .filter(|(_, r)| !r.name.starts_with("cairn."))
+            .map(|(_, r)| r.name.as_str())
+            .collect();
+        let last = st
+            .last
+            .as_ref()
+            .and_then(|p| st.run.steps.get(p))
+            .and_then(|r| r.output.as_ref())
+            .map(|o| truncate(&o.to_json().to_string(), SUMMARY_RESULT_CHARS_MAX))
+            .unwrap_or_else(|| "none".into());
+        format!(
+            "Task: {input}\nCompleted: {}\nLast result: {last}",
+            names.join(", ")
+        )
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}… ({} more bytes)", &s[..i], s.len() - i),
+    }
+}

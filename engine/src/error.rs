@@ -1,0 +1,197 @@
+//! Error types: what a step returns ([`StepError`]), what workflow code sees
+//! ([`WorkflowError`]), and what the runtime API returns ([`EngineError`]).
+
+use std::fmt;
+
+use cairn_storage::{RunId, StoreError};
+
+use crate::event::StepPath;
+use crate::state::FoldError;
+
+/// The error a step's closure returns. Any `std::error::Error` converts into it with `?`.
+#[derive(Debug, Clone)]
+pub struct StepError {
+    message: String,
+    retryable: bool,
+}
+
+impl StepError {
+    /// A failure described by `message`, not worth retrying.
+    pub fn msg(message: impl fmt::Display) -> Self {
+        StepError {
+            message: message.to_string(),
+            retryable: false,
+        }
+    }
+
+    /// A transient failure that a retry policy may retry.
+    pub fn retryable(message: impl fmt::Display) -> Self {
+        StepError {
+            message: message.to_string(),
+            retryable: true,
+        }
+    }
+
+    /// The failure's description.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether a retry may help.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+// Like anyhow: StepError itself is not a std Error, so this blanket conversion is coherent.
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for StepError {
+    fn from(e: E) -> Self {
+        StepError::msg(e)
+    }
+}
+
+/// Why the engine stopped executing a run's code without recording an outcome.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Interrupt {
+    /// Today's code asked for a different step than the history recorded at this position.
+    #[error(
+        "non-determinism in run {run} at step {path}: the history recorded `{recorded}` but the code now runs `{found}`; \
+         restore the previous workflow code, or register the change as a new workflow version"
+    )]
+    NonDeterminism {
+        /// The run.
+        run: RunId,
+        /// The step position.
+        path: StepPath,
+        /// What the history has there.
+        recorded: String,
+        /// What the code asked for.
+        found: String,
+    },
+    /// A recorded output no longer decodes into the type the code expects.
+    #[error(
+        "run {run}, step {path} `{name}`: the recorded output does not fit today's type ({detail}); \
+         keep output types backward compatible or register a new workflow version"
+    )]
+    RecordedTypeChanged {
+        /// The run.
+        run: RunId,
+        /// The step position.
+        path: StepPath,
+        /// The step name.
+        name: String,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// The run was cancelled.
+    #[error("run {0} was cancelled")]
+    Cancelled(RunId),
+    /// The engine is shutting down; the run stays `running` and resumes later.
+    #[error("run {0} was interrupted by shutdown; resume it with `cairn resume {0}`")]
+    Shutdown(RunId),
+    /// The store failed; the run stays as it was and can be resumed.
+    #[error("run {run}: the store failed ({detail}); the run can be resumed once the store works")]
+    Store {
+        /// The run.
+        run: RunId,
+        /// What the store said.
+        detail: String,
+    },
+}
+
+/// What a workflow function and the context's operations return on failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkflowError {
+    /// A step failed (its failure is recorded); a workflow may handle it or return it.
+    #[error("step {path} `{name}` failed: {message}")]
+    Step {
+        /// The step's position.
+        path: StepPath,
+        /// The step's name.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The workflow's own failure, recorded as the run's error.
+    #[error("{0}")]
+    Failed(String),
+    /// The engine must stop running this code (see [`Interrupt`]); returning any other error
+    /// after this does not change that.
+    #[error(transparent)]
+    Interrupted(Interrupt),
+}
+
+impl WorkflowError {
+    /// A workflow failure with this message.
+    pub fn msg(message: impl fmt::Display) -> Self {
+        WorkflowError::Failed(message.to_string())
+    }
+}
+
+/// Errors of the runtime API (start, resume, recover, cancel, load).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The run's history cannot be folded.
+    #[error(transparent)]
+    Fold(#[from] FoldError),
+    /// No run with this id exists.
+    #[error("no run {0} in this store; list runs with `cairn runs`")]
+    UnknownRun(RunId),
+    /// No workflow with this name is registered.
+    #[error("no workflow named `{name}` is registered (known: {known})")]
+    UnknownWorkflow {
+        /// The requested name.
+        name: String,
+        /// The registered names, comma-separated.
+        known: String,
+    },
+    /// The run was recorded with another version of the workflow.
+    #[error(
+        "run {run} was recorded with workflow `{workflow}` version {recorded}, but this program registers version {registered}; \
+         run it with the program version that started it"
+    )]
+    VersionMismatch {
+        /// The run.
+        run: RunId,
+        /// The workflow name.
+        workflow: String,
+        /// The version in the history.
+        recorded: u32,
+        /// The version registered now.
+        registered: u32,
+    },
+    /// The input does not match the workflow's input type; nothing was written.
+    #[error("the input for workflow `{workflow}` is invalid: {detail}")]
+    BadInput {
+        /// The workflow.
+        workflow: String,
+        /// What does not match.
+        detail: String,
+    },
+    /// The run is already executing in this process.
+    #[error("run {0} is already executing in this process")]
+    AlreadyActive(RunId),
+    /// The run was stopped by an interrupt (non-determinism, store failure); it was left as it was.
+    #[error(transparent)]
+    Interrupted(Interrupt),
+    /// The run's task panicked; it stays `running` and can be resumed.
+    #[error("run {run} panicked: {detail}; it stays `running` and can be resumed after a fix")]
+    Panicked {
+        /// The run.
+        run: RunId,
+        /// The panic message.
+        detail: String,
+    },
+}

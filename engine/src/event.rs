@@ -1,0 +1,412 @@
+//! The event kinds that make up a run's history, their binary encoding, and their JSON view.
+//!
+//! Events are an append-only contract: variants are encoded by position (postcard), so a new
+//! kind is only ever added at the end, and no variant is reordered or renamed. User data
+//! (inputs, outputs, metadata values) travels as JSON bytes in a [`Payload`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use cairn_storage::RunId;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// JSON bytes of user data (an input, a step output, a metadata value).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Payload(Vec<u8>);
+
+impl Payload {
+    /// Encodes a value as a JSON payload.
+    pub fn from_value<T: Serialize + ?Sized>(v: &T) -> Result<Self, serde_json::Error> {
+        serde_json::to_vec(v).map(Payload)
+    }
+
+    /// Wraps bytes that are already JSON.
+    pub fn from_json_bytes(bytes: Vec<u8>) -> Self {
+        Payload(bytes)
+    }
+
+    /// Decodes the payload into a typed value.
+    pub fn to_typed<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.0)
+    }
+
+    /// The payload as a JSON value (`null` if it is empty or not JSON).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The raw JSON bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The size in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload({})", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Payload;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("JSON bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Payload, E> {
+                Ok(Payload(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Payload, E> {
+                Ok(Payload(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Payload, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = a.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(Payload(out))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// Where a step sits in a run: `3` for the fourth top-level step, `5.17.2` for the third step of
+/// branch 17 of the fan-out at step 5.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct StepPath(Vec<u32>);
+
+impl StepPath {
+    /// The empty path (the run itself).
+    pub fn root() -> Self {
+        StepPath(Vec::new())
+    }
+
+    /// This path extended by one position.
+    pub fn child(&self, index: u32) -> Self {
+        let mut v = Vec::with_capacity(self.0.len() + 1);
+        v.extend_from_slice(&self.0);
+        v.push(index);
+        StepPath(v)
+    }
+
+    /// The positions, outermost first.
+    pub fn parts(&self) -> &[u32] {
+        &self.0
+    }
+
+    /// Whether `self` starts with `prefix`.
+    pub fn starts_with(&self, prefix: &StepPath) -> bool {
+        self.0.starts_with(&prefix.0)
+    }
+
+    /// Nesting depth (1 for a top-level step).
+    pub fn depth(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl fmt::Display for StepPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(".")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for StepPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StepPath({self})")
+    }
+}
+
+impl FromStr for StepPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Ok(StepPath::root());
+        }
+        s.split('.')
+            .map(|p| p.parse::<u32>())
+            .collect::<Result<Vec<_>, _>>()
+            .map(StepPath)
+            .map_err(|_| format!("`{s}` is not a step path (expected numbers joined by dots, e.g. 5.17.2)"))
+    }
+}
+
+/// One thing that happened in a run. Encoded by variant position: append new kinds at the end.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Event {
+    /// The run was created with this workflow and input.
+    RunStarted {
+        /// Registered workflow name.
+        workflow: String,
+        /// Workflow version.
+        version: u32,
+        /// The run's input.
+        input: Payload,
+        /// The run that started this one, if any.
+        parent: Option<RunId>,
+    },
+    /// The workflow returned an output.
+    RunCompleted {
+        /// The run's output.
+        output: Payload,
+    },
+    /// The workflow returned an error.
+    RunFailed {
+        /// What went wrong.
+        error: String,
+    },
+    /// The run was cancelled on request.
+    RunCancelled {
+        /// Why, as given by the canceller.
+        reason: String,
+    },
+    /// A process picked the run up again after an interruption.
+    RunResumed {
+        /// How many events the run had when it was resumed.
+        events_before: u64,
+    },
+    /// A step began executing (recorded for steps whose start must be durable).
+    StepStarted {
+        /// The step's position.
+        path: StepPath,
+        /// The step's name.
+        name: String,
+        /// 1 for the first attempt.
+        attempt: u32,
+    },
+    /// A step finished with an output; on replay it is answered from here.
+    StepCompleted {
+        /// The step's position.
+        path: StepPath,
+        /// The step's name.
+        name: String,
+        /// Which attempt succeeded.
+        attempt: u32,
+        /// When the successful attempt began (microseconds since the epoch).
+        started_us: i64,
+        /// The step's output.
+        output: Payload,
+    },
+    /// A step attempt failed.
+    StepFailed {
+        /// The step's position.
+        path: StepPath,
+        /// The step's name.
+        name: String,
+        /// Which attempt failed.
+        attempt: u32,
+        /// When the attempt began (microseconds since the epoch).
+        started_us: i64,
+        /// What went wrong.
+        error: String,
+        /// When the next attempt is due; `None` means the failure is final.
+        retry_at_us: Option<i64>,
+    },
+    /// The workflow set a metadata key.
+    MetadataSet {
+        /// The position of the call in the workflow.
+        path: StepPath,
+        /// The key.
+        key: String,
+        /// The value.
+        value: Payload,
+    },
+}
+
+/// The error for bytes that are not an event this binary knows.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode event: {0}")]
+pub struct DecodeError(String);
+
+impl Event {
+    /// The binary encoding stored in the log.
+    pub fn encode(&self) -> Vec<u8> {
+        // postcard serialization of these plain types into a Vec cannot fail.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes an event from the log.
+    pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+        postcard::from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))
+    }
+
+    /// The stable snake_case name of the kind, as used in JSON output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::RunStarted { .. } => "run_started",
+            Event::RunCompleted { .. } => "run_completed",
+            Event::RunFailed { .. } => "run_failed",
+            Event::RunCancelled { .. } => "run_cancelled",
+            Event::RunResumed { .. } => "run_resumed",
+            Event::StepStarted { .. } => "step_started",
+            Event::StepCompleted { .. } => "step_completed",
+            Event::StepFailed { .. } => "step_failed",
+            Event::MetadataSet { .. } => "metadata_set",
+        }
+    }
+
+    /// The step path the event belongs to, if any.
+    pub fn path(&self) -> Option<&StepPath> {
+        match self {
+            Event::StepStarted { path, .. }
+            | Event::StepCompleted { path, .. }
+            | Event::StepFailed { path, .. }
+            | Event::MetadataSet { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    /// The event's fields as a JSON object (without seq/ts), with stable field names.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let mut v = match self {
+            Event::RunStarted {
+                workflow,
+                version,
+                input,
+                parent,
+            } => json!({
+                "workflow": workflow, "version": version, "input": input.to_json(),
+                "parent": parent.map(|p| p.to_string()),
+            }),
+            Event::RunCompleted { output } => json!({ "output": output.to_json() }),
+            Event::RunFailed { error } => json!({ "error": error }),
+            Event::RunCancelled { reason } => json!({ "reason": reason }),
+            Event::RunResumed { events_before } => json!({ "events_before": events_before }),
+            Event::StepStarted {
+                path,
+                name,
+                attempt,
+            } => json!({ "path": path.to_string(), "name": name, "attempt": attempt }),
+            Event::StepCompleted {
+                path,
+                name,
+                attempt,
+                started_us,
+                output,
+            } => json!({
+                "path": path.to_string(), "name": name, "attempt": attempt,
+                "started_us": started_us, "output": output.to_json(),
+            }),
+            Event::StepFailed {
+                path,
+                name,
+                attempt,
+                started_us,
+                error,
+                retry_at_us,
+            } => json!({
+                "path": path.to_string(), "name": name, "attempt": attempt,
+                "started_us": started_us, "error": error, "retry_at_us": retry_at_us,
+            }),
+            Event::MetadataSet { path, key, value } => {
+                json!({ "path": path.to_string(), "key": key, "value": value.to_json() })
+            }
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.insert("kind".into(), self.kind().into());
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Event> {
+        let p = Payload::from_value(&serde_json::json!({"a": [1, 2, "x"]})).unwrap();
+        vec![
+            Event::RunStarted {
+                workflow: "w".into(),
+                version: 3,
+                input: p.clone(),
+                parent: Some(RunId::new()),
+            },
+            Event::RunCompleted { output: p.clone() },
+            Event::RunFailed { error: "e".into() },
+            Event::RunCancelled { reason: "r".into() },
+            Event::RunResumed { events_before: 7 },
+            Event::StepStarted {
+                path: "1.2".parse().unwrap(),
+                name: "s".into(),
+                attempt: 1,
+            },
+            Event::StepCompleted {
+                path: "5.17.2".parse().unwrap(),
+                name: "s".into(),
+                attempt: 2,
+                started_us: -5,
+                output: p.clone(),
+            },
+            Event::StepFailed {
+                path: "0".parse().unwrap(),
+                name: "s".into(),
+                attempt: 1,
+                started_us: 9,
+                error: "boom".into(),
+                retry_at_us: Some(10),
+            },
+            Event::MetadataSet {
+                path: "4".parse().unwrap(),
+                key: "k".into(),
+                value: p,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for e in samples() {
+            assert_eq!(Event::decode(&e.encode()).unwrap(), e);
+        }
+    }
+
+    /// Variants are encoded by position: this pins the numbering so a reorder fails loudly.
+    #[test]
+    fn variant_numbering_is_stable() {
+        let tags: Vec<u8> = samples().iter().map(|e| e.encode()[0]).collect();
+        assert_eq!(tags, vec![0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn unknown_kind_is_an_error() {
+        assert!(Event::decode(&[200]).is_err());
+        assert!(Event::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn step_paths_parse_and_print() {
+        let p: StepPath = "5.17.2".parse().unwrap();
+        assert_eq!(p.parts(), &[5, 17, 2]);
+        assert_eq!(p.to_string(), "5.17.2");
+        assert!("5.x".parse::<StepPath>().is_err());
+        assert_eq!(StepPath::root().child(3).to_string(), "3");
+    }
+}

@@ -1,0 +1,23 @@
+//! cairn-engine: durable workflow execution over a Cairn event log.
+//!
+//! Workflow code calls [`WorkflowContext::step`]; each step's result is appended to the run's
+//! log before the call returns. A run's state is a pure fold over its events ([`fold`],
+//! [`Replayer`]), so a run that crashed or was stopped resumes where it was: completed steps
+//! are answered from the log and execution continues at the first step the log does not have.
+//! The [`Engine`] starts, resumes, recovers and cancels runs.
+//!
+//! Architecture invariant: the engine never learns what an LLM is; agents build on steps.
+
+mod context;
+mod error;
+mod event;
+mod registry;
+mod runtime;
+mod state;
+
+pub use context::{CompletedStep, WorkflowContext};
+pub use error::{EngineError, Interrupt, StepError, WorkflowError};
+pub use event::{DecodeError, Event, Payload, StepPath};
+pub use registry::Registry;
+pub use runtime::{Engine, RunHandle, RunOutcome, StartOptions};
+pub use state::{FoldError, Replayer, RunState, StepRecord, StepStatus, fold};

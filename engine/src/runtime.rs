@@ -1,0 +1,431 @@
+//! The runtime: starts runs, executes many at once on tokio, resumes interrupted runs, and
+//! records how each run ends.
+//!
+//! Architecture invariant: a run's terminal event (completed, failed, cancelled) is written by
+//! the task executing it, or by `cancel` only when no task in this process executes it; so a
+//! run never gets two terminal events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use cairn_storage::{
+    EventStore, NewEvent, NewRun, RunFilter, RunId, RunMeta, RunStatus, Seq,
+};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::context::{LiveState, RunShared, WorkflowContext};
+use crate::error::{EngineError, Interrupt, WorkflowError};
+use crate::event::{Event, Payload};
+use crate::registry::{Registered, Registry};
+use crate::state::{Replayer, RunState};
+
+/// How many events one read of a history takes.
+const READ_PAGE_EVENTS: usize = 8192;
+
+/// How a run ended, or that it was interrupted.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunOutcome {
+    /// The run.
+    pub run_id: String,
+    /// Completed, failed, cancelled, or running if it was interrupted by shutdown.
+    pub status: RunStatus,
+    /// The output, if completed.
+    pub output: Option<serde_json::Value>,
+    /// The error, if failed or cancelled.
+    pub error: Option<String>,
+    /// Steps answered from the log in this execution.
+    pub steps_replayed: u64,
+    /// Steps executed in this execution.
+    pub steps_executed: u64,
+}
+
+/// A started or resumed run: its id, and a way to wait for its outcome.
+pub struct RunHandle {
+    /// The run's id.
+    pub id: RunId,
+    join: JoinHandle<Result<RunOutcome, EngineError>>,
+}
+
+impl RunHandle {
+    /// Waits for the run to finish (or be interrupted) and returns its outcome.
+    pub async fn wait(self) -> Result<RunOutcome, EngineError> {
+        match self.join.await {
+            Ok(r) => r,
+            Err(e) => Err(EngineError::Panicked {
+                run: self.id,
+                detail: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// What to start: a workflow, its input and optional labels.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    /// The registered workflow name.
+    pub workflow: String,
+    /// The input, as JSON.
+    pub input: serde_json::Value,
+    /// Labels stored with the run.
+    pub labels: BTreeMap<String, String>,
+    /// The parent run, if this run is a child.
+    pub parent: Option<RunId>,
+}
+
+impl StartOptions {
+    /// Options for `workflow` with `input` and nothing else.
+    pub fn new(workflow: &str, input: serde_json::Value) -> Self {
+        StartOptions {
+            workflow: workflow.to_string(),
+            input,
+            labels: BTreeMap::new(),
+            parent: None,
+        }
+    }
+}
+
+struct EngineInner {
+    store: Arc<dyn EventStore>,
+    registry: Registry,
+    active: Mutex<HashMap<RunId, CancellationToken>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// The workflow engine: a store, a registry, and the runs executing in this process.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+impl Engine {
+    /// An engine over `store` that can run the workflows in `registry`.
+    pub fn new(store: impl EventStore, registry: Registry) -> Self {
+        Self::with_store(Arc::new(store), registry)
+    }
+
+    /// Like [`Engine::new`] for a store that is already shared.
+    pub fn with_store(store: Arc<dyn EventStore>, registry: Registry) -> Self {
+        Engine {
+            inner: Arc::new(EngineInner {
+                store,
+                registry,
+                active: Mutex::new(HashMap::new()),
+                shutdown: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The store this engine writes to.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
+    /// The registered workflows.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Starts workflow `workflow` with `input`; returns once the run is durably created.
+    pub async fn start<I: Serialize>(
+        &self,
+        workflow: &str,
+        input: &I,
+    ) -> Result<RunHandle, EngineError> {
+        let input = serde_json::to_value(input).map_err(|e| EngineError::BadInput {
+            workflow: workflow.to_string(),
+            detail: e.to_string(),
+        })?;
+        self.start_with(StartOptions::new(workflow, input)).await
+    }
+
+    /// Starts a run described by `opts`. An invalid input writes nothing.
+    pub async fn start_with(&self, opts: StartOptions) -> Result<RunHandle, EngineError> {
+        let wf = self.lookup(&opts.workflow)?;
+        let input = Payload::from_value(&opts.input).map_err(|e| EngineError::BadInput {
+            workflow: opts.workflow.clone(),
+            detail: e.to_string(),
+        })?;
+        (wf.check_input)(&input).map_err(|detail| EngineError::BadInput {
+            workflow: opts.workflow.clone(),
+            detail,
+        })?;
+        let id = RunId::new();
+        let start = Event::RunStarted {
+            workflow: opts.workflow.clone(),
+            version: wf.version,
+            input,
+            parent: opts.parent,
+        };
+        let ne = NewEvent::now(start.encode());
+        let stored = cairn_storage::StoredEvent {
+            seq: Seq(0),
+            ts_us: ne.ts_us,
+            payload: ne.payload.clone(),
+            hash: [0; 32],
+        };
+        self.inner
+            .store
+            .create_run(
+                NewRun {
+                    id,
+                    workflow: opts.workflow,
+                    version: wf.version,
+                    parent: opts.parent,
+                    labels: opts.labels,
+                    status: RunStatus::Running,
+                },
+                vec![ne],
+            )
+            .await?;
+        let state = crate::state::fold(id, [&stored])?;
+        self.spawn(id, state, wf)
+    }
+
+    fn lookup(&self, name: &str) -> Result<Registered, EngineError> {
+        self.inner
+            .registry
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownWorkflow {
+                name: name.to_string(),
+                known: self.inner.registry.known(),
+            })
+    }
+
+    /// Reads a run's whole history and folds it into its state (the replayer, for audit).
+    pub async fn load(&self, id: RunId) -> Result<RunState, EngineError> {
+        load_state(self.inner.store.as_ref(), id).await
+    }
+
+    /// Resumes a run from its log: recorded steps are answered from it, execution continues at
+    /// the first step it does not have. A finished run returns its recorded outcome.
+    pub async fn resume(&self, id: RunId) -> Result<RunHandle, EngineError> {
+        if lock(&self.inner.active).contains_key(&id) {
+            return Err(EngineError::AlreadyActive(id));
+        }
+        let state = self.load(id).await?;
+        if state.status.is_terminal() {
+            let outcome = outcome_of(id, &state, 0, 0);
+            return Ok(RunHandle {
+                id,
+                join: tokio::spawn(async move { Ok(outcome) }),
+            });
+        }
+        let wf = self.lookup(&state.workflow)?;
+        if wf.version != state.version {
+            return Err(EngineError::VersionMismatch {
+                run: id,
+                workflow: state.workflow.clone(),
+                recorded: state.version,
+                registered: wf.version,
+            });
+        }
+        let mut state = state;
+        let resumed = Event::RunResumed {
+            events_before: state.events,
+        };
+        let ne = NewEvent::now(resumed.encode());
+        let ts = ne.ts_us;
+        let a = self
+            .inner
+            .store
+            .append(id, vec![ne], Some(RunStatus::Running))
+            .await?;
+        state.apply_event(id, a.first.0, ts, resumed)?;
+        self.spawn(id, state, wf)
+    }
+
+    /// Resumes every run that is `running` or `pending` but not executing in this process —
+    /// the runs a dead process left behind. Returns their handles, oldest first.
+    pub async fn recover(&self) -> Result<Vec<RunHandle>, EngineError> {
+        let mut ids = Vec::new();
+        for status in [RunStatus::Running, RunStatus::Pending] {
+            let runs = self
+                .inner
+                .store
+                .list_runs(RunFilter {
+                    status: Some(status),
+                    limit: None,
+                })
+                .await?;
+            ids.extend(runs.into_iter().map(|m| m.id));
+        }
+        ids.sort();
+        let mut handles = Vec::new();
+        for id in ids {
+            if lock(&self.inner.active).contains_key(&id) {
+                continue;
+            }
+            handles.push(self.resume(id).await?);
+        }
+        Ok(handles)
+    }
+
+    /// Cancels a run: a run executing here stops at its next step boundary (its step in flight
+    /// is abandoned); a run not executing is marked cancelled directly. Finished runs are left
+    /// as they are.
+    pub async fn cancel(&self, id: RunId, reason: &str) -> Result<RunStatus, EngineError> {
+        let meta = self.run_meta(id).await?;
+        if meta.status.is_terminal() {
+            return Ok(meta.status);
+        }
+        if let Some(token) = lock(&self.inner.active).get(&id) {
+            // The executing task writes the terminal event when it sees the token.
+            token.cancel();
+            return Ok(RunStatus::Cancelled);
+        }
+        let ev = Event::RunCancelled {
+            reason: reason.to_string(),
+        };
+        self.inner
+            .store
+            .append(
+                id,
+                vec![NewEvent::now(ev.encode())],
+                Some(RunStatus::Cancelled),
+            )
+            .await?;
+        Ok(RunStatus::Cancelled)
+    }
+
+    /// A run's metadata row, or an error naming the unknown id.
+    pub async fn run_meta(&self, id: RunId) -> Result<RunMeta, EngineError> {
+        self.inner
+            .store
+            .run(id)
+            .await?
+            .ok_or(EngineError::UnknownRun(id))
+    }
+
+    /// Asks every executing run to stop at its next step boundary; they stay `running` and
+    /// resume later (a clean Ctrl-C).
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Waits until every run started by this engine has stopped.
+    pub async fn wait_idle(&self) {
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        self.inner.tracker.reopen();
+    }
+
+    /// Ids of the runs executing in this process.
+    pub fn active_runs(&self) -> Vec<RunId> {
+        lock(&self.inner.active).keys().copied().collect()
+    }
+
+    fn spawn(&self, id: RunId, state: RunState, wf: Registered) -> Result<RunHandle, EngineError> {
+        let cancel = CancellationToken::new();
+        lock(&self.inner.active).insert(id, cancel.clone());
+        let input = state.input.clone();
+        let shared = Arc::new(RunShared {
+            run_id: id,
+            store: Arc::clone(&self.inner.store),
+            state: Mutex::new(LiveState::new(state)),
+            cancel,
+            shutdown: self.inner.shutdown.child_token(),
+            interrupt: Mutex::new(None),
+        });
+        let inner = Arc::clone(&self.inner);
+        let join = self.inner.tracker.spawn(async move {
+            let ctx = WorkflowContext::root(Arc::clone(&shared));
+            // The workflow runs in its own task so that a panic in user code is contained and
+            // reported instead of taking the engine down.
+            let result = tokio::spawn((wf.run)(ctx, input)).await;
+            let r = finish(&shared, result).await;
+            lock(&inner.active).remove(&id);
+            r
+        });
+        Ok(RunHandle { id, join })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads and folds a run's history page by page.
+pub(crate) async fn load_state(store: &dyn EventStore, id: RunId) -> Result<RunState, EngineError> {
+    if store.run(id).await?.is_none() {
+        return Err(EngineError::UnknownRun(id));
+    }
+    let mut r = Replayer::new(id);
+    let mut from = Seq(0);
+    loop {
+        let page = store.read(id, from, READ_PAGE_EVENTS).await?;
+        let Some(last) = page.last() else { break };
+        from = Seq(last.seq.0 + 1);
+        r.feed(&page)?;
+    }
+    Ok(r.finish()?)
+}
+
+fn outcome_of(id: RunId, s: &RunState, replayed: u64, executed: u64) -> RunOutcome {
+    RunOutcome {
+        run_id: id.to_string(),
+        status: s.status,
+        output: s.output.as_ref().map(Payload::to_json),
+        error: s.error.clone(),
+        steps_replayed: replayed,
+        steps_executed: executed,
+    }
+}
+
+/// Records how the run ended, given what the workflow task returned.
+async fn finish(
+    shared: &RunShared,
+    result: Result<Result<Payload, WorkflowError>, tokio::task::JoinError>,
+) -> Result<RunOutcome, EngineError> {
+    let id = shared.run_id;
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let detail = if e.is_panic() {
+                let p = e.into_panic();
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into())
+            } else {
+                "the task was aborted".into()
+            };
+            return Err(EngineError::Panicked { run: id, detail });
+        }
+    };
+    let (event, status) = match (shared.take_interrupt(), result) {
+        (Some(Interrupt::Cancelled(_)), _) | (None, Err(WorkflowError::Interrupted(Interrupt::Cancelled(_)))) => (
+            Event::RunCancelled {
+                reason: "cancelled on request".into(),
+            },
+            RunStatus::Cancelled,
+        ),
+        (Some(Interrupt::Shutdown(_)), _) | (None, Err(WorkflowError::Interrupted(Interrupt::Shutdown(_)))) => {
+            let st = lock(&shared.state);
+            let mut o = outcome_of(id, &st.run, st.replayed, st.executed);
+            o.status = RunStatus::Running;
+            return Ok(o);
+        }
+        (Some(i), _) | (None, Err(WorkflowError::Interrupted(i))) => {
+            return Err(EngineError::Interrupted(i));
+        }
+        (None, Ok(output)) => (Event::RunCompleted { output }, RunStatus::Completed),
+        (None, Err(e)) => (
+            Event::RunFailed {
+                error: e.to_string(),
+            },
+            RunStatus::Failed,
+        ),
+    };
+    let ne = NewEvent::now(event.encode());
+    let ts = ne.ts_us;
+    let a = shared.store.append(id, vec![ne], Some(status)).await?;
+    let mut st = lock(&shared.state);
+    st.run.apply_event(id, a.first.0, ts, event)?;
+    Ok(outcome_of(id, &st.run, st.replayed, st.executed))
+}

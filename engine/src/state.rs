@@ -1,0 +1,504 @@
+//! The replayer: a pure fold of a run's events into its state.
+//!
+//! Architecture invariant: the fold never reads the clock, the network, a random source or the
+//! store; given the same events it builds the same [`RunState`]. Resume, `cairn replay` and
+//! `cairn show` all use it.
+
+use std::collections::BTreeMap;
+
+use cairn_storage::{RunId, RunStatus, StoredEvent};
+use serde::Serialize;
+
+use crate::event::{Event, Payload, StepPath};
+
+/// Where a recorded step stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Started (or a failed attempt awaits a retry) but not finished: in flight at a crash.
+    Running,
+    /// Finished with an output.
+    Completed,
+    /// Failed for good.
+    Failed,
+}
+
+/// What a run's history says about one step.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepRecord {
+    /// The step's name.
+    pub name: String,
+    /// Where it stands.
+    pub status: StepStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Its output, once completed.
+    #[serde(serialize_with = "ser_payload_opt")]
+    pub output: Option<Payload>,
+    /// The last error, if an attempt failed.
+    pub error: Option<String>,
+    /// When the latest attempt began (microseconds since the epoch).
+    pub started_us: i64,
+    /// When it finished (microseconds since the epoch).
+    pub finished_us: Option<i64>,
+    /// When the next attempt is due, if a retry is pending.
+    pub retry_at_us: Option<i64>,
+}
+
+fn ser_payload_opt<S: serde::Serializer>(p: &Option<Payload>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => p.to_json().serialize(s),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_payload<S: serde::Serializer>(p: &Payload, s: S) -> Result<S::Ok, S::Error> {
+    p.to_json().serialize(s)
+}
+
+fn ser_payload_map<S: serde::Serializer>(
+    m: &BTreeMap<String, Payload>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let v: BTreeMap<&str, serde_json::Value> =
+        m.iter().map(|(k, v)| (k.as_str(), v.to_json())).collect();
+    v.serialize(s)
+}
+
+/// A run's state rebuilt from its events.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunState {
+    /// The run's id.
+    pub run_id: String,
+    /// The workflow it runs.
+    pub workflow: String,
+    /// The workflow's version.
+    pub version: u32,
+    /// The run that started this one.
+    pub parent: Option<String>,
+    /// The run's input.
+    #[serde(serialize_with = "ser_payload")]
+    pub input: Payload,
+    /// Where the run is, as the events say.
+    pub status: RunStatus,
+    /// The output, once completed.
+    #[serde(serialize_with = "ser_payload_opt")]
+    pub output: Option<Payload>,
+    /// The error, once failed or cancelled.
+    pub error: Option<String>,
+    /// Every recorded step by position.
+    pub steps: BTreeMap<StepPath, StepRecord>,
+    /// Metadata set by the workflow.
+    #[serde(serialize_with = "ser_payload_map")]
+    pub metadata: BTreeMap<String, Payload>,
+    /// Positions of metadata calls already recorded.
+    #[serde(skip)]
+    pub metadata_paths: BTreeMap<StepPath, String>,
+    /// How many events were folded.
+    pub events: u64,
+    /// How many times the run was resumed.
+    pub resumes: u32,
+    /// Time of the first event (microseconds since the epoch).
+    pub started_us: i64,
+    /// Time of the last event (microseconds since the epoch).
+    pub updated_us: i64,
+}
+
+/// A history that cannot be folded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FoldError {
+    /// An event's bytes are not an event this binary knows.
+    #[error("event {seq} of run {run} cannot be decoded ({detail}); it may come from a newer cairn")]
+    Undecodable {
+        /// The run.
+        run: RunId,
+        /// The event's position.
+        seq: u64,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// The first event is not `run_started`.
+    #[error("run {run} has no run_started event at its beginning; the history is damaged")]
+    NoStart {
+        /// The run.
+        run: RunId,
+    },
+    /// The events contradict each other.
+    #[error("event {seq} of run {run} contradicts earlier events: {detail}")]
+    Inconsistent {
+        /// The run.
+        run: RunId,
+        /// The event's position.
+        seq: u64,
+        /// What contradicts what.
+        detail: String,
+    },
+}
+
+impl RunState {
+    /// Starts a fold from the run's first event.
+    fn from_start(run: RunId, ev: &StoredEvent) -> Result<Self, FoldError> {
+        let decoded = decode(run, ev)?;
+        let Event::RunStarted {
+            workflow,
+            version,
+            input,
+            parent,
+        } = decoded
+        else {
+            return Err(FoldError::NoStart { run });
+        };
+        Ok(RunState {
+            run_id: run.to_string(),
+            workflow,
+            version,
+            parent: parent.map(|p| p.to_string()),
+            input,
+            status: RunStatus::Running,
+            output: None,
+            error: None,
+            steps: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            metadata_paths: BTreeMap::new(),
+            events: 1,
+            resumes: 0,
+            started_us: ev.ts_us,
+            updated_us: ev.ts_us,
+        })
+    }
+
+    /// Folds one more event into the state.
+    pub fn apply(&mut self, run: RunId, ev: &StoredEvent) -> Result<(), FoldError> {
+        let decoded = decode(run, ev)?;
+        self.apply_event(run, ev.seq.0, ev.ts_us, decoded)
+    }
+
+    pub(crate) fn apply_event(&mut self, run: RunId, seq: u64, ts: i64, e: Event) -> Result<(), FoldError> {
+        self.events += 1;
+        self.updated_us = ts;
+        let inconsistent = |detail: String| FoldError::Inconsistent { run, seq, detail };
+        match e {
+            Event::RunStarted { .. } => {
+                return Err(inconsistent("a second run_started".into()));
+            }
+            Event::RunCompleted { output } => {
+                self.status = RunStatus::Completed;
+                self.output = Some(output);
+            }
+            Event::RunFailed { error } => {
+                self.status = RunStatus::Failed;
+                self.error = Some(error);
+            }
+            Event::RunCancelled { reason } => {
+                self.status = RunStatus::Cancelled;
+                self.error = Some(format!("cancelled: {reason}"));
+            }
+            Event::RunResumed { .. } => self.resumes += 1,
+            Event::StepStarted {
+                path,
+                name,
+                attempt,
+            } => {
+                let rec = self.steps.entry(path).or_insert_with(|| StepRecord {
+                    name: name.clone(),
+                    status: StepStatus::Running,
+                    attempts: 0,
+                    output: None,
+                    error: None,
+                    started_us: ts,
+                    finished_us: None,
+                    retry_at_us: None,
+                });
+                if rec.name != name {
+                    return Err(inconsistent(format!(
+                        "step {} is `{}` but was started as `{name}`",
+                        seq, rec.name
+                    )));
+                }
+                rec.status = StepStatus::Running;
+                rec.attempts = rec.attempts.max(attempt);
+                rec.started_us = ts;
+            }
+            Event::StepCompleted {
+                path,
+                name,
+                attempt,
+                started_us,
+                output,
+            } => {
+                match self.steps.get_mut(&path) {
+                    Some(rec) => {
+                        if rec.name != name {
+                            return Err(inconsistent(format!(
+                                "step {path} is `{}` but completed as `{name}`",
+                                rec.name
+                            )));
+                        }
+                        if rec.status == StepStatus::Completed {
+                            return Err(inconsistent(format!("step {path} completed twice")));
+                        }
+                        rec.status = StepStatus::Completed;
+                        rec.attempts = rec.attempts.max(attempt);
+                        rec.output = Some(output);
+                        rec.started_us = started_us;
+                        rec.finished_us = Some(ts);
+                        rec.retry_at_us = None;
+                    }
+                    None => {
+                        self.steps.insert(
+                            path,
+                            StepRecord {
+                                name,
+                                status: StepStatus::Completed,
+                                attempts: attempt,
+                                output: Some(output),
+                                error: None,
+                                started_us,
+                                finished_us: Some(ts),
+                                retry_at_us: None,
+                            },
+                        );
+                    }
+                }
+            }
+            Event::StepFailed {
+                path,
+                name,
+                attempt,
+                started_us,
+                error,
+                retry_at_us,
+            } => {
+                let rec = self.steps.entry(path.clone()).or_insert_with(|| StepRecord {
+                    name: name.clone(),
+                    status: StepStatus::Running,
+                    attempts: 0,
+                    output: None,
+                    error: None,
+                    started_us,
+                    finished_us: None,
+                    retry_at_us: None,
+                });
+                if rec.name != name {
+                    return Err(inconsistent(format!(
+                        "step {path} is `{}` but failed as `{name}`",
+                        rec.name
+                    )));
+                }
+                rec.attempts = rec.attempts.max(attempt);
+                rec.error = Some(error);
+                rec.started_us = started_us;
+                rec.retry_at_us = retry_at_us;
+                if retry_at_us.is_none() {
+                    rec.status = StepStatus::Failed;
+                    rec.finished_us = Some(ts);
+                } else {
+                    rec.status = StepStatus::Running;
+                }
+            }
+            Event::MetadataSet { path, key, value } => {
+                self.metadata_paths.insert(path, key.clone());
+                self.metadata.insert(key, value);
+            }
+        }
+        Ok(())
+    }
+
+    /// The completed steps in position order.
+    pub fn completed_steps(&self) -> impl Iterator<Item = (&StepPath, &StepRecord)> {
+        self.steps
+            .iter()
+            .filter(|(_, r)| r.status == StepStatus::Completed)
+    }
+}
+
+fn decode(run: RunId, ev: &StoredEvent) -> Result<Event, FoldError> {
+    Event::decode(&ev.payload).map_err(|e| FoldError::Undecodable {
+        run,
+        seq: ev.seq.0,
+        detail: e.to_string(),
+    })
+}
+
+/// Builds a run's state incrementally from pages of events read in order.
+#[derive(Debug)]
+pub struct Replayer {
+    run: RunId,
+    state: Option<RunState>,
+}
+
+impl Replayer {
+    /// A fold for `run`, before its first event.
+    pub fn new(run: RunId) -> Self {
+        Replayer { run, state: None }
+    }
+
+    /// Folds the next events, in order.
+    pub fn feed<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = &'a StoredEvent>,
+    ) -> Result<(), FoldError> {
+        for ev in events {
+            match &mut self.state {
+                None => self.state = Some(RunState::from_start(self.run, ev)?),
+                Some(s) => s.apply(self.run, ev)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The state so far, or an error if no event was fed.
+    pub fn finish(self) -> Result<RunState, FoldError> {
+        self.state.ok_or(FoldError::NoStart { run: self.run })
+    }
+}
+
+/// Folds a complete history into a run's state.
+pub fn fold<'a>(
+    run: RunId,
+    events: impl IntoIterator<Item = &'a StoredEvent>,
+) -> Result<RunState, FoldError> {
+    let mut r = Replayer::new(run);
+    r.feed(events)?;
+    r.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_storage::Seq;
+
+    fn stored(seq: u64, e: Event) -> StoredEvent {
+        StoredEvent {
+            seq: Seq(seq),
+            ts_us: 1000 + seq as i64,
+            payload: e.encode(),
+            hash: [0; 32],
+        }
+    }
+
+    fn p(v: serde_json::Value) -> Payload {
+        Payload::from_value(&v).unwrap()
+    }
+
+    #[test]
+    fn fold_rebuilds_steps_metadata_and_status() {
+        let run = RunId::new();
+        let evs = vec![
+            stored(
+                0,
+                Event::RunStarted {
+                    workflow: "w".into(),
+                    version: 1,
+                    input: p(serde_json::json!({"n": 2})),
+                    parent: None,
+                },
+            ),
+            stored(
+                1,
+                Event::StepCompleted {
+                    path: "0".parse().unwrap(),
+                    name: "a".into(),
+                    attempt: 1,
+                    started_us: 1000,
+                    output: p(serde_json::json!(1)),
+                },
+            ),
+            stored(
+                2,
+                Event::StepFailed {
+                    path: "1".parse().unwrap(),
+                    name: "b".into(),
+                    attempt: 1,
+                    started_us: 1001,
+                    error: "flaky".into(),
+                    retry_at_us: Some(5000),
+                },
+            ),
+            stored(
+                3,
+                Event::MetadataSet {
+                    path: "2".parse().unwrap(),
+                    key: "k".into(),
+                    value: p(serde_json::json!("v")),
+                },
+            ),
+            stored(4, Event::RunResumed { events_before: 4 }),
+            stored(
+                5,
+                Event::StepCompleted {
+                    path: "1".parse().unwrap(),
+                    name: "b".into(),
+                    attempt: 2,
+                    started_us: 1004,
+                    output: p(serde_json::json!(2)),
+                },
+            ),
+            stored(
+                6,
+                Event::RunCompleted {
+                    output: p(serde_json::json!(3)),
+                },
+            ),
+        ];
+        let s = fold(run, &evs).unwrap();
+        assert_eq!(s.status, RunStatus::Completed);
+        assert_eq!(s.events, 7);
+        assert_eq!(s.resumes, 1);
+        assert_eq!(s.steps.len(), 2);
+        let b = &s.steps[&"1".parse().unwrap()];
+        assert_eq!((b.status, b.attempts), (StepStatus::Completed, 2));
+        assert_eq!(b.output.as_ref().unwrap().to_json(), serde_json::json!(2));
+        assert_eq!(s.metadata["k"].to_json(), serde_json::json!("v"));
+        assert_eq!(s.output.unwrap().to_json(), serde_json::json!(3));
+        // The same events fold to the same state (the fold is pure).
+        assert_eq!(fold(run, &evs).unwrap().steps, s.steps);
+    }
+
+    #[test]
+    fn a_step_renamed_inside_the_log_is_reported() {
+        let run = RunId::new();
+        let evs = vec![
+            stored(
+                0,
+                Event::RunStarted {
+                    workflow: "w".into(),
+                    version: 1,
+                    input: Payload::default(),
+                    parent: None,
+                },
+            ),
+            stored(
+                1,
+                Event::StepStarted {
+                    path: "0".parse().unwrap(),
+                    name: "a".into(),
+                    attempt: 1,
+                },
+            ),
+            stored(
+                2,
+                Event::StepCompleted {
+                    path: "0".parse().unwrap(),
+                    name: "b".into(),
+                    attempt: 1,
+                    started_us: 0,
+                    output: Payload::default(),
+                },
+            ),
+        ];
+        assert!(matches!(
+            fold(run, &evs),
+            Err(FoldError::Inconsistent { seq: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_history_without_start_is_refused() {
+        let run = RunId::new();
+        let evs = vec![stored(0, Event::RunResumed { events_before: 0 })];
+        assert!(matches!(fold(run, &evs), Err(FoldError::NoStart { .. })));
+        assert!(matches!(fold(run, &[]), Err(FoldError::NoStart { .. })));
+    }
+}

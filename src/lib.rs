@@ -1,0 +1,46 @@
+//! Cairn: a durable workflow engine for multi-agent LLM workflows.
+//!
+//! This facade re-exports the crates users need: [`storage`] (the event log), [`engine`]
+//! (workflows, steps, replay, the runtime). Every step of a workflow is appended to a
+//! persistent log, so a run that crashed, was killed or was stopped resumes where it was.
+//!
+//! ```no_run
+//! use cairn::{Engine, RedbStore, Registry, WorkflowError};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut registry = Registry::new();
+//! registry.register("greet", 1, |ctx, name: String| async move {
+//!     let greeting: String = ctx
+//!         .step("compose", || async move { Ok(format!("hello, {name}")) })
+//!         .await?;
+//!     Ok::<_, WorkflowError>(greeting)
+//! });
+//! let engine = Engine::new(RedbStore::open("cairn.redb")?, registry);
+//! let outcome = engine.start("greet", &"ada").await?.wait().await?;
+//! println!("{:?}", outcome.output);
+//! # Ok(()) }
+//! ```
+
+/// The durable event log: stores, run ids, records and the hash chain.
+pub mod storage {
+    pub use cairn_storage::{
+        Appended, BadRunId, BoxFuture, Durability, EventStore, FORMAT_VERSION, Hash, NewEvent,
+        NewRun, RedbStore, RunFilter, RunId, RunMeta, RunStatus, Seq, StoreError, StoreOptions,
+        StoredEvent, VerifyReport, genesis_hash, now_micros, record_hash, verify_events,
+    };
+}
+
+/// Workflows, durable steps, the replayer and the runtime.
+pub mod engine {
+    pub use cairn_engine::{
+        CompletedStep, DecodeError, Engine, EngineError, Event, FoldError, Interrupt, Payload,
+        Registry, Replayer, RunHandle, RunOutcome, RunState, StartOptions, StepError, StepPath,
+        StepRecord, StepStatus, WorkflowContext, WorkflowError, fold,
+    };
+}
+
+pub use cairn_engine::{
+    Engine, EngineError, Registry, RunOutcome, StartOptions, StepError, WorkflowContext,
+    WorkflowError,
+};
+pub use cairn_storage::{RedbStore, RunId, RunStatus};

@@ -1,0 +1,27 @@
+//! cairn-storage: the durable, append-only, hash-chained log of records that every Cairn run is
+//! made of.
+//!
+//! This crate knows runs, sequence numbers, timestamps, opaque payload bytes and the hash chain
+//! that links them. It never interprets a payload: the engine decides what an event means.
+//! The default backend is an embedded [redb](https://docs.rs/redb) file ([`RedbStore`]), written
+//! by one group-commit writer thread so that concurrent appends share one fsync.
+//!
+//! Architecture invariant: records of a run are appended with dense sequence numbers starting at
+//! 0 and are never rewritten; every record carries `blake3(previous hash ‖ record)`.
+
+mod error;
+mod ids;
+mod record;
+mod redb_store;
+mod store;
+
+pub use error::StoreError;
+pub use ids::{BadRunId, RunId, Seq};
+pub use record::{
+    FORMAT_VERSION, Hash, NewEvent, StoredEvent, VerifyReport, genesis_hash, now_micros,
+    record_hash,
+};
+pub use redb_store::{Durability, RedbStore, StoreOptions};
+pub use store::{
+    Appended, BoxFuture, EventStore, NewRun, RunFilter, RunMeta, RunStatus, verify_events,
+};

@@ -1,0 +1,702 @@
+//! The embedded default backend: one redb file, written by a single group-commit thread.
+//!
+//! All appends, from every run and fan-out branch, go through one channel to one writer thread.
+//! The thread takes everything queued, writes it in one redb write transaction (one fsync with
+//! [`Durability::Immediate`]), and only then tells each caller its events are durable. So
+//! throughput grows with concurrency instead of being capped at one fsync per event.
+//!
+//! The file is opened in redb's `SingleWriter` mode: one process writes, and any number of
+//! processes may open it read-only at the same time (`cairn runs` while a batch runs).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use redb::{
+    ConcurrencyMode, Database, DatabaseError, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
+    TableDefinition, TableError, TableHandle,
+};
+use tokio::sync::oneshot;
+
+use crate::record::{decode, encode, genesis_hash, now_micros, record_hash};
+use crate::store::{Appended, BoxFuture, EventStore, NewRun, RunFilter, RunMeta, RunStatus};
+use crate::{Hash, NewEvent, RunId, Seq, StoreError, StoredEvent};
+
+const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
+const RUNS: TableDefinition<u128, &[u8]> = TableDefinition::new("runs");
+const RUNS_BY_STATUS: TableDefinition<(u8, u128), ()> = TableDefinition::new("runs_by_status");
+const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+
+/// The store-level format version: bumped only by a change old binaries cannot read.
+const STORE_FORMAT: u32 = 1;
+/// The version byte in front of each runs-table row.
+const RUN_ROW_VERSION: u8 = 1;
+
+/// How long a commit waits before it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// fsync every group commit: an acknowledged event survives a crash or power loss. Default.
+    #[default]
+    Immediate,
+    /// No fsync: faster, but a crash may lose acknowledged events (benchmarks and tests only).
+    None,
+}
+
+/// How to open a [`RedbStore`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Create the file if it does not exist.
+    pub create: bool,
+    /// Open without the write lock: reads work while another process writes.
+    pub read_only: bool,
+    /// Commit durability.
+    pub durability: Durability,
+    /// The largest event payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// redb's page cache, in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            create: true,
+            read_only: false,
+            durability: Durability::Immediate,
+            max_payload_bytes: 16 * 1024 * 1024,
+            cache_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// The most operations one group commit takes.
+const BATCH_OPS_MAX: usize = 8192;
+/// The most payload bytes one group commit takes (an op is never split).
+const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// The most run rows the writer keeps cached.
+const RUN_CACHE_MAX: usize = 65_536;
+
+enum Db {
+    Rw(Arc<Database>),
+    Ro(ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        Ok(match self {
+            Db::Rw(db) => db.begin_read()?,
+            Db::Ro(db) => db.begin_read()?,
+        })
+    }
+}
+
+type Reply = oneshot::Sender<Result<Appended, StoreError>>;
+
+enum Op {
+    Create {
+        run: NewRun,
+        events: Vec<NewEvent>,
+        reply: Reply,
+    },
+    Append {
+        run: RunId,
+        events: Vec<NewEvent>,
+        status: Option<RunStatus>,
+        reply: Reply,
+    },
+    Flush {
+        reply: Reply,
+    },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Create { events, .. } | Op::Append { events, .. } => {
+                events.iter().map(|e| e.payload.len() + 48).sum()
+            }
+            Op::Flush { .. } => 0,
+        }
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    db: Db,
+    tx: Option<mpsc::Sender<Op>>,
+    writer: Option<JoinHandle<()>>,
+    max_payload_bytes: usize,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the channel, then wait for the writer to finish what was queued, so that the
+        // file lock is released when the store is dropped.
+        self.tx = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The embedded event store: a redb file with a group-commit writer thread.
+#[derive(Clone)]
+pub struct RedbStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn map_open_error(path: &Path, e: DatabaseError) -> StoreError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            StoreError::AlreadyOpen {
+                path: path.to_path_buf(),
+            }
+        }
+        DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::NotFound =>
+        {
+            StoreError::NotFound {
+                path: path.to_path_buf(),
+            }
+        }
+        DatabaseError::Storage(redb::StorageError::Io(io))
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: io.to_string(),
+            }
+        }
+        DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            StoreError::Backend(format!("cannot open {}: {io}", path.display()))
+        }
+        other => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+impl RedbStore {
+    /// Opens (creating if needed) the store at `path` for writing with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, StoreOptions::default())
+    }
+
+    /// Opens an existing store read-only; works while another process writes to it.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(
+            path,
+            StoreOptions {
+                create: false,
+                read_only: true,
+                ..StoreOptions::default()
+            },
+        )
+    }
+
+    /// Opens the store at `path` with explicit options.
+    pub fn open_with(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let exists = path.exists();
+        if !exists && (opts.read_only || !opts.create) {
+            return Err(StoreError::NotFound { path });
+        }
+        if exists && path.is_dir() {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: "it is a directory".into(),
+            });
+        }
+        let mut builder = Database::builder();
+        builder
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(opts.cache_bytes);
+        if opts.read_only {
+            let db = builder
+                .open_read_only(&path)
+                .map_err(|e| map_open_error(&path, e))?;
+            let txn = db.begin_read()?;
+            match txn.open_table(META) {
+                Ok(t) => {
+                    let v = t.get("format_version")?.map(|v| v.value());
+                    check_format(&path, v)?;
+                }
+                Err(TableError::TableDoesNotExist(_)) => {
+                    if txn.list_tables()?.next().is_some() {
+                        return Err(not_cairn(&path));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            drop(txn);
+            return Ok(RedbStore {
+                inner: Arc::new(Inner {
+                    path,
+                    db: Db::Ro(db),
+                    tx: None,
+                    writer: None,
+                    max_payload_bytes: opts.max_payload_bytes,
+                }),
+            });
+        }
+        let db = builder
+            .create(&path)
+            .map_err(|e| map_open_error(&path, e))?;
+        init_format(&path, &db)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer_db = Arc::clone(&db);
+        let durability = opts.durability;
+        let writer = std::thread::Builder::new()
+            .name("cairn-writer".into())
+            .spawn(move || Writer::new(writer_db, durability).run(rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
+        Ok(RedbStore {
+            inner: Arc::new(Inner {
+                path,
+                db: Db::Rw(db),
+                tx: Some(tx),
+                writer: Some(writer),
+                max_payload_bytes: opts.max_payload_bytes,
+            }),
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether this handle can only read.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.tx.is_none()
+    }
+
+    fn send(&self, make: impl FnOnce(Reply) -> Op) -> BoxFuture<'static, Result<Appended, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        let sent = match &self.inner.tx {
+            None => Err(StoreError::ReadOnly),
+            Some(tx) => tx.send(make(reply)).map_err(|_| StoreError::Closed),
+        };
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn check_sizes(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        for e in events {
+            if e.payload.len() > self.inner.max_payload_bytes {
+                return Err(StoreError::PayloadTooLarge {
+                    bytes: e.payload.len(),
+                    max_bytes: self.inner.max_payload_bytes,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn read_run(&self, id: RunId) -> Result<Option<RunMeta>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = match txn.open_table(RUNS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match table.get(id.as_u128())? {
+            Some(v) => decode_run(&self.inner.path, v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn read_runs(&self, filter: &RunFilter) -> Result<Vec<RunMeta>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let runs = match txn.open_table(RUNS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        match filter.status {
+            None => {
+                for row in runs.iter()?.rev() {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (_, v) = row?;
+                    out.push(decode_run(&self.inner.path, v.value())?);
+                }
+            }
+            Some(status) => {
+                let idx = txn.open_table(RUNS_BY_STATUS)?;
+                let c = status.code();
+                for row in idx.range((c, 0u128)..=(c, u128::MAX))?.rev() {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, _) = row?;
+                    let id = k.value().1;
+                    if let Some(v) = runs.get(id)? {
+                        out.push(decode_run(&self.inner.path, v.value())?);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_events(
+        &self,
+        run: RunId,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = match txn.open_table(EVENTS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let id = run.as_u128();
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for row in table.range((id, from.0)..=(id, u64::MAX))?.take(limit) {
+            let (k, v) = row?;
+            out.push(decode(run, Seq(k.value().1), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn not_cairn(path: &Path) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: "the file is a redb database without cairn's tables".into(),
+    }
+}
+
+fn check_format(path: &Path, found: Option<u32>) -> Result<(), StoreError> {
+    match found {
+        Some(v) if v > STORE_FORMAT => Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found: v,
+            supported: STORE_FORMAT,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn init_format(path: &Path, db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    let ours = ["events", "runs", "runs_by_status", "meta"];
+    let foreign = txn.list_tables()?.any(|t| !ours.contains(&t.name()));
+    {
+        let mut meta = txn.open_table(META)?;
+        let found = meta.get("format_version")?.map(|v| v.value());
+        if found.is_none() && foreign {
+            return Err(not_cairn(path));
+        }
+        check_format(path, found)?;
+        if found.is_none() {
+            meta.insert("format_version", STORE_FORMAT)?;
+        }
+        // Creating the tables up front lets read-only handles open them before the first run.
+        txn.open_table(EVENTS)?;
+        txn.open_table(RUNS)?;
+        txn.open_table(RUNS_BY_STATUS)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn encode_run(meta: &RunMeta) -> Vec<u8> {
+    // Serializing a plain struct into a Vec cannot fail; an empty row would be caught on read.
+    postcard::to_extend(meta, vec![RUN_ROW_VERSION]).unwrap_or_default()
+}
+
+fn decode_run(path: &Path, bytes: &[u8]) -> Result<RunMeta, StoreError> {
+    match bytes.split_first() {
+        Some((&v, body)) if v == RUN_ROW_VERSION => {
+            postcard::from_bytes(body).map_err(|e| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("a run row cannot be decoded: {e}"),
+            })
+        }
+        Some((&v, _)) if v > RUN_ROW_VERSION => Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found: u32::from(v),
+            supported: u32::from(RUN_ROW_VERSION),
+        }),
+        _ => Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "a run row is empty or has an unknown version".into(),
+        }),
+    }
+}
+
+/// The group-commit writer: owns all writes to the file.
+struct Writer {
+    db: Arc<Database>,
+    durability: Durability,
+    /// Cached run rows, so an append does not read the row back first.
+    runs: HashMap<u128, RunMeta>,
+}
+
+impl Writer {
+    fn new(db: Arc<Database>, durability: Durability) -> Self {
+        Writer {
+            db,
+            durability,
+            runs: HashMap::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut bytes = first.bytes();
+            let mut batch = vec![first];
+            while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        bytes += op.bytes();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Op>) {
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut work = Vec::with_capacity(batch.len());
+        for op in batch {
+            match op {
+                Op::Create { run, events, reply } => {
+                    replies.push(reply);
+                    work.push(Work::Create(run, events));
+                }
+                Op::Append {
+                    run,
+                    events,
+                    status,
+                    reply,
+                } => {
+                    replies.push(reply);
+                    work.push(Work::Append(run, events, status));
+                }
+                Op::Flush { reply } => {
+                    replies.push(reply);
+                    work.push(Work::Flush);
+                }
+            }
+        }
+        match self.write_batch(work) {
+            Ok(results) => {
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                // Nothing of this batch was written, but the cache may hold its effects.
+                self.runs.clear();
+                let msg = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Backend(msg.clone())));
+                }
+            }
+        }
+        if self.runs.len() > RUN_CACHE_MAX {
+            self.runs.clear();
+        }
+    }
+
+    /// Writes a batch in one transaction. An `Err` means nothing was written; per-op logical
+    /// errors (unknown run, duplicate id) are returned in the per-op results instead.
+    fn write_batch(
+        &mut self,
+        work: Vec<Work>,
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        if self.durability == Durability::None {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+        }
+        let mut results = Vec::with_capacity(work.len());
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let mut runs = txn.open_table(RUNS)?;
+            let mut by_status = txn.open_table(RUNS_BY_STATUS)?;
+            let mut touched: Vec<u128> = Vec::new();
+            let now = now_micros();
+            for w in work {
+                match w {
+                    Work::Flush => results.push(Ok(Appended {
+                        first: Seq(0),
+                        next: Seq(0),
+                        head: [0; 32],
+                    })),
+                    Work::Create(run, evs) => {
+                        let id = run.id.as_u128();
+                        if self.runs.contains_key(&id) || runs.get(id)?.is_some() {
+                            results.push(Err(StoreError::RunExists(run.id)));
+                            continue;
+                        }
+                        let mut meta = RunMeta {
+                            id: run.id,
+                            workflow: run.workflow,
+                            version: run.version,
+                            status: run.status,
+                            created_us: now,
+                            updated_us: now,
+                            parent: run.parent,
+                            labels: run.labels,
+                            events: 0,
+                            head: genesis_hash(run.id),
+                        };
+                        by_status.insert((meta.status.code(), id), ())?;
+                        let a = append_events(&mut events, &mut meta, &evs)?;
+                        self.runs.insert(id, meta);
+                        touched.push(id);
+                        results.push(Ok(a));
+                    }
+                    Work::Append(run, evs, status) => {
+                        let id = run.as_u128();
+                        if !self.runs.contains_key(&id) {
+                            let Some(v) = runs.get(id)? else {
+                                results.push(Err(StoreError::UnknownRun(run)));
+                                continue;
+                            };
+                            let m = decode_run(Path::new("<store>"), v.value())?;
+                            self.runs.insert(id, m);
+                        }
+                        let Some(meta) = self.runs.get_mut(&id) else {
+                            results.push(Err(StoreError::UnknownRun(run)));
+                            continue;
+                        };
+                        let a = append_events(&mut events, meta, &evs)?;
+                        if let Some(s) = status
+                            && s != meta.status
+                        {
+                            by_status.remove((meta.status.code(), id))?;
+                            by_status.insert((s.code(), id), ())?;
+                            meta.status = s;
+                        }
+                        meta.updated_us = now;
+                        touched.push(id);
+                        results.push(Ok(a));
+                    }
+                }
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for id in touched {
+                if let Some(meta) = self.runs.get(&id) {
+                    runs.insert(id, encode_run(meta).as_slice())?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+}
+
+enum Work {
+    Create(NewRun, Vec<NewEvent>),
+    Append(RunId, Vec<NewEvent>, Option<RunStatus>),
+    Flush,
+}
+
+fn append_events(
+    table: &mut redb::Table<'_, (u128, u64), &[u8]>,
+    meta: &mut RunMeta,
+    events: &[NewEvent],
+) -> Result<Appended, StoreError> {
+    let first = Seq(meta.events);
+    let id = meta.id.as_u128();
+    let mut head: Hash = meta.head;
+    let mut seq = meta.events;
+    for e in events {
+        head = record_hash(&head, Seq(seq), e.ts_us, &e.payload);
+        let bytes = encode(e.ts_us, &head, &e.payload);
+        table.insert((id, seq), bytes.as_slice())?;
+        seq += 1;
+    }
+    meta.events = seq;
+    meta.head = head;
+    Ok(Appended {
+        first,
+        next: Seq(seq),
+        head,
+    })
+}
+
+impl EventStore for RedbStore {
+    fn create_run(
+        &self,
+        run: NewRun,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'static, Result<Appended, StoreError>> {
+        if let Err(e) = self.check_sizes(&events) {
+            return Box::pin(async move { Err(e) });
+        }
+        self.send(|reply| Op::Create { run, events, reply })
+    }
+
+    fn append(
+        &self,
+        run: RunId,
+        events: Vec<NewEvent>,
+        status: Option<RunStatus>,
+    ) -> BoxFuture<'static, Result<Appended, StoreError>> {
+        if let Err(e) = self.check_sizes(&events) {
+            return Box::pin(async move { Err(e) });
+        }
+        self.send(|reply| Op::Append {
+            run,
+            events,
+            status,
+            reply,
+        })
+    }
+
+    fn run(&self, id: RunId) -> BoxFuture<'_, Result<Option<RunMeta>, StoreError>> {
+        let r = self.read_run(id);
+        Box::pin(async move { r })
+    }
+
+    fn list_runs(&self, filter: RunFilter) -> BoxFuture<'_, Result<Vec<RunMeta>, StoreError>> {
+        let r = self.read_runs(&filter);
+        Box::pin(async move { r })
+    }
+
+    fn read(
+        &self,
+        run: RunId,
+        from: Seq,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>> {
+        let r = self.read_events(run, from, limit);
+        Box::pin(async move { r })
+    }
+
+    fn flush(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        let f = self.send(|reply| Op::Flush { reply });
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+}

@@ -1,0 +1,260 @@
+//! Behaviour of the redb store that the engine and users rely on, on real files in temp dirs.
+
+use std::collections::BTreeMap;
+
+use redb::ReadableTable;
+use cairn_storage::{
+    EventStore, NewEvent, NewRun, RedbStore, RunFilter, RunId, RunStatus, Seq, StoreError,
+    StoreOptions,
+};
+
+fn new_run(id: RunId) -> NewRun {
+    NewRun {
+        id,
+        workflow: "wf".into(),
+        version: 1,
+        parent: None,
+        labels: BTreeMap::new(),
+        status: RunStatus::Running,
+    }
+}
+
+fn ev(s: &str) -> NewEvent {
+    NewEvent::now(s.as_bytes().to_vec())
+}
+
+#[tokio::test]
+async fn appends_are_dense_durable_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let id = RunId::new();
+    {
+        let store = RedbStore::open(&path).unwrap();
+        let a = store.create_run(new_run(id), vec![ev("start")]).await.unwrap();
+        assert_eq!((a.first, a.next), (Seq(0), Seq(1)));
+        let b = store.append(id, vec![ev("a"), ev("b")], None).await.unwrap();
+        assert_eq!((b.first, b.next), (Seq(1), Seq(3)));
+        store
+            .append(id, vec![ev("done")], Some(RunStatus::Completed))
+            .await
+            .unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+    let evs = store.read(id, Seq(0), 100).await.unwrap();
+    let payloads: Vec<_> = evs.iter().map(|e| e.payload.clone()).collect();
+    assert_eq!(payloads, vec![b"start".to_vec(), b"a".to_vec(), b"b".to_vec(), b"done".to_vec()]);
+    assert!(evs.iter().enumerate().all(|(i, e)| e.seq == Seq(i as u64)));
+    let meta = store.run(id).await.unwrap().unwrap();
+    assert_eq!(meta.status, RunStatus::Completed);
+    assert_eq!(meta.events, 4);
+    assert!(store.verify(id).await.unwrap().ok());
+    // Paging from the middle.
+    let tail = store.read(id, Seq(2), 1).await.unwrap();
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].payload, b"b");
+}
+
+#[tokio::test]
+async fn concurrent_appends_to_one_run_keep_seq_dense_and_chain_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let id = RunId::new();
+    store.create_run(new_run(id), vec![]).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                s.append(id, vec![ev(&format!("{t}-{i}"))], None).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let evs = store.read(id, Seq(0), 10_000).await.unwrap();
+    assert_eq!(evs.len(), 800);
+    let report = store.verify(id).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.events, 800);
+}
+
+#[tokio::test]
+async fn list_runs_by_status_uses_the_index_and_tracks_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let a = RunId::new();
+    let b = RunId::new();
+    store.create_run(new_run(a), vec![]).await.unwrap();
+    store.create_run(new_run(b), vec![]).await.unwrap();
+    store.append(a, vec![], Some(RunStatus::Failed)).await.unwrap();
+    let running = store
+        .list_runs(RunFilter {
+            status: Some(RunStatus::Running),
+            limit: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.iter().map(|m| m.id).collect::<Vec<_>>(), vec![b]);
+    let failed = store
+        .list_runs(RunFilter {
+            status: Some(RunStatus::Failed),
+            limit: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.iter().map(|m| m.id).collect::<Vec<_>>(), vec![a]);
+    let all = store.list_runs(RunFilter::default()).await.unwrap();
+    assert_eq!(all.iter().map(|m| m.id).collect::<Vec<_>>(), vec![b, a], "newest first");
+}
+
+#[tokio::test]
+async fn unknown_run_and_duplicate_run_are_clear_errors_and_do_not_break_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let id = RunId::new();
+    store.create_run(new_run(id), vec![]).await.unwrap();
+    let ghost = RunId::new();
+    let bad = store.append(ghost, vec![ev("x")], None);
+    let good = store.append(id, vec![ev("y")], None);
+    assert!(matches!(bad.await, Err(StoreError::UnknownRun(r)) if r == ghost));
+    good.await.unwrap();
+    let dup = store.create_run(new_run(id), vec![]).await;
+    assert!(matches!(dup, Err(StoreError::RunExists(_))));
+    assert_eq!(store.read(id, Seq(0), 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn payload_over_the_limit_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open_with(
+        dir.path().join("s.redb"),
+        StoreOptions {
+            max_payload_bytes: 1024,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let id = RunId::new();
+    store.create_run(new_run(id), vec![]).await.unwrap();
+    let err = store
+        .append(id, vec![NewEvent::now(vec![0; 2048])], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::PayloadTooLarge { bytes: 2048, max_bytes: 1024 }));
+    assert!(err.to_string().contains("2048"));
+    assert_eq!(store.run(id).await.unwrap().unwrap().events, 0);
+}
+
+#[test]
+fn a_second_writer_gets_a_clear_error_but_readers_may_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let _writer = RedbStore::open(&path).unwrap();
+    let err = RedbStore::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyOpen { .. }), "{err:?}");
+    assert!(err.to_string().contains("another cairn process"));
+    assert!(err.to_string().contains("s.redb"));
+    let reader = RedbStore::open_read_only(&path).unwrap();
+    assert!(reader.is_read_only());
+}
+
+#[tokio::test]
+async fn a_reader_sees_the_writers_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let writer = RedbStore::open(&path).unwrap();
+    let reader = RedbStore::open_read_only(&path).unwrap();
+    let id = RunId::new();
+    writer.create_run(new_run(id), vec![ev("a")]).await.unwrap();
+    assert_eq!(reader.read(id, Seq(0), 10).await.unwrap().len(), 1);
+    assert!(matches!(
+        reader.append(id, vec![ev("b")], None).await,
+        Err(StoreError::ReadOnly)
+    ));
+}
+
+#[test]
+fn missing_store_and_garbage_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.redb");
+    assert!(matches!(
+        RedbStore::open_read_only(&missing),
+        Err(StoreError::NotFound { .. })
+    ));
+    let garbage = dir.path().join("garbage.redb");
+    std::fs::write(&garbage, vec![0x5a; 64 * 1024]).unwrap();
+    let err = RedbStore::open(&garbage).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    let err = RedbStore::open_read_only(&garbage).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    let empty = dir.path().join("empty.redb");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(RedbStore::open_read_only(&empty).is_err());
+}
+
+#[test]
+fn a_store_from_a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(RedbStore::open(&path).unwrap());
+    {
+        let db = redb::Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+            .create(&path)
+            .unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn
+                .open_table(redb::TableDefinition::<&str, u32>::new("meta"))
+                .unwrap();
+            t.insert("format_version", 99).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = RedbStore::open(&path).unwrap_err();
+    assert!(
+        matches!(err, StoreError::NewerFormat { found: 99, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("upgrade cairn"));
+    assert!(matches!(
+        RedbStore::open_read_only(&path),
+        Err(StoreError::NewerFormat { found: 99, .. })
+    ));
+}
+
+#[tokio::test]
+async fn verify_detects_an_edited_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let id = RunId::new();
+    {
+        let store = RedbStore::open(&path).unwrap();
+        store
+            .create_run(new_run(id), vec![ev("a"), ev("b"), ev("c")])
+            .await
+            .unwrap();
+    }
+    {
+        // Rewrite event 1's payload byte in place, keeping its stored hash.
+        let db = redb::Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+            .create(&path)
+            .unwrap();
+        let def = redb::TableDefinition::<(u128, u64), &[u8]>::new("events");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(def).unwrap();
+            let mut bytes = t.get((id.as_u128(), 1)).unwrap().unwrap().value().to_vec();
+            let last = bytes.len() - 1;
+            bytes[last] = b'X';
+            t.insert((id.as_u128(), 1), bytes.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+    let report = store.verify(id).await.unwrap();
+    assert!(!report.ok());
+    assert!(report.problem.unwrap().contains("event 1"));
+}
