@@ -1,1 +1,162 @@
-fn main(){}
+//! `cairn`: run, inspect, verify, resume and benchmark durable workflows on the embedded store.
+
+mod bench;
+mod commands;
+mod workflows;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Cairn: a durable workflow engine for multi-agent LLM workflows.
+#[derive(Parser, Debug)]
+#[command(name = "cairn", version, about, long_about = None)]
+pub struct Cli {
+    /// The store file (created on first write).
+    #[arg(long, global = true, env = "CAIRN_STORE", default_value = "cairn.redb")]
+    store: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the built-in demo batch analysis (offline, no API key): 300 support tickets, three
+    /// durable steps each. Kill it at any time; `cairn recover` finishes it where it was.
+    Demo {
+        /// How many tickets.
+        #[arg(long, default_value_t = 300)]
+        items: u32,
+        /// How long each step works, in milliseconds.
+        #[arg(long, default_value_t = 5)]
+        step_ms: u64,
+    },
+    /// Start a built-in workflow with a JSON input and run it to the end.
+    Start {
+        /// The workflow name (see `cairn workflows`).
+        workflow: String,
+        /// The input as JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+    },
+    /// List the built-in workflows.
+    Workflows,
+    /// List runs, newest first.
+    Runs {
+        /// Only runs with this status (pending, running, completed, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a run's timeline.
+    Show {
+        /// The run id.
+        run: String,
+    },
+    /// Print a run's events as JSON lines, one event per line.
+    Events {
+        /// The run id.
+        run: String,
+        /// Start at this sequence number.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// Rebuild a run's state from its events (the replayer) and print it as JSON.
+    Replay {
+        /// The run id.
+        run: String,
+    },
+    /// Recompute a run's hash chain and compare it with what is stored.
+    Verify {
+        /// The run id (or --all).
+        run: Option<String>,
+        /// Verify every run in the store.
+        #[arg(long, conflicts_with = "run")]
+        all: bool,
+    },
+    /// Resume an interrupted run from its log.
+    Resume {
+        /// The run id.
+        run: String,
+    },
+    /// Resume every run a stopped or crashed process left running.
+    Recover,
+    /// Cancel a run that is not finished.
+    Cancel {
+        /// The run id.
+        run: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "cancelled from the CLI")]
+        reason: String,
+    },
+    /// Measure the engine on this machine (see docs/BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    // Behave like other Unix tools when the reader of our output goes away (`cairn events | head`):
+    // end quietly instead of failing on a closed pipe.
+    // SAFETY: setting a signal disposition to its default at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One line: clap's first line names the problem; the rest is usage we point to.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{first} (see `cairn --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(commands::dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}

@@ -95,14 +95,12 @@ impl RunShared {
             Ok(a) => {
                 let mut st = lock(&self.state);
                 let run = self.run_id;
-                st.run
-                    .apply_event(run, a.first.0, ts, event)
-                    .map_err(|e| {
-                        self.set_interrupt(Interrupt::Store {
-                            run,
-                            detail: e.to_string(),
-                        })
+                st.run.apply_event(run, a.first.0, ts, event).map_err(|e| {
+                    self.set_interrupt(Interrupt::Store {
+                        run,
+                        detail: e.to_string(),
                     })
+                })
             }
             Err(e) => Err(self.set_interrupt(Interrupt::Store {
                 run: self.run_id,
@@ -279,9 +277,9 @@ impl WorkflowContext {
             r = f() => r,
         };
         let outcome = outcome.and_then(|v| {
-            Payload::from_value(&v)
-                .map(|p| (v, p))
-                .map_err(|e| StepError::msg(format!("the step's output cannot be encoded as JSON: {e}")))
+            Payload::from_value(&v).map(|p| (v, p)).map_err(|e| {
+                StepError::msg(format!("the step's output cannot be encoded as JSON: {e}"))
+            })
         });
         match outcome {
             Ok((value, output)) => {
@@ -364,7 +362,11 @@ impl WorkflowContext {
 
     /// Records a metadata key for the run (e.g. a label found while running); takes a position
     /// like a step, so replay does not record it twice.
-    pub async fn set_metadata<V: Serialize>(&self, key: &str, value: &V) -> Result<(), WorkflowError> {
+    pub async fn set_metadata<V: Serialize>(
+        &self,
+        key: &str,
+        value: &V,
+    ) -> Result<(), WorkflowError> {
         let path = self.next_path();
         self.shared.check()?;
         {

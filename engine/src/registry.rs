@@ -13,8 +13,9 @@ use crate::context::WorkflowContext;
 use crate::error::WorkflowError;
 use crate::event::Payload;
 
-type RunFn =
-    dyn Fn(WorkflowContext, Payload) -> BoxFuture<'static, Result<Payload, WorkflowError>> + Send + Sync;
+type RunFn = dyn Fn(WorkflowContext, Payload) -> BoxFuture<'static, Result<Payload, WorkflowError>>
+    + Send
+    + Sync;
 type CheckFn = dyn Fn(&Payload) -> Result<(), String> + Send + Sync;
 
 /// One registered workflow.
@@ -54,11 +55,16 @@ impl Registry {
             let f = Arc::clone(&f);
             Box::pin(async move {
                 let input: I = input.to_typed().map_err(|e| {
-                    WorkflowError::msg(format!("the recorded input no longer fits the workflow's input type: {e}"))
+                    WorkflowError::msg(format!(
+                        "the recorded input no longer fits the workflow's input type: {e}"
+                    ))
                 })?;
                 let out = f(ctx, input).await?;
-                Payload::from_value(&out)
-                    .map_err(|e| WorkflowError::msg(format!("the workflow's output cannot be encoded as JSON: {e}")))
+                Payload::from_value(&out).map_err(|e| {
+                    WorkflowError::msg(format!(
+                        "the workflow's output cannot be encoded as JSON: {e}"
+                    ))
+                })
             })
         });
         let check_input: Arc<CheckFn> =

@@ -8,9 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use cairn_storage::{
-    EventStore, NewEvent, NewRun, RunFilter, RunId, RunMeta, RunStatus, Seq,
-};
+use cairn_storage::{EventStore, NewEvent, NewRun, RunFilter, RunId, RunMeta, RunStatus, Seq};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -399,13 +397,15 @@ async fn finish(
         }
     };
     let (event, status) = match (shared.take_interrupt(), result) {
-        (Some(Interrupt::Cancelled(_)), _) | (None, Err(WorkflowError::Interrupted(Interrupt::Cancelled(_)))) => (
+        (Some(Interrupt::Cancelled(_)), _)
+        | (None, Err(WorkflowError::Interrupted(Interrupt::Cancelled(_)))) => (
             Event::RunCancelled {
                 reason: "cancelled on request".into(),
             },
             RunStatus::Cancelled,
         ),
-        (Some(Interrupt::Shutdown(_)), _) | (None, Err(WorkflowError::Interrupted(Interrupt::Shutdown(_)))) => {
+        (Some(Interrupt::Shutdown(_)), _)
+        | (None, Err(WorkflowError::Interrupted(Interrupt::Shutdown(_)))) => {
             let st = lock(&shared.state);
             let mut o = outcome_of(id, &st.run, st.replayed, st.executed);
             o.status = RunStatus::Running;

@@ -65,6 +65,18 @@ fn ser_payload_map<S: serde::Serializer>(
     v.serialize(s)
 }
 
+fn ser_steps<S: serde::Serializer>(
+    m: &BTreeMap<StepPath, StepRecord>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(m.len()))?;
+    for (k, v) in m {
+        map.serialize_entry(&k.to_string(), v)?;
+    }
+    map.end()
+}
+
 /// A run's state rebuilt from its events.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RunState {
@@ -87,6 +99,7 @@ pub struct RunState {
     /// The error, once failed or cancelled.
     pub error: Option<String>,
     /// Every recorded step by position.
+    #[serde(serialize_with = "ser_steps")]
     pub steps: BTreeMap<StepPath, StepRecord>,
     /// Metadata set by the workflow.
     #[serde(serialize_with = "ser_payload_map")]
@@ -109,7 +122,9 @@ pub struct RunState {
 #[non_exhaustive]
 pub enum FoldError {
     /// An event's bytes are not an event this binary knows.
-    #[error("event {seq} of run {run} cannot be decoded ({detail}); it may come from a newer cairn")]
+    #[error(
+        "event {seq} of run {run} cannot be decoded ({detail}); it may come from a newer cairn"
+    )]
     Undecodable {
         /// The run.
         run: RunId,
@@ -174,7 +189,13 @@ impl RunState {
         self.apply_event(run, ev.seq.0, ev.ts_us, decoded)
     }
 
-    pub(crate) fn apply_event(&mut self, run: RunId, seq: u64, ts: i64, e: Event) -> Result<(), FoldError> {
+    pub(crate) fn apply_event(
+        &mut self,
+        run: RunId,
+        seq: u64,
+        ts: i64,
+        e: Event,
+    ) -> Result<(), FoldError> {
         self.events += 1;
         self.updated_us = ts;
         let inconsistent = |detail: String| FoldError::Inconsistent { run, seq, detail };
@@ -226,42 +247,40 @@ impl RunState {
                 attempt,
                 started_us,
                 output,
-            } => {
-                match self.steps.get_mut(&path) {
-                    Some(rec) => {
-                        if rec.name != name {
-                            return Err(inconsistent(format!(
-                                "step {path} is `{}` but completed as `{name}`",
-                                rec.name
-                            )));
-                        }
-                        if rec.status == StepStatus::Completed {
-                            return Err(inconsistent(format!("step {path} completed twice")));
-                        }
-                        rec.status = StepStatus::Completed;
-                        rec.attempts = rec.attempts.max(attempt);
-                        rec.output = Some(output);
-                        rec.started_us = started_us;
-                        rec.finished_us = Some(ts);
-                        rec.retry_at_us = None;
+            } => match self.steps.get_mut(&path) {
+                Some(rec) => {
+                    if rec.name != name {
+                        return Err(inconsistent(format!(
+                            "step {path} is `{}` but completed as `{name}`",
+                            rec.name
+                        )));
                     }
-                    None => {
-                        self.steps.insert(
-                            path,
-                            StepRecord {
-                                name,
-                                status: StepStatus::Completed,
-                                attempts: attempt,
-                                output: Some(output),
-                                error: None,
-                                started_us,
-                                finished_us: Some(ts),
-                                retry_at_us: None,
-                            },
-                        );
+                    if rec.status == StepStatus::Completed {
+                        return Err(inconsistent(format!("step {path} completed twice")));
                     }
+                    rec.status = StepStatus::Completed;
+                    rec.attempts = rec.attempts.max(attempt);
+                    rec.output = Some(output);
+                    rec.started_us = started_us;
+                    rec.finished_us = Some(ts);
+                    rec.retry_at_us = None;
                 }
-            }
+                None => {
+                    self.steps.insert(
+                        path,
+                        StepRecord {
+                            name,
+                            status: StepStatus::Completed,
+                            attempts: attempt,
+                            output: Some(output),
+                            error: None,
+                            started_us,
+                            finished_us: Some(ts),
+                            retry_at_us: None,
+                        },
+                    );
+                }
+            },
             Event::StepFailed {
                 path,
                 name,
@@ -270,16 +289,19 @@ impl RunState {
                 error,
                 retry_at_us,
             } => {
-                let rec = self.steps.entry(path.clone()).or_insert_with(|| StepRecord {
-                    name: name.clone(),
-                    status: StepStatus::Running,
-                    attempts: 0,
-                    output: None,
-                    error: None,
-                    started_us,
-                    finished_us: None,
-                    retry_at_us: None,
-                });
+                let rec = self
+                    .steps
+                    .entry(path.clone())
+                    .or_insert_with(|| StepRecord {
+                        name: name.clone(),
+                        status: StepStatus::Running,
+                        attempts: 0,
+                        output: None,
+                        error: None,
+                        started_us,
+                        finished_us: None,
+                        retry_at_us: None,
+                    });
                 if rec.name != name {
                     return Err(inconsistent(format!(
                         "step {path} is `{}` but failed as `{name}`",

@@ -82,7 +82,10 @@ async fn shutdown_then_resume_runs_only_the_missing_steps() {
     engine.shutdown();
     let out = h.wait().await.unwrap();
     assert_eq!(out.status, RunStatus::Running);
-    assert_eq!(engine.run_meta(id).await.unwrap().status, RunStatus::Running);
+    assert_eq!(
+        engine.run_meta(id).await.unwrap().status,
+        RunStatus::Running
+    );
 
     // A new engine (a restarted process) recovers it; steps 0..3 are answered from the log.
     let counter2 = Arc::new(AtomicU32::new(0));
@@ -94,7 +97,11 @@ async fn shutdown_then_resume_runs_only_the_missing_steps() {
     assert_eq!(out.output, Some(json!(150)));
     assert_eq!(out.steps_replayed, 3);
     assert_eq!(out.steps_executed, 3);
-    assert_eq!(counter2.load(Ordering::SeqCst), 3, "only steps 3, 4, 5 ran again");
+    assert_eq!(
+        counter2.load(Ordering::SeqCst),
+        3,
+        "only steps 3, 4, 5 ran again"
+    );
     let state = engine2.load(id).await.unwrap();
     assert_eq!(state.resumes, 1);
     assert!(store.verify(id).await.unwrap().ok());
@@ -155,7 +162,9 @@ async fn a_failed_step_is_recorded_and_fails_the_run_unless_handled() {
     let mut r = Registry::new();
     r.register("fails", 1, |ctx, handle: bool| async move {
         let res: Result<u32, _> = ctx
-            .step("flaky", || async { Err(StepError::msg("upstream said no")) })
+            .step("flaky", || async {
+                Err(StepError::msg("upstream said no"))
+            })
             .await;
         match res {
             Err(WorkflowError::Step { .. }) if handle => {
@@ -165,10 +174,22 @@ async fn a_failed_step_is_recorded_and_fails_the_run_unless_handled() {
         }
     });
     let engine = Engine::with_store(store.clone(), r);
-    let out = engine.start("fails", &false).await.unwrap().wait().await.unwrap();
+    let out = engine
+        .start("fails", &false)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
     assert_eq!(out.status, RunStatus::Failed);
     assert!(out.error.unwrap().contains("upstream said no"));
-    let out = engine.start("fails", &true).await.unwrap().wait().await.unwrap();
+    let out = engine
+        .start("fails", &true)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
     assert_eq!(out.status, RunStatus::Completed);
     assert_eq!(out.output, Some(json!(7)));
     let id = out.run_id.parse().unwrap();
@@ -179,7 +200,12 @@ async fn a_failed_step_is_recorded_and_fails_the_run_unless_handled() {
         .collect();
     assert_eq!(
         kinds,
-        ["run_started", "step_failed", "step_completed", "run_completed"]
+        [
+            "run_started",
+            "step_failed",
+            "step_completed",
+            "run_completed"
+        ]
     );
 }
 
@@ -236,8 +262,17 @@ async fn bad_input_and_unknown_workflow_write_nothing() {
     let err = engine.start("count", &"not a number").await.err().unwrap();
     assert!(matches!(err, EngineError::BadInput { .. }), "{err}");
     let err = engine.start("nope", &1).await.err().unwrap();
-    assert!(err.to_string().contains("count"), "lists known workflows: {err}");
-    assert!(store.list_runs(RunFilter::default()).await.unwrap().is_empty());
+    assert!(
+        err.to_string().contains("count"),
+        "lists known workflows: {err}"
+    );
+    assert!(
+        store
+            .list_runs(RunFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let ghost = cairn_storage::RunId::new();
     assert!(matches!(
         engine.resume(ghost).await.err().unwrap(),
@@ -263,7 +298,10 @@ async fn cancel_stops_an_executing_run_and_records_it() {
     assert_eq!(out.status, RunStatus::Cancelled);
     // A second cancel leaves the finished run alone.
     assert_eq!(
-        engine.cancel(out.run_id.parse().unwrap(), "again").await.unwrap(),
+        engine
+            .cancel(out.run_id.parse().unwrap(), "again")
+            .await
+            .unwrap(),
         RunStatus::Cancelled
     );
 }
@@ -284,7 +322,10 @@ async fn a_panicking_workflow_is_contained_and_stays_resumable() {
     let id = h.id;
     let err = h.wait().await.unwrap_err();
     assert!(err.to_string().contains("bug in workflow code"), "{err}");
-    assert_eq!(engine.run_meta(id).await.unwrap().status, RunStatus::Running);
+    assert_eq!(
+        engine.run_meta(id).await.unwrap().status,
+        RunStatus::Running
+    );
 }
 
 #[tokio::test]
@@ -292,10 +333,13 @@ async fn context_exposes_steps_metadata_last_result_and_a_bounded_summary() {
     let (_d, store) = store();
     let mut r = Registry::new();
     r.register("ctx", 1, |ctx, task: String| async move {
-        ctx.step("classify", || async { Ok("billing".to_string()) }).await?;
-        ctx.set_metadata("category", &"billing").await?;
-        ctx.step("answer", || async { Ok(json!({"reply": "x".repeat(5000)})) })
+        ctx.step("classify", || async { Ok("billing".to_string()) })
             .await?;
+        ctx.set_metadata("category", &"billing").await?;
+        ctx.step("answer", || async {
+            Ok(json!({"reply": "x".repeat(5000)}))
+        })
+        .await?;
         let summary = ctx.handoff_summary();
         Ok(json!({
             "task": task,
@@ -318,8 +362,14 @@ async fn context_exposes_steps_metadata_last_result_and_a_bounded_summary() {
     assert_eq!(o["meta"], json!("billing"));
     assert_eq!(o["last_len"], json!(5000));
     let summary = o["summary"].as_str().unwrap();
-    assert!(summary.starts_with("Task: \"refund please\"\nCompleted: classify, answer\nLast result: "));
-    assert!(summary.len() < 1200, "summary is bounded: {}", summary.len());
+    assert!(
+        summary.starts_with("Task: \"refund please\"\nCompleted: classify, answer\nLast result: ")
+    );
+    assert!(
+        summary.len() < 1200,
+        "summary is bounded: {}",
+        summary.len()
+    );
 }
 
 #[tokio::test]
@@ -338,5 +388,12 @@ async fn version_mismatch_is_refused_on_resume() {
     let mut r = Registry::new();
     r.register("count", 2, |_ctx, _n: u32| async move { Ok(0) });
     let err = Engine::with_store(store, r).resume(id).await.err().unwrap();
-    assert!(matches!(err, EngineError::VersionMismatch { recorded: 1, registered: 2, .. }));
+    assert!(matches!(
+        err,
+        EngineError::VersionMismatch {
+            recorded: 1,
+            registered: 2,
+            ..
+        }
+    ));
 }

@@ -100,7 +100,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether retrying the same operation later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::AlreadyOpen { .. } | StoreError::Backend(_))
+        matches!(
+            self,
+            StoreError::AlreadyOpen { .. } | StoreError::Backend(_)
+        )
     }
 }
 

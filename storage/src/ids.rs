@@ -59,7 +59,9 @@ impl fmt::Debug for RunId {
 
 /// The error for a string that is not a run id.
 #[derive(Debug, thiserror::Error)]
-#[error("`{0}` is not a run id (expected 26 characters like 01JD3Q5W8ZK2X4M7N9P0R1S2T3; see `cairn runs`)")]
+#[error(
+    "`{0}` is not a run id (expected 26 characters like 01JD3Q5W8ZK2X4M7N9P0R1S2T3; see `cairn runs`)"
+)]
 pub struct BadRunId(String);
 
 impl FromStr for RunId {

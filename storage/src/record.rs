@@ -107,7 +107,7 @@ struct BodyOwned<'a> {
 }
 
 /// Encodes a record envelope.
-pub(crate) fn encode(ts_us: i64, hash: &Hash, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn encode(ts_us: i64, hash: &Hash, payload: &[u8]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(payload.len() + 48);
     out.push(FORMAT_VERSION);
     let body = BodyRef {
@@ -115,11 +115,8 @@ pub(crate) fn encode(ts_us: i64, hash: &Hash, payload: &[u8]) -> Vec<u8> {
         hash,
         payload,
     };
-    // Serializing into a Vec cannot fail for this plain struct; map defensively anyway.
-    match postcard::to_extend(&body, out) {
-        Ok(v) => v,
-        Err(_) => Vec::new(),
-    }
+    postcard::to_extend(&body, out)
+        .map_err(|e| StoreError::Backend(format!("cannot encode a record: {e}")))
 }
 
 /// Decodes a record envelope, refusing records from a newer format.
@@ -175,7 +172,7 @@ mod tests {
     fn envelope_round_trips() {
         let run = RunId::new();
         let h = record_hash(&genesis_hash(run), Seq(0), 42, b"abc");
-        let bytes = encode(42, &h, b"abc");
+        let bytes = encode(42, &h, b"abc").unwrap();
         let ev = decode(run, Seq(0), &bytes).unwrap();
         assert_eq!(ev.ts_us, 42);
         assert_eq!(ev.payload, b"abc");
@@ -185,17 +182,19 @@ mod tests {
     #[test]
     fn newer_record_is_refused_with_a_clear_error() {
         let run = RunId::new();
-        let mut bytes = encode(1, &[0; 32], b"x");
+        let mut bytes = encode(1, &[0; 32], b"x").unwrap();
         bytes[0] = FORMAT_VERSION + 1;
         let err = decode(run, Seq(3), &bytes).unwrap_err();
-        assert!(matches!(err, StoreError::NewerRecord { found, .. } if found == FORMAT_VERSION + 1));
+        assert!(
+            matches!(err, StoreError::NewerRecord { found, .. } if found == FORMAT_VERSION + 1)
+        );
         assert!(err.to_string().contains("upgrade cairn"));
     }
 
     #[test]
     fn truncated_record_is_an_error_not_a_panic() {
         let run = RunId::new();
-        let bytes = encode(1, &[7; 32], b"hello");
+        let bytes = encode(1, &[7; 32], b"hello").unwrap();
         for cut in 0..bytes.len() {
             let _ = decode(run, Seq(0), &bytes[..cut]);
         }
@@ -208,6 +207,9 @@ mod tests {
         let b = RunId::new();
         assert_ne!(genesis_hash(a), genesis_hash(b));
         let g = genesis_hash(a);
-        assert_ne!(record_hash(&g, Seq(0), 1, b"p"), record_hash(&g, Seq(1), 1, b"p"));
+        assert_ne!(
+            record_hash(&g, Seq(0), 1, b"p"),
+            record_hash(&g, Seq(1), 1, b"p")
+        );
     }
 }

@@ -226,9 +226,24 @@ impl RedbStore {
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
             .set_cache_size(opts.cache_bytes);
         if opts.read_only {
-            let db = builder
-                .open_read_only(&path)
-                .map_err(|e| map_open_error(&path, e))?;
+            let db = match builder.open_read_only(&path) {
+                Ok(db) => db,
+                // A writer died mid-commit and the file needs redb's repair, which a read-only
+                // handle may not do. If no writer holds the file, repair it with a short
+                // read-write open (repair only rolls back to the last durable commit).
+                Err(DatabaseError::RepairAborted) => {
+                    drop(
+                        Database::builder()
+                            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                            .create(&path)
+                            .map_err(|e| map_open_error(&path, e))?,
+                    );
+                    builder
+                        .open_read_only(&path)
+                        .map_err(|e| map_open_error(&path, e))?
+                }
+                Err(e) => return Err(map_open_error(&path, e)),
+            };
             let txn = db.begin_read()?;
             match txn.open_table(META) {
                 Ok(t) => {
@@ -286,7 +301,10 @@ impl RedbStore {
         self.inner.tx.is_none()
     }
 
-    fn send(&self, make: impl FnOnce(Reply) -> Op) -> BoxFuture<'static, Result<Appended, StoreError>> {
+    fn send(
+        &self,
+        make: impl FnOnce(Reply) -> Op,
+    ) -> BoxFuture<'static, Result<Appended, StoreError>> {
         let (reply, rx) = oneshot::channel();
         let sent = match &self.inner.tx {
             None => Err(StoreError::ReadOnly),
@@ -423,9 +441,9 @@ fn init_format(path: &Path, db: &Database) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn encode_run(meta: &RunMeta) -> Vec<u8> {
-    // Serializing a plain struct into a Vec cannot fail; an empty row would be caught on read.
-    postcard::to_extend(meta, vec![RUN_ROW_VERSION]).unwrap_or_default()
+fn encode_run(meta: &RunMeta) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(meta, vec![RUN_ROW_VERSION])
+        .map_err(|e| StoreError::Backend(format!("cannot encode a run row: {e}")))
 }
 
 fn decode_run(path: &Path, bytes: &[u8]) -> Result<RunMeta, StoreError> {
@@ -577,17 +595,15 @@ impl Writer {
                     }
                     Work::Append(run, evs, status) => {
                         let id = run.as_u128();
-                        if !self.runs.contains_key(&id) {
-                            let Some(v) = runs.get(id)? else {
-                                results.push(Err(StoreError::UnknownRun(run)));
-                                continue;
-                            };
-                            let m = decode_run(Path::new("<store>"), v.value())?;
-                            self.runs.insert(id, m);
-                        }
-                        let Some(meta) = self.runs.get_mut(&id) else {
-                            results.push(Err(StoreError::UnknownRun(run)));
-                            continue;
+                        let meta = match self.runs.entry(id) {
+                            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                let Some(row) = runs.get(id)? else {
+                                    results.push(Err(StoreError::UnknownRun(run)));
+                                    continue;
+                                };
+                                v.insert(decode_run(Path::new("<store>"), row.value())?)
+                            }
                         };
                         let a = append_events(&mut events, meta, &evs)?;
                         if let Some(s) = status
@@ -607,7 +623,7 @@ impl Writer {
             touched.dedup();
             for id in touched {
                 if let Some(meta) = self.runs.get(&id) {
-                    runs.insert(id, encode_run(meta).as_slice())?;
+                    runs.insert(id, encode_run(meta)?.as_slice())?;
                 }
             }
         }
@@ -633,7 +649,7 @@ fn append_events(
     let mut seq = meta.events;
     for e in events {
         head = record_hash(&head, Seq(seq), e.ts_us, &e.payload);
-        let bytes = encode(e.ts_us, &head, &e.payload);
+        let bytes = encode(e.ts_us, &head, &e.payload)?;
         table.insert((id, seq), bytes.as_slice())?;
         seq += 1;
     }

@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use redb::ReadableTable;
 use cairn_storage::{
     EventStore, NewEvent, NewRun, RedbStore, RunFilter, RunId, RunStatus, Seq, StoreError,
     StoreOptions,
 };
+use redb::ReadableTable;
 
 fn new_run(id: RunId) -> NewRun {
     NewRun {
@@ -30,9 +30,15 @@ async fn appends_are_dense_durable_and_survive_reopen() {
     let id = RunId::new();
     {
         let store = RedbStore::open(&path).unwrap();
-        let a = store.create_run(new_run(id), vec![ev("start")]).await.unwrap();
+        let a = store
+            .create_run(new_run(id), vec![ev("start")])
+            .await
+            .unwrap();
         assert_eq!((a.first, a.next), (Seq(0), Seq(1)));
-        let b = store.append(id, vec![ev("a"), ev("b")], None).await.unwrap();
+        let b = store
+            .append(id, vec![ev("a"), ev("b")], None)
+            .await
+            .unwrap();
         assert_eq!((b.first, b.next), (Seq(1), Seq(3)));
         store
             .append(id, vec![ev("done")], Some(RunStatus::Completed))
@@ -42,7 +48,15 @@ async fn appends_are_dense_durable_and_survive_reopen() {
     let store = RedbStore::open(&path).unwrap();
     let evs = store.read(id, Seq(0), 100).await.unwrap();
     let payloads: Vec<_> = evs.iter().map(|e| e.payload.clone()).collect();
-    assert_eq!(payloads, vec![b"start".to_vec(), b"a".to_vec(), b"b".to_vec(), b"done".to_vec()]);
+    assert_eq!(
+        payloads,
+        vec![
+            b"start".to_vec(),
+            b"a".to_vec(),
+            b"b".to_vec(),
+            b"done".to_vec()
+        ]
+    );
     assert!(evs.iter().enumerate().all(|(i, e)| e.seq == Seq(i as u64)));
     let meta = store.run(id).await.unwrap().unwrap();
     assert_eq!(meta.status, RunStatus::Completed);
@@ -65,7 +79,9 @@ async fn concurrent_appends_to_one_run_keep_seq_dense_and_chain_valid() {
         let s = store.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..50 {
-                s.append(id, vec![ev(&format!("{t}-{i}"))], None).await.unwrap();
+                s.append(id, vec![ev(&format!("{t}-{i}"))], None)
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -87,7 +103,10 @@ async fn list_runs_by_status_uses_the_index_and_tracks_changes() {
     let b = RunId::new();
     store.create_run(new_run(a), vec![]).await.unwrap();
     store.create_run(new_run(b), vec![]).await.unwrap();
-    store.append(a, vec![], Some(RunStatus::Failed)).await.unwrap();
+    store
+        .append(a, vec![], Some(RunStatus::Failed))
+        .await
+        .unwrap();
     let running = store
         .list_runs(RunFilter {
             status: Some(RunStatus::Running),
@@ -105,7 +124,11 @@ async fn list_runs_by_status_uses_the_index_and_tracks_changes() {
         .unwrap();
     assert_eq!(failed.iter().map(|m| m.id).collect::<Vec<_>>(), vec![a]);
     let all = store.list_runs(RunFilter::default()).await.unwrap();
-    assert_eq!(all.iter().map(|m| m.id).collect::<Vec<_>>(), vec![b, a], "newest first");
+    assert_eq!(
+        all.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![b, a],
+        "newest first"
+    );
 }
 
 #[tokio::test]
@@ -141,7 +164,13 @@ async fn payload_over_the_limit_is_refused_and_nothing_is_written() {
         .append(id, vec![NewEvent::now(vec![0; 2048])], None)
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::PayloadTooLarge { bytes: 2048, max_bytes: 1024 }));
+    assert!(matches!(
+        err,
+        StoreError::PayloadTooLarge {
+            bytes: 2048,
+            max_bytes: 1024
+        }
+    ));
     assert!(err.to_string().contains("2048"));
     assert_eq!(store.run(id).await.unwrap().unwrap().events, 0);
 }

@@ -1,0 +1,597 @@
+//! The CLI commands: each opens the store (read-only where it only reads, so it works while
+//! another process writes), does one thing, and prints for humans or as JSON.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cairn_engine::{Engine, Event, RunHandle, RunOutcome, StartOptions};
+use cairn_storage::{EventStore, RedbStore, RunFilter, RunId, RunMeta, RunStatus, Seq};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+
+use crate::workflows::{self, Progress};
+use crate::{Cli, Command};
+
+/// Opens the store for writing.
+pub fn open_rw(path: &Path) -> Result<RedbStore> {
+    Ok(RedbStore::open(path)?)
+}
+
+/// Opens an existing store for reading; works while another process writes to it.
+pub fn open_ro(path: &Path) -> Result<RedbStore> {
+    Ok(RedbStore::open_read_only(path)?)
+}
+
+fn parse_run(s: &str) -> Result<RunId> {
+    Ok(s.parse::<RunId>()?)
+}
+
+async fn meta_of(store: &RedbStore, id: RunId) -> Result<RunMeta> {
+    store.run(id).await?.with_context(|| {
+        format!(
+            "no run {id} in {}; list runs with `cairn runs`",
+            store.path().display()
+        )
+    })
+}
+
+/// Formats microseconds since the epoch as a UTC timestamp.
+pub fn fmt_ts(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|| us.to_string())
+}
+
+fn fmt_time(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .map(|t| t.format("%H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|| us.to_string())
+}
+
+fn preview(v: &serde_json::Value, max: usize) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(max) {
+        None => s,
+        Some((i, _)) => format!("{}…", &s[..i]),
+    }
+}
+
+pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let path = cli.store.as_path();
+    match cli.command {
+        Command::Demo { items, step_ms } => demo(path, items, step_ms).await,
+        Command::Start { workflow, input } => start(path, &workflow, &input).await,
+        Command::Workflows => {
+            for (name, version) in workflows::registry(Arc::default()).names() {
+                println!("{name} v{version}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs {
+            status,
+            limit,
+            json,
+        } => runs(path, status.as_deref(), limit, json).await,
+        Command::Show { run } => show(path, &run).await,
+        Command::Events { run, from } => events(path, &run, from).await,
+        Command::Replay { run } => replay(path, &run).await,
+        Command::Verify { run, all } => verify(path, run.as_deref(), all).await,
+        Command::Resume { run } => resume(path, &run).await,
+        Command::Recover => recover(path).await,
+        Command::Cancel { run, reason } => cancel(path, &run, &reason).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+fn engine_for(store: RedbStore, progress: Arc<Progress>) -> Engine {
+    Engine::new(store, workflows::registry(progress))
+}
+
+async fn demo(path: &Path, items: u32, step_ms: u64) -> Result<ExitCode> {
+    let store = open_rw(path)?;
+    let progress = Arc::new(Progress::default());
+    let engine = engine_for(store, Arc::clone(&progress));
+    let input = serde_json::json!({ "items": items, "step_ms": step_ms });
+    let h = engine.start_with(StartOptions::new("demo", input)).await?;
+    println!(
+        "run {} started: demo over {items} tickets (store {})",
+        h.id,
+        path.display()
+    );
+    let _ = std::io::stdout().flush();
+    let outcomes = drive(&engine, vec![h], Some(progress)).await?;
+    Ok(report(path, &outcomes))
+}
+
+async fn start(path: &Path, workflow: &str, input: &str) -> Result<ExitCode> {
+    let input: serde_json::Value = serde_json::from_str(input)
+        .with_context(|| format!("--input is not valid JSON: `{input}`"))?;
+    let store = open_rw(path)?;
+    let progress = Arc::new(Progress::default());
+    let engine = engine_for(store, Arc::clone(&progress));
+    let h = engine
+        .start_with(StartOptions::new(workflow, input))
+        .await?;
+    println!("run {} started: {workflow}", h.id);
+    let _ = std::io::stdout().flush();
+    let show_progress = (workflow == "demo").then_some(progress);
+    let outcomes = drive(&engine, vec![h], show_progress).await?;
+    Ok(report(path, &outcomes))
+}
+
+async fn resume(path: &Path, run: &str) -> Result<ExitCode> {
+    let id = parse_run(run)?;
+    let store = open_rw(path)?;
+    let meta = meta_of(&store, id).await?;
+    let progress = Arc::new(Progress::default());
+    let engine = engine_for(store, Arc::clone(&progress));
+    if meta.status.is_terminal() {
+        println!("run {id} is already {}; nothing to resume", meta.status);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let h = engine.resume(id).await?;
+    println!("run {id} resumed from event {}", meta.events);
+    let _ = std::io::stdout().flush();
+    let show = (meta.workflow == "demo").then_some(progress);
+    let outcomes = drive(&engine, vec![h], show).await?;
+    Ok(report(path, &outcomes))
+}
+
+async fn recover(path: &Path) -> Result<ExitCode> {
+    let store = open_rw(path)?;
+    let progress = Arc::new(Progress::default());
+    let engine = engine_for(store, Arc::clone(&progress));
+    let handles = engine.recover().await?;
+    if handles.is_empty() {
+        println!("no interrupted runs in {}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for h in &handles {
+        println!("run {} recovered", h.id);
+    }
+    let _ = std::io::stdout().flush();
+    let show = (handles.len() == 1).then_some(progress);
+    let outcomes = drive(&engine, handles, show).await?;
+    Ok(report(path, &outcomes))
+}
+
+/// Waits for runs to finish, showing demo progress, and turns Ctrl-C into a clean stop.
+async fn drive(
+    engine: &Engine,
+    handles: Vec<RunHandle>,
+    progress: Option<Arc<Progress>>,
+) -> Result<Vec<Result<RunOutcome, cairn_engine::EngineError>>> {
+    let started = Instant::now();
+    let waits: Vec<_> = handles
+        .into_iter()
+        .map(|h| tokio::spawn(h.wait()))
+        .collect();
+    let all = async {
+        let mut out = Vec::new();
+        for w in waits {
+            out.push(match w.await {
+                Ok(r) => r,
+                Err(e) => Err(cairn_engine::EngineError::Panicked {
+                    run: RunId::from_u128(0),
+                    detail: e.to_string(),
+                }),
+            });
+        }
+        out
+    };
+    tokio::pin!(all);
+    let mut bar = progress.map(|p| ProgressLine::new(p, started));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            out = &mut all => {
+                if let Some(b) = bar.as_mut() { b.finish(); }
+                return Ok(out);
+            }
+            _ = tokio::signal::ctrl_c(), if !stopping => {
+                stopping = true;
+                eprintln!("\ninterrupt: stopping at the next step boundary (Ctrl-C again to kill)");
+                engine.shutdown();
+                tokio::spawn(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                    std::process::exit(130);
+                });
+            }
+            _ = tick.tick() => {
+                if let Some(b) = bar.as_mut() { b.update(); }
+            }
+        }
+    }
+}
+
+/// The demo's progress display: an indicatif bar on a terminal, plain lines otherwise.
+struct ProgressLine {
+    progress: Arc<Progress>,
+    bar: Option<indicatif::ProgressBar>,
+    last_plain: Instant,
+    started: Instant,
+}
+
+impl ProgressLine {
+    fn new(progress: Arc<Progress>, started: Instant) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} items · {msg} · ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            b.set_style(style);
+            b
+        });
+        ProgressLine {
+            progress,
+            bar,
+            last_plain: started,
+            started,
+        }
+    }
+
+    fn update(&mut self) {
+        let done = self.progress.items_done.load(Ordering::Relaxed);
+        let total = self.progress.items_total.load(Ordering::Relaxed);
+        let replayed = self.progress.items_replayed.load(Ordering::Relaxed);
+        match &self.bar {
+            Some(b) => {
+                b.set_length(total);
+                b.set_position(done);
+                b.set_message(format!("{replayed} answered from the log"));
+            }
+            None => {
+                if self.last_plain.elapsed() >= Duration::from_secs(1) {
+                    self.last_plain = Instant::now();
+                    eprintln!(
+                        "progress: {done}/{total} items ({replayed} from the log) after {:.1}s",
+                        self.started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.update();
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        let done = self.progress.items_done.load(Ordering::Relaxed);
+        let replayed = self.progress.items_replayed.load(Ordering::Relaxed);
+        eprintln!(
+            "progress: {done} items in {:.1}s ({replayed} answered from the log)",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Prints each outcome and picks the exit code: 0 all completed, 130 interrupted, 1 otherwise.
+fn report(path: &Path, outcomes: &[Result<RunOutcome, cairn_engine::EngineError>]) -> ExitCode {
+    let mut code = ExitCode::SUCCESS;
+    let store = path.display();
+    for o in outcomes {
+        match o {
+            Ok(o) => match o.status {
+                RunStatus::Completed => {
+                    println!(
+                        "run {} completed ({} steps executed, {} answered from the log)",
+                        o.run_id, o.steps_executed, o.steps_replayed
+                    );
+                    if let Some(out) = &o.output {
+                        println!("output: {out}");
+                    }
+                    println!(
+                        "inspect: cairn --store {store} show {id}\nverify:  cairn --store {store} verify {id}",
+                        id = o.run_id
+                    );
+                }
+                RunStatus::Running => {
+                    println!(
+                        "run {} interrupted after {} steps; resume with: cairn --store {store} resume {}",
+                        o.run_id, o.steps_executed, o.run_id
+                    );
+                    code = ExitCode::from(130);
+                }
+                other => {
+                    println!(
+                        "run {} {other}: {}",
+                        o.run_id,
+                        o.error.as_deref().unwrap_or("")
+                    );
+                    code = ExitCode::FAILURE;
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    code
+}
+
+async fn runs(path: &Path, status: Option<&str>, limit: usize, json: bool) -> Result<ExitCode> {
+    let status = status
+        .map(|s| s.parse::<RunStatus>())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let store = open_ro(path)?;
+    let list = store
+        .list_runs(RunFilter {
+            status,
+            limit: Some(limit),
+        })
+        .await?;
+    if json {
+        let v: Vec<serde_json::Value> = list.iter().map(meta_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!("no runs in {}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED);
+    t.set_header([
+        "run", "workflow", "status", "events", "created", "updated", "parent",
+    ]);
+    for m in &list {
+        t.add_row([
+            m.id.to_string(),
+            format!("{} v{}", m.workflow, m.version),
+            m.status.to_string(),
+            m.events.to_string(),
+            fmt_ts(m.created_us),
+            fmt_ts(m.updated_us),
+            m.parent.map(|p| p.to_string()).unwrap_or_default(),
+        ]);
+    }
+    println!("{t}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn meta_json(m: &RunMeta) -> serde_json::Value {
+    serde_json::json!({
+        "run": m.id.to_string(),
+        "workflow": m.workflow,
+        "version": m.version,
+        "status": m.status,
+        "events": m.events,
+        "created": fmt_ts(m.created_us),
+        "updated": fmt_ts(m.updated_us),
+        "parent": m.parent.map(|p| p.to_string()),
+        "labels": m.labels,
+    })
+}
+
+/// Reads a run's events page by page and calls `f` on each.
+async fn for_each_event(
+    store: &RedbStore,
+    id: RunId,
+    from: u64,
+    mut f: impl FnMut(&cairn_storage::StoredEvent) -> Result<()>,
+) -> Result<()> {
+    let mut next = Seq(from);
+    loop {
+        let page = store.read(id, next, 4096).await?;
+        let Some(last) = page.last() else { break };
+        next = Seq(last.seq.0 + 1);
+        for e in &page {
+            f(e)?;
+        }
+    }
+    Ok(())
+}
+
+fn hex(h: &[u8]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn events(path: &Path, run: &str, from: u64) -> Result<ExitCode> {
+    let id = parse_run(run)?;
+    let store = open_ro(path)?;
+    meta_of(&store, id).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for_each_event(&store, id, from, |e| {
+        let mut v = match Event::decode(&e.payload) {
+            Ok(ev) => ev.to_json(),
+            Err(err) => serde_json::json!({ "kind": "undecodable", "error": err.to_string() }),
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.insert("seq".into(), e.seq.0.into());
+            o.insert("ts".into(), fmt_ts(e.ts_us).into());
+            o.insert("ts_us".into(), e.ts_us.into());
+            o.insert("hash".into(), hex(&e.hash).into());
+        }
+        match writeln!(out, "{v}") {
+            // A closed pipe (`| head`) is a normal way to stop reading.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.map_err(Into::into),
+        }
+    })
+    .await?;
+    let _ = out.flush();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(path: &Path, run: &str) -> Result<ExitCode> {
+    let id = parse_run(run)?;
+    let store = open_ro(path)?;
+    let meta = meta_of(&store, id).await?;
+    let engine = Engine::new(store.clone(), cairn_engine::Registry::new());
+    let state = engine.load(id).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    writeln!(
+        out,
+        "run {id}  workflow {} v{}  status {}",
+        meta.workflow, meta.version, meta.status
+    )?;
+    writeln!(
+        out,
+        "created {}  updated {}  events {}  resumes {}",
+        fmt_ts(meta.created_us),
+        fmt_ts(meta.updated_us),
+        meta.events,
+        state.resumes
+    )?;
+    if let Some(p) = meta.parent {
+        writeln!(out, "parent {p}")?;
+    }
+    writeln!(out, "input  {}", preview(&state.input.to_json(), 200))?;
+    if let Some(o) = &state.output {
+        writeln!(out, "output {}", preview(&o.to_json(), 200))?;
+    }
+    if let Some(e) = &state.error {
+        writeln!(out, "error  {e}")?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:>6}  {:<12}  {:<8}  {:<15}  detail",
+        "seq", "time", "step", "event"
+    )?;
+    for_each_event(&store, id, 0, |e| {
+        let (step, kind, detail) = match Event::decode(&e.payload) {
+            Ok(ev) => describe(&ev),
+            Err(err) => (String::new(), "undecodable".into(), err.to_string()),
+        };
+        writeln!(
+            out,
+            "{:>6}  {:<12}  {:<8}  {:<15}  {}",
+            e.seq.0,
+            fmt_time(e.ts_us),
+            step,
+            kind,
+            detail
+        )
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        Ok(())
+    })
+    .await?;
+    let _ = out.flush();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A one-line description of an event for the timeline.
+fn describe(ev: &Event) -> (String, String, String) {
+    let path = ev.path().map(|p| p.to_string()).unwrap_or_default();
+    let detail = match ev {
+        Event::RunStarted {
+            workflow,
+            version,
+            input,
+            ..
+        } => format!(
+            "{workflow} v{version} input {}",
+            preview(&input.to_json(), 80)
+        ),
+        Event::RunCompleted { output } => format!("output {}", preview(&output.to_json(), 100)),
+        Event::RunFailed { error } => error.clone(),
+        Event::RunCancelled { reason } => reason.clone(),
+        Event::RunResumed { events_before } => format!("resumed after {events_before} events"),
+        Event::StepStarted { name, attempt, .. } => format!("{name} (attempt {attempt})"),
+        Event::StepCompleted {
+            name,
+            attempt,
+            started_us,
+            output,
+            ..
+        } => {
+            let _ = started_us;
+            let retry = if *attempt > 1 {
+                format!(" attempt {attempt}")
+            } else {
+                String::new()
+            };
+            format!("{name}{retry} → {}", preview(&output.to_json(), 80))
+        }
+        Event::StepFailed {
+            name,
+            attempt,
+            error,
+            retry_at_us,
+            ..
+        } => match retry_at_us {
+            Some(t) => format!(
+                "{name} attempt {attempt}: {error} (retry at {})",
+                fmt_time(*t)
+            ),
+            None => format!("{name} attempt {attempt}: {error}"),
+        },
+        Event::MetadataSet { key, value, .. } => {
+            format!("{key} = {}", preview(&value.to_json(), 80))
+        }
+        _ => String::new(),
+    };
+    (path, ev.kind().to_string(), detail)
+}
+
+async fn replay(path: &Path, run: &str) -> Result<ExitCode> {
+    let id = parse_run(run)?;
+    let store = open_ro(path)?;
+    meta_of(&store, id).await?;
+    let engine = Engine::new(store, cairn_engine::Registry::new());
+    let state = engine.load(id).await?;
+    println!("{}", serde_json::to_string_pretty(&state)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(path: &Path, run: Option<&str>, all: bool) -> Result<ExitCode> {
+    let store = open_ro(path)?;
+    let ids: Vec<RunId> = match (run, all) {
+        (Some(r), _) => vec![parse_run(r)?],
+        (None, true) => store
+            .list_runs(RunFilter::default())
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect(),
+        (None, false) => bail!("name a run to verify, or pass --all"),
+    };
+    let mut bad = 0;
+    for id in ids {
+        let r = store.verify(id).await?;
+        match &r.problem {
+            None => println!("ok {}: {} events, head {}", r.run, r.events, r.head),
+            Some(p) => {
+                bad += 1;
+                println!("FAILED {}: {p}", r.run);
+            }
+        }
+    }
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn cancel(path: &Path, run: &str, reason: &str) -> Result<ExitCode> {
+    let id = parse_run(run)?;
+    let store = open_rw(path)?;
+    let engine = engine_for(store, Arc::default());
+    let before = engine.run_meta(id).await?.status;
+    if before.is_terminal() {
+        println!("run {id} is already {before}; nothing to cancel");
+        return Ok(ExitCode::SUCCESS);
+    }
+    engine.cancel(id, reason).await?;
+    println!("run {id} cancelled");
+    Ok(ExitCode::SUCCESS)
+}
