@@ -26,7 +26,8 @@ pub mod storage {
     pub use cairn_storage::{
         Appended, BadRunId, BoxFuture, Durability, EventStore, FORMAT_VERSION, Hash, NewEvent,
         NewRun, RedbStore, RunFilter, RunId, RunMeta, RunStatus, Seq, StoreError, StoreOptions,
-        StoredEvent, VerifyReport, genesis_hash, now_micros, record_hash, verify_events,
+        StoredEvent, VerifyReport, WriterStats, genesis_hash, now_micros, record_hash,
+        verify_events,
     };
 }
 

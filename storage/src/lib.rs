@@ -21,7 +21,7 @@ pub use record::{
     FORMAT_VERSION, Hash, NewEvent, StoredEvent, VerifyReport, genesis_hash, now_micros,
     record_hash,
 };
-pub use redb_store::{Durability, RedbStore, StoreOptions};
+pub use redb_store::{Durability, RedbStore, StoreOptions, WriterStats};
 pub use store::{
     Appended, BoxFuture, EventStore, NewRun, RunFilter, RunMeta, RunStatus, verify_events,
 };

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -122,8 +123,27 @@ impl Op {
     }
 }
 
+/// Counters of the group-commit writer since the store was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Write transactions committed.
+    pub commits: u64,
+    /// Events written.
+    pub events: u64,
+    /// Operations (appends, creates, flushes) served.
+    pub ops: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    commits: AtomicU64,
+    events: AtomicU64,
+    ops: AtomicU64,
+}
+
 struct Inner {
     path: PathBuf,
+    counters: Arc<Counters>,
     db: Db,
     tx: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
@@ -261,6 +281,7 @@ impl RedbStore {
             return Ok(RedbStore {
                 inner: Arc::new(Inner {
                     path,
+                    counters: Arc::default(),
                     db: Db::Ro(db),
                     tx: None,
                     writer: None,
@@ -276,13 +297,16 @@ impl RedbStore {
         let (tx, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
         let durability = opts.durability;
+        let counters: Arc<Counters> = Arc::default();
+        let writer_counters = Arc::clone(&counters);
         let writer = std::thread::Builder::new()
             .name("cairn-writer".into())
-            .spawn(move || Writer::new(writer_db, durability).run(rx))
+            .spawn(move || Writer::new(writer_db, durability, writer_counters).run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
                 path,
+                counters,
                 db: Db::Rw(db),
                 tx: Some(tx),
                 writer: Some(writer),
@@ -294,6 +318,16 @@ impl RedbStore {
     /// The file this store lives in.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// What the group-commit writer has done since the store was opened.
+    pub fn writer_stats(&self) -> WriterStats {
+        let c = &self.inner.counters;
+        WriterStats {
+            commits: c.commits.load(Ordering::Relaxed),
+            events: c.events.load(Ordering::Relaxed),
+            ops: c.ops.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether this handle can only read.
@@ -472,14 +506,16 @@ struct Writer {
     durability: Durability,
     /// Cached run rows, so an append does not read the row back first.
     runs: HashMap<u128, RunMeta>,
+    counters: Arc<Counters>,
 }
 
 impl Writer {
-    fn new(db: Arc<Database>, durability: Durability) -> Self {
+    fn new(db: Arc<Database>, durability: Durability, counters: Arc<Counters>) -> Self {
         Writer {
             db,
             durability,
             runs: HashMap::new(),
+            counters,
         }
     }
 
@@ -524,8 +560,19 @@ impl Writer {
                 }
             }
         }
+        let ops = work.len() as u64;
+        let events: u64 = work
+            .iter()
+            .map(|w| match w {
+                Work::Create(_, e) | Work::Append(_, e, _) => e.len() as u64,
+                Work::Flush => 0,
+            })
+            .sum();
         match self.write_batch(work) {
             Ok(results) => {
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                self.counters.ops.fetch_add(ops, Ordering::Relaxed);
+                self.counters.events.fetch_add(events, Ordering::Relaxed);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
                 }
