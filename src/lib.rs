@@ -45,3 +45,8 @@ pub use cairn_engine::{
     WorkflowError,
 };
 pub use cairn_storage::{RedbStore, RunId, RunStatus};
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
