@@ -14,8 +14,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use std::time::Duration;
+
+use cairn_storage::BoxFuture;
+
 use crate::error::{Interrupt, StepError, WorkflowError};
 use crate::event::{Event, Payload, StepPath};
+use crate::retry::StepOptions;
 use crate::state::{RunState, StepStatus};
 
 /// Limits that keep one run's summaries bounded.
@@ -204,23 +209,99 @@ impl WorkflowContext {
     {
         let path = self.next_path();
         let name = name.to_string();
-        async move { self.run_step(path, name, f).await }
+        async move {
+            let mut f = Some(f);
+            let once = move || -> BoxFuture<'a, Result<T, StepError>> {
+                match f.take() {
+                    Some(f) => Box::pin(f()),
+                    // Unreachable with the default options (one attempt), which `step` uses.
+                    None => Box::pin(async { Err(StepError::msg("this step cannot be retried")) }),
+                }
+            };
+            self.run_step(path, name, &StepOptions::default(), once)
+                .await
+        }
+    }
+
+    /// Runs `f` as a durable step with options: retries with backoff (each failed attempt is
+    /// recorded with the time of the next one), per-attempt and whole-step timeouts. `f` is
+    /// called once per attempt.
+    pub fn step_with<'a, T, F, Fut>(
+        &'a self,
+        name: &str,
+        opts: StepOptions,
+        f: F,
+    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + 'a
+    where
+        T: Serialize + DeserializeOwned + Send + 'a,
+        F: FnMut() -> Fut + Send + 'a,
+        Fut: Future<Output = Result<T, StepError>> + Send + 'a,
+    {
+        let path = self.next_path();
+        let name = name.to_string();
+        async move { self.run_step(path, name, &opts, f).await }
+    }
+
+    /// Like [`step_with`](Self::step_with), but when the step fails for good (retries
+    /// exhausted, or a non-retryable error), `fallback` runs as a step of its own at the
+    /// position below (`<path>.0`, named `<name>.fallback`), so the log says which one
+    /// produced the result.
+    pub fn step_with_fallback<'a, T, F, Fut, G, GFut>(
+        &'a self,
+        name: &str,
+        opts: StepOptions,
+        primary: F,
+        fallback: G,
+    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + 'a
+    where
+        T: Serialize + DeserializeOwned + Send + 'a,
+        F: FnMut() -> Fut + Send + 'a,
+        Fut: Future<Output = Result<T, StepError>> + Send + 'a,
+        G: FnOnce() -> GFut + Send + 'a,
+        GFut: Future<Output = Result<T, StepError>> + Send + 'a,
+    {
+        let path = self.next_path();
+        let name = name.to_string();
+        async move {
+            match self
+                .run_step(path.clone(), name.clone(), &opts, primary)
+                .await
+            {
+                Err(WorkflowError::Step { .. }) => {
+                    let below = self.scope_at(path);
+                    below.step(&format!("{name}.fallback"), fallback).await
+                }
+                other => other,
+            }
+        }
+    }
+
+    /// A context whose steps sit below `path` (`path.0`, `path.1`, …).
+    pub(crate) fn scope_at(&self, path: StepPath) -> WorkflowContext {
+        WorkflowContext {
+            shared: Arc::clone(&self.shared),
+            scope: Arc::new(Scope {
+                prefix: path,
+                next: AtomicU32::new(0),
+            }),
+        }
     }
 
     async fn run_step<T, F, Fut>(
         &self,
         path: StepPath,
         name: String,
-        f: F,
+        opts: &StepOptions,
+        mut f: F,
     ) -> Result<T, WorkflowError>
     where
         T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
+        F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StepError>>,
     {
         let shared = &self.shared;
         shared.check()?;
-        let attempt = {
+        let (mut attempt, first_started_us, mut wait_until) = {
             let mut st = lock(&shared.state);
             if let Some(key) = st.run.metadata_paths.get(&path) {
                 let recorded = format!("metadata `{key}`");
@@ -260,61 +341,129 @@ impl WorkflowContext {
                         message,
                     });
                 }
-                // Started or awaiting a retry when the process stopped: run it again.
-                Some(rec) => rec.attempts + 1,
-                None => 1,
+                // In flight, or waiting for a retry, when the process stopped: continue it
+                // with the next attempt, after what is left of the recorded backoff.
+                Some(rec) => (rec.attempts + 1, rec.first_started_us, rec.retry_at_us),
+                None => (1, now_micros(), None),
             }
         };
-        let started_us = now_micros();
-        let outcome = tokio::select! {
+        let deadline_us = opts
+            .step_timeout
+            .map(|d| first_started_us.saturating_add(micros(d)));
+        loop {
+            if let Some(t) = wait_until.take() {
+                self.wait_until_us(t).await?;
+            }
+            let started_us = now_micros();
+            // The attempt may run until the sooner of its own timeout and the step's deadline.
+            let step_left = deadline_us.map(|dl| dl - started_us);
+            let (limit, limit_is_step) = match (opts.attempt_timeout, step_left) {
+                (_, Some(left)) if left <= 0 => (Some(Duration::ZERO), true),
+                (Some(a), Some(left)) if micros(a) >= left => (Some(from_micros(left)), true),
+                (Some(a), _) => (Some(a), false),
+                (None, Some(left)) => (Some(from_micros(left)), true),
+                (None, None) => (None, false),
+            };
+            let attempt_fut = f();
+            let run = async {
+                match limit {
+                    None => attempt_fut.await,
+                    Some(l) => match tokio::time::timeout(l, attempt_fut).await {
+                        Ok(r) => r,
+                        Err(_) if limit_is_step => Err(StepError::msg(format!(
+                            "step timed out after {:?}",
+                            opts.step_timeout.unwrap_or_default()
+                        ))),
+                        Err(_) => Err(StepError::retryable(format!(
+                            "attempt timed out after {l:?}"
+                        ))),
+                    },
+                }
+            };
+            let outcome = tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => {
+                    return Err(shared.set_interrupt(Interrupt::Cancelled(shared.run_id)));
+                }
+                _ = shared.shutdown.cancelled() => {
+                    return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+                }
+                r = run => r,
+            };
+            let outcome = outcome.and_then(|v| {
+                Payload::from_value(&v).map(|p| (v, p)).map_err(|e| {
+                    StepError::msg(format!("the step's output cannot be encoded as JSON: {e}"))
+                })
+            });
+            match outcome {
+                Ok((value, output)) => {
+                    shared
+                        .record(Event::StepCompleted {
+                            path: path.clone(),
+                            name,
+                            attempt,
+                            started_us,
+                            output,
+                        })
+                        .await?;
+                    let mut st = lock(&shared.state);
+                    st.last = Some(path);
+                    st.executed += 1;
+                    return Ok(value);
+                }
+                Err(e) => {
+                    let retryable = opts.retry.retry_all_errors || e.is_retryable();
+                    let now = now_micros();
+                    let retry_at_us = retryable
+                        .then(|| opts.retry.delay_after(attempt))
+                        .flatten()
+                        .map(|d| now.saturating_add(micros(d)))
+                        .filter(|t| deadline_us.is_none_or(|dl| *t < dl));
+                    shared
+                        .record(Event::StepFailed {
+                            path: path.clone(),
+                            name: name.clone(),
+                            attempt,
+                            started_us,
+                            error: e.message().to_string(),
+                            retry_at_us,
+                        })
+                        .await?;
+                    lock(&shared.state).executed += 1;
+                    match retry_at_us {
+                        Some(t) => {
+                            wait_until = Some(t);
+                            attempt += 1;
+                        }
+                        None => {
+                            return Err(WorkflowError::Step {
+                                path,
+                                name,
+                                message: e.message().to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until the wall-clock time `t_us`, stopping early on cancel or shutdown.
+    async fn wait_until_us(&self, t_us: i64) -> Result<(), WorkflowError> {
+        let left = t_us - now_micros();
+        if left <= 0 {
+            return Ok(());
+        }
+        let shared = &self.shared;
+        tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => {
-                return Err(shared.set_interrupt(Interrupt::Cancelled(shared.run_id)));
+                Err(shared.set_interrupt(Interrupt::Cancelled(shared.run_id)))
             }
             _ = shared.shutdown.cancelled() => {
-                return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+                Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)))
             }
-            r = f() => r,
-        };
-        let outcome = outcome.and_then(|v| {
-            Payload::from_value(&v).map(|p| (v, p)).map_err(|e| {
-                StepError::msg(format!("the step's output cannot be encoded as JSON: {e}"))
-            })
-        });
-        match outcome {
-            Ok((value, output)) => {
-                shared
-                    .record(Event::StepCompleted {
-                        path: path.clone(),
-                        name,
-                        attempt,
-                        started_us,
-                        output,
-                    })
-                    .await?;
-                let mut st = lock(&shared.state);
-                st.last = Some(path);
-                st.executed += 1;
-                Ok(value)
-            }
-            Err(e) => {
-                shared
-                    .record(Event::StepFailed {
-                        path: path.clone(),
-                        name: name.clone(),
-                        attempt,
-                        started_us,
-                        error: e.message().to_string(),
-                        retry_at_us: None,
-                    })
-                    .await?;
-                lock(&shared.state).executed += 1;
-                Err(WorkflowError::Step {
-                    path,
-                    name,
-                    message: e.message().to_string(),
-                })
-            }
+            _ = tokio::time::sleep(from_micros(left)) => Ok(()),
         }
     }
 
@@ -451,6 +600,14 @@ impl WorkflowContext {
             names.join(", ")
         )
     }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn from_micros(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {

@@ -12,6 +12,7 @@ mod context;
 mod error;
 mod event;
 mod registry;
+mod retry;
 mod runtime;
 mod state;
 
@@ -19,5 +20,6 @@ pub use context::{CompletedStep, WorkflowContext};
 pub use error::{EngineError, Interrupt, StepError, WorkflowError};
 pub use event::{DecodeError, Event, Payload, StepPath};
 pub use registry::Registry;
+pub use retry::{RetryPolicy, StepOptions};
 pub use runtime::{Engine, RunHandle, RunOutcome, StartOptions};
 pub use state::{FoldError, Replayer, RunState, StepRecord, StepStatus, fold};

@@ -39,6 +39,8 @@ pub struct StepRecord {
     pub error: Option<String>,
     /// When the latest attempt began (microseconds since the epoch).
     pub started_us: i64,
+    /// When the first attempt began (microseconds since the epoch); step timeouts count from it.
+    pub first_started_us: i64,
     /// When it finished (microseconds since the epoch).
     pub finished_us: Option<i64>,
     /// When the next attempt is due, if a retry is pending.
@@ -228,6 +230,7 @@ impl RunState {
                     output: None,
                     error: None,
                     started_us: ts,
+                    first_started_us: ts,
                     finished_us: None,
                     retry_at_us: None,
                 });
@@ -275,6 +278,7 @@ impl RunState {
                             output: Some(output),
                             error: None,
                             started_us,
+                            first_started_us: started_us,
                             finished_us: Some(ts),
                             retry_at_us: None,
                         },
@@ -299,6 +303,7 @@ impl RunState {
                         output: None,
                         error: None,
                         started_us,
+                        first_started_us: started_us,
                         finished_us: None,
                         retry_at_us: None,
                     });
