@@ -31,9 +31,7 @@ async fn report(ctx: WorkflowContext, topic: String) -> Result<Value, WorkflowEr
         .await?;
     let mut notes = Vec::new();
     for s in sources {
-        let note: String = ctx
-            .step("read", || slow(format!("notes on {s}")))
-            .await?;
+        let note: String = ctx.step("read", || slow(format!("notes on {s}"))).await?;
         eprintln!("  {note}");
         notes.push(note);
     }
@@ -59,7 +57,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let recovered = engine.recover().await?;
     let handles = if recovered.is_empty() {
         let h = engine.start("report", &"durable execution").await?;
-        println!("run {} started: kill me now (Ctrl-C), then run me again", h.id);
+        println!(
+            "run {} started: kill me now (Ctrl-C), then run me again",
+            h.id
+        );
         vec![h]
     } else {
         for h in &recovered {
@@ -74,7 +75,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             out.run_id, out.status, out.steps_executed, out.steps_replayed
         );
         println!("output: {}", out.output.unwrap_or_default());
-        println!("inspect: cargo run -- --store quickstart.redb show {}", out.run_id);
+        println!(
+            "inspect: cargo run -- --store quickstart.redb show {}",
+            out.run_id
+        );
     }
     Ok(())
 }
