@@ -21,7 +21,7 @@ use cairn_storage::BoxFuture;
 use crate::error::{Interrupt, StepError, WorkflowError};
 use crate::event::{Event, Payload, StepPath};
 use crate::retry::StepOptions;
-use crate::state::{RunState, StepStatus};
+use crate::state::{Kind, RunState, StepStatus};
 
 /// Limits that keep one run's summaries bounded.
 const SUMMARY_INPUT_CHARS_MAX: usize = 500;
@@ -61,7 +61,7 @@ impl LiveState {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the fold half-applied in a way later code
     // trusts (each apply is one map update), so recover the guard.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -72,14 +72,14 @@ impl RunShared {
         lock(&self.interrupt).clone()
     }
 
-    fn set_interrupt(&self, i: Interrupt) -> WorkflowError {
+    pub(crate) fn set_interrupt(&self, i: Interrupt) -> WorkflowError {
         let mut slot = lock(&self.interrupt);
         // The first interrupt wins: it is the cause, later ones are consequences.
         let i = slot.get_or_insert(i).clone();
         WorkflowError::Interrupted(i)
     }
 
-    fn check(&self) -> Result<(), WorkflowError> {
+    pub(crate) fn check(&self) -> Result<(), WorkflowError> {
         if let Some(i) = lock(&self.interrupt).clone() {
             return Err(WorkflowError::Interrupted(i));
         }
@@ -93,7 +93,7 @@ impl RunShared {
     }
 
     /// Appends one event, waits until it is durable, and folds it into the live state.
-    async fn record(&self, event: Event) -> Result<(), WorkflowError> {
+    pub(crate) async fn record(&self, event: Event) -> Result<(), WorkflowError> {
         let ne = NewEvent::now(event.encode());
         let ts = ne.ts_us;
         match self.store.append(self.run_id, vec![ne], None).await {
@@ -136,7 +136,7 @@ pub struct CompletedStep {
 /// steps so that positions are assigned in program order.
 #[derive(Clone)]
 pub struct WorkflowContext {
-    shared: Arc<RunShared>,
+    pub(crate) shared: Arc<RunShared>,
     scope: Arc<Scope>,
 }
 
@@ -158,7 +158,7 @@ impl WorkflowContext {
 
     /// Reserves the next position in this scope. Positions are taken when an operation is
     /// called, not when its future is first polled, so `join!` of steps stays deterministic.
-    fn next_path(&self) -> StepPath {
+    pub(crate) fn next_path(&self) -> StepPath {
         let i = self.scope.next.fetch_add(1, Ordering::Relaxed);
         self.scope.prefix.child(i)
     }
@@ -303,8 +303,7 @@ impl WorkflowContext {
         shared.check()?;
         let (mut attempt, first_started_us, mut wait_until) = {
             let mut st = lock(&shared.state);
-            if let Some(key) = st.run.metadata_paths.get(&path) {
-                let recorded = format!("metadata `{key}`");
+            if let Some(recorded) = st.run.other_kind_at(&path, Kind::Step) {
                 drop(st);
                 return Err(self.nondeterminism(path, recorded, name));
             }
@@ -467,7 +466,12 @@ impl WorkflowContext {
         }
     }
 
-    fn nondeterminism(&self, path: StepPath, recorded: String, found: String) -> WorkflowError {
+    pub(crate) fn nondeterminism(
+        &self,
+        path: StepPath,
+        recorded: String,
+        found: String,
+    ) -> WorkflowError {
         self.shared.set_interrupt(Interrupt::NonDeterminism {
             run: self.shared.run_id,
             path,
@@ -520,8 +524,7 @@ impl WorkflowContext {
         self.shared.check()?;
         {
             let st = lock(&self.shared.state);
-            if let Some(rec) = st.run.steps.get(&path) {
-                let recorded = rec.name.clone();
+            if let Some(recorded) = st.run.other_kind_at(&path, Kind::Metadata) {
                 drop(st);
                 return Err(self.nondeterminism(path, recorded, format!("metadata `{key}`")));
             }

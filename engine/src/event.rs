@@ -242,6 +242,50 @@ pub enum Event {
         /// The value.
         value: Payload,
     },
+    /// A fan-out began: one branch per item, branch `i` at `path.i`.
+    FanOutStarted {
+        /// The fan-out's position.
+        path: StepPath,
+        /// The fan-out's name.
+        name: String,
+        /// How many branches.
+        branches: u32,
+        /// How many run at once.
+        concurrency: u32,
+        /// The join policy, as text (e.g. `all`, `at_least(5)`).
+        join: String,
+    },
+    /// A branch finished with an output; on resume it is not run again.
+    BranchCompleted {
+        /// The fan-out's position.
+        path: StepPath,
+        /// The branch index.
+        index: u32,
+        /// The branch's output.
+        output: Payload,
+    },
+    /// A branch failed; on resume it is not run again.
+    BranchFailed {
+        /// The fan-out's position.
+        path: StepPath,
+        /// The branch index.
+        index: u32,
+        /// What went wrong.
+        error: String,
+    },
+    /// The fan-in decided the fan-out's outcome.
+    FanInCompleted {
+        /// The fan-out's position.
+        path: StepPath,
+        /// Branches that succeeded.
+        succeeded: u32,
+        /// Branches that failed.
+        failed: u32,
+        /// Branches stopped mid-flight by the join policy (fail fast, first success).
+        cancelled: Vec<u32>,
+        /// Why the fan-out failed, if it did.
+        error: Option<String>,
+    },
 }
 
 /// The error for bytes that are not an event this binary knows.
@@ -275,6 +319,10 @@ impl Event {
             Event::StepCompleted { .. } => "step_completed",
             Event::StepFailed { .. } => "step_failed",
             Event::MetadataSet { .. } => "metadata_set",
+            Event::FanOutStarted { .. } => "fan_out_started",
+            Event::BranchCompleted { .. } => "branch_completed",
+            Event::BranchFailed { .. } => "branch_failed",
+            Event::FanInCompleted { .. } => "fan_in_completed",
         }
     }
 
@@ -284,7 +332,11 @@ impl Event {
             Event::StepStarted { path, .. }
             | Event::StepCompleted { path, .. }
             | Event::StepFailed { path, .. }
-            | Event::MetadataSet { path, .. } => Some(path),
+            | Event::MetadataSet { path, .. }
+            | Event::FanOutStarted { path, .. }
+            | Event::BranchCompleted { path, .. }
+            | Event::BranchFailed { path, .. }
+            | Event::FanInCompleted { path, .. } => Some(path),
             _ => None,
         }
     }
@@ -335,6 +387,34 @@ impl Event {
             Event::MetadataSet { path, key, value } => {
                 json!({ "path": path.to_string(), "key": key, "value": value.to_json() })
             }
+            Event::FanOutStarted {
+                path,
+                name,
+                branches,
+                concurrency,
+                join,
+            } => json!({
+                "path": path.to_string(), "name": name, "branches": branches,
+                "concurrency": concurrency, "join": join,
+            }),
+            Event::BranchCompleted {
+                path,
+                index,
+                output,
+            } => json!({ "path": path.to_string(), "index": index, "output": output.to_json() }),
+            Event::BranchFailed { path, index, error } => {
+                json!({ "path": path.to_string(), "index": index, "error": error })
+            }
+            Event::FanInCompleted {
+                path,
+                succeeded,
+                failed,
+                cancelled,
+                error,
+            } => json!({
+                "path": path.to_string(), "succeeded": succeeded, "failed": failed,
+                "cancelled": cancelled, "error": error,
+            }),
         };
         if let Some(o) = v.as_object_mut() {
             o.insert("kind".into(), self.kind().into());
@@ -383,7 +463,31 @@ mod tests {
             Event::MetadataSet {
                 path: "4".parse().unwrap(),
                 key: "k".into(),
-                value: p,
+                value: p.clone(),
+            },
+            Event::FanOutStarted {
+                path: "5".parse().unwrap(),
+                name: "f".into(),
+                branches: 100_000,
+                concurrency: 32,
+                join: "all".into(),
+            },
+            Event::BranchCompleted {
+                path: "5".parse().unwrap(),
+                index: 99_999,
+                output: p,
+            },
+            Event::BranchFailed {
+                path: "5".parse().unwrap(),
+                index: 3,
+                error: "e".into(),
+            },
+            Event::FanInCompleted {
+                path: "5".parse().unwrap(),
+                succeeded: 1,
+                failed: 1,
+                cancelled: vec![7],
+                error: None,
             },
         ]
     }
@@ -399,7 +503,7 @@ mod tests {
     #[test]
     fn variant_numbering_is_stable() {
         let tags: Vec<u8> = samples().iter().map(|e| e.encode()[0]).collect();
-        assert_eq!(tags, vec![0, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(tags, (0..=12).collect::<Vec<u8>>());
     }
 
     #[test]

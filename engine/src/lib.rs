@@ -11,6 +11,7 @@
 mod context;
 mod error;
 mod event;
+mod fanout;
 mod registry;
 mod retry;
 mod runtime;
@@ -19,7 +20,11 @@ mod state;
 pub use context::{CompletedStep, WorkflowContext};
 pub use error::{EngineError, Interrupt, StepError, WorkflowError};
 pub use event::{DecodeError, Event, Payload, StepPath};
+pub use fanout::{BranchOutcome, FanIn, FanOutOptions, JoinPolicy};
 pub use registry::Registry;
 pub use retry::{RetryPolicy, StepOptions};
 pub use runtime::{Engine, RunHandle, RunOutcome, StartOptions};
-pub use state::{FoldError, Replayer, RunState, StepRecord, StepStatus, fold};
+pub use state::{
+    BranchRecord, FAN_OUT_BRANCHES_MAX, FanInRecord, FanOutRecord, FoldError, Replayer, RunState,
+    StepRecord, StepStatus, fold,
+};

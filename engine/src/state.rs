@@ -23,6 +23,14 @@ pub enum StepStatus {
     Failed,
 }
 
+/// The kinds of positioned operations, for telling them apart on replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Step,
+    Metadata,
+    FanOut,
+}
+
 /// What a run's history says about one step.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepRecord {
@@ -67,8 +75,81 @@ fn ser_payload_map<S: serde::Serializer>(
     v.serialize(s)
 }
 
+/// A branch's recorded outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BranchRecord {
+    /// The branch returned this output.
+    Completed(Payload),
+    /// The branch failed with this error.
+    Failed(String),
+}
+
+/// What a run's history says about one fan-out.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FanOutRecord {
+    /// The fan-out's name.
+    pub name: String,
+    /// How many branches it has.
+    pub branches: u32,
+    /// How many run at once.
+    pub concurrency: u32,
+    /// The join policy, as text.
+    pub join: String,
+    /// Each branch's outcome, by index (`None`: no outcome recorded yet).
+    #[serde(serialize_with = "ser_outcomes")]
+    pub outcomes: Vec<Option<BranchRecord>>,
+    /// Branches recorded as succeeded.
+    pub succeeded: u32,
+    /// Branches recorded as failed.
+    pub failed: u32,
+    /// Set once the fan-in has decided: branches cancelled by the policy and the error, if any.
+    pub fan_in: Option<FanInRecord>,
+}
+
+/// The fan-in's recorded decision.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FanInRecord {
+    /// Branches stopped mid-flight by the join policy.
+    pub cancelled: Vec<u32>,
+    /// Why the fan-out failed, if it did.
+    pub error: Option<String>,
+}
+
+fn ser_outcomes<S: serde::Serializer>(v: &[Option<BranchRecord>], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let n = v.iter().filter(|o| o.is_some()).count();
+    let mut map = s.serialize_map(Some(n))?;
+    for (i, o) in v.iter().enumerate() {
+        match o {
+            Some(BranchRecord::Completed(p)) => {
+                map.serialize_entry(&i.to_string(), &serde_json::json!({"ok": p.to_json()}))?
+            }
+            Some(BranchRecord::Failed(e)) => {
+                map.serialize_entry(&i.to_string(), &serde_json::json!({"error": e}))?
+            }
+            None => {}
+        }
+    }
+    map.end()
+}
+
+/// The most branches one fan-out may have.
+pub const FAN_OUT_BRANCHES_MAX: u32 = 10_000_000;
+
 fn ser_steps<S: serde::Serializer>(
     m: &BTreeMap<StepPath, StepRecord>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(m.len()))?;
+    for (k, v) in m {
+        map.serialize_entry(&k.to_string(), v)?;
+    }
+    map.end()
+}
+
+fn ser_fanouts<S: serde::Serializer>(
+    m: &BTreeMap<StepPath, FanOutRecord>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
@@ -103,6 +184,9 @@ pub struct RunState {
     /// Every recorded step by position.
     #[serde(serialize_with = "ser_steps")]
     pub steps: BTreeMap<StepPath, StepRecord>,
+    /// Every recorded fan-out by position.
+    #[serde(serialize_with = "ser_fanouts")]
+    pub fanouts: BTreeMap<StepPath, FanOutRecord>,
     /// Metadata set by the workflow.
     #[serde(serialize_with = "ser_payload_map")]
     pub metadata: BTreeMap<String, Payload>,
@@ -176,6 +260,7 @@ impl RunState {
             output: None,
             error: None,
             steps: BTreeMap::new(),
+            fanouts: BTreeMap::new(),
             metadata: BTreeMap::new(),
             metadata_paths: BTreeMap::new(),
             events: 1,
@@ -328,8 +413,128 @@ impl RunState {
                 self.metadata_paths.insert(path, key.clone());
                 self.metadata.insert(key, value);
             }
+            Event::FanOutStarted {
+                path,
+                name,
+                branches,
+                concurrency,
+                join,
+            } => {
+                if branches > FAN_OUT_BRANCHES_MAX {
+                    return Err(inconsistent(format!(
+                        "fan-out {path} has {branches} branches, over the limit of {FAN_OUT_BRANCHES_MAX}"
+                    )));
+                }
+                if self.fanouts.contains_key(&path) {
+                    return Err(inconsistent(format!("fan-out {path} started twice")));
+                }
+                self.fanouts.insert(
+                    path,
+                    FanOutRecord {
+                        name,
+                        branches,
+                        concurrency,
+                        join,
+                        outcomes: vec![None; branches as usize],
+                        succeeded: 0,
+                        failed: 0,
+                        fan_in: None,
+                    },
+                );
+            }
+            Event::BranchCompleted {
+                path,
+                index,
+                output,
+            } => self
+                .branch_outcome(&path, index, BranchRecord::Completed(output))
+                .map_err(inconsistent)?,
+            Event::BranchFailed { path, index, error } => self
+                .branch_outcome(&path, index, BranchRecord::Failed(error))
+                .map_err(inconsistent)?,
+            Event::FanInCompleted {
+                path,
+                cancelled,
+                error,
+                ..
+            } => {
+                let f = self
+                    .fanouts
+                    .get_mut(&path)
+                    .ok_or_else(|| inconsistent(format!("fan-in for unknown fan-out {path}")))?;
+                f.fan_in = Some(FanInRecord { cancelled, error });
+            }
         }
         Ok(())
+    }
+
+    /// Records a branch's outcome and forgets the branch's inner steps: once a branch has an
+    /// outcome it is never run again, so its history is not needed to resume. This keeps a
+    /// large fan-out's memory bounded by the branches in flight.
+    fn branch_outcome(
+        &mut self,
+        path: &StepPath,
+        index: u32,
+        rec: BranchRecord,
+    ) -> Result<(), String> {
+        let f = self
+            .fanouts
+            .get_mut(path)
+            .ok_or_else(|| format!("branch {index} of unknown fan-out {path}"))?;
+        let slot = f
+            .outcomes
+            .get_mut(index as usize)
+            .ok_or_else(|| format!("branch {index} of fan-out {path} is out of range"))?;
+        if slot.is_some() {
+            return Err(format!("branch {index} of fan-out {path} finished twice"));
+        }
+        match &rec {
+            BranchRecord::Completed(_) => f.succeeded += 1,
+            BranchRecord::Failed(_) => f.failed += 1,
+        }
+        *slot = Some(rec);
+        self.forget_below(&path.child(index));
+        Ok(())
+    }
+
+    /// Drops the recorded steps, metadata positions and fan-outs at or below `prefix`.
+    fn forget_below(&mut self, prefix: &StepPath) {
+        fn below<V>(m: &BTreeMap<StepPath, V>, prefix: &StepPath) -> Vec<StepPath> {
+            m.range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, _)| k.clone())
+                .collect()
+        }
+        for k in below(&self.steps, prefix) {
+            self.steps.remove(&k);
+        }
+        for k in below(&self.metadata_paths, prefix) {
+            self.metadata_paths.remove(&k);
+        }
+        for k in below(&self.fanouts, prefix) {
+            self.fanouts.remove(&k);
+        }
+    }
+
+    /// A description of what the history has at `path` if it is not of kind `want` (a step,
+    /// a metadata call, a fan-out), for non-determinism errors.
+    pub(crate) fn other_kind_at(&self, path: &StepPath, want: Kind) -> Option<String> {
+        if want != Kind::Step
+            && let Some(r) = self.steps.get(path)
+        {
+            return Some(r.name.clone());
+        }
+        if want != Kind::Metadata
+            && let Some(k) = self.metadata_paths.get(path)
+        {
+            return Some(format!("metadata `{k}`"));
+        }
+        if want != Kind::FanOut
+            && let Some(f) = self.fanouts.get(path)
+        {
+            return Some(format!("fan-out `{}`", f.name));
+        }
+        None
     }
 
     /// The completed steps in position order.

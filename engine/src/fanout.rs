@@ -1,0 +1,456 @@
+//! Fan-out / fan-in with checkpointed partial results.
+//!
+//! `ctx.fan_out(name, items, options, f)` runs one branch per item, each in its own scope
+//! (`<path>.<index>.<step>`), at most `concurrency` at a time in a sliding window: a finished
+//! branch immediately admits the next one. Each branch's outcome is appended the moment it
+//! finishes, so a resumed fan-out runs only the branches without a recorded outcome, and the
+//! fan-in result is the same as an uninterrupted run's. Once a branch has an outcome, the fold
+//! forgets its inner steps, so memory is bounded by the branches in flight, not the total.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
+
+use crate::context::{WorkflowContext, lock};
+use crate::error::{Interrupt, WorkflowError};
+use crate::event::{Event, Payload, StepPath};
+use crate::state::{BranchRecord, FAN_OUT_BRANCHES_MAX, Kind};
+
+/// When a fan-out counts as succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JoinPolicy {
+    /// Every branch must succeed; all branches run even after a failure.
+    All,
+    /// Every branch must succeed; the first failure cancels the branches in flight.
+    AllFailFast,
+    /// Wait for every branch and report each outcome; never fails.
+    AllSettled,
+    /// At least this many branches must succeed; the failures are reported with the result.
+    AtLeast(u32),
+    /// The first success wins and cancels the branches in flight; fails if every branch fails.
+    FirstSuccess,
+}
+
+impl JoinPolicy {
+    /// The policy as recorded in the log.
+    pub fn label(&self) -> String {
+        match self {
+            JoinPolicy::All => "all".into(),
+            JoinPolicy::AllFailFast => "all_fail_fast".into(),
+            JoinPolicy::AllSettled => "all_settled".into(),
+            JoinPolicy::AtLeast(n) => format!("at_least({n})"),
+            JoinPolicy::FirstSuccess => "first_success".into(),
+        }
+    }
+
+    /// Whether the outcome is decided given the counts so far: `Some(Ok)` succeeded,
+    /// `Some(Err(why))` failed, `None` keep going.
+    fn decide(&self, total: u32, succeeded: u32, failed: u32) -> Option<Result<(), String>> {
+        let finished = succeeded + failed;
+        let all_done = finished >= total;
+        match *self {
+            JoinPolicy::All => all_done.then(|| {
+                if failed == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{failed} of {total} branches failed"))
+                }
+            }),
+            JoinPolicy::AllFailFast => {
+                if failed > 0 {
+                    Some(Err(format!(
+                        "a branch failed ({failed} of {total} so far); the rest were cancelled"
+                    )))
+                } else {
+                    all_done.then_some(Ok(()))
+                }
+            }
+            JoinPolicy::AllSettled => all_done.then_some(Ok(())),
+            JoinPolicy::AtLeast(k) => {
+                if total - failed < k {
+                    Some(Err(format!(
+                        "only {succeeded} of {total} branches succeeded and {failed} failed; at least {k} are required"
+                    )))
+                } else {
+                    all_done.then_some(Ok(()))
+                }
+            }
+            JoinPolicy::FirstSuccess => {
+                if succeeded > 0 {
+                    Some(Ok(()))
+                } else {
+                    all_done.then(|| Err(format!("all {total} branches failed")))
+                }
+            }
+        }
+    }
+}
+
+/// How a fan-out runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FanOutOptions {
+    /// How many branches run at once (at least 1).
+    pub concurrency: usize,
+    /// When the fan-out counts as succeeded.
+    pub join: JoinPolicy,
+}
+
+impl FanOutOptions {
+    /// `concurrency` branches at once, every branch must succeed.
+    pub fn new(concurrency: usize) -> Self {
+        FanOutOptions {
+            concurrency: concurrency.max(1),
+            join: JoinPolicy::All,
+        }
+    }
+
+    /// The same options with another join policy.
+    pub fn join(mut self, join: JoinPolicy) -> Self {
+        self.join = join;
+        self
+    }
+}
+
+impl Default for FanOutOptions {
+    fn default() -> Self {
+        Self::new(8)
+    }
+}
+
+/// One branch's outcome in a fan-in.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BranchOutcome<O> {
+    /// The branch returned this output.
+    Ok(O),
+    /// The branch failed.
+    Failed(String),
+    /// The branch was stopped mid-flight by the join policy.
+    Cancelled,
+    /// The branch never started (the join policy decided first).
+    NotRun,
+}
+
+/// The result of a fan-out: each branch's outcome, by item index.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FanIn<O> {
+    /// Outcomes in item order.
+    pub outcomes: Vec<BranchOutcome<O>>,
+}
+
+impl<O> FanIn<O> {
+    /// The successful outputs with their item index.
+    pub fn successes(&self) -> impl Iterator<Item = (usize, &O)> {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                BranchOutcome::Ok(v) => Some((i, v)),
+                _ => None,
+            })
+    }
+
+    /// The failures with their item index.
+    pub fn failures(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                BranchOutcome::Failed(e) => Some((i, e.as_str())),
+                _ => None,
+            })
+    }
+
+    /// The successful outputs, in item order.
+    pub fn into_successes(self) -> Vec<O> {
+        self.outcomes
+            .into_iter()
+            .filter_map(|o| match o {
+                BranchOutcome::Ok(v) => Some(v),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// What a branch task reports to the coordinator.
+type BranchResult = Result<u32, WorkflowError>;
+
+impl WorkflowContext {
+    /// Runs `f` once per item as durable branches, at most `opts.concurrency` at a time, and
+    /// joins them by `opts.join`. Each branch gets its own context; its steps are durable and
+    /// its outcome is recorded when it finishes. On resume, branches with a recorded outcome
+    /// are not run again.
+    pub fn fan_out<'a, I, O, F, Fut>(
+        &'a self,
+        name: &str,
+        items: Vec<I>,
+        opts: FanOutOptions,
+        f: F,
+    ) -> impl Future<Output = Result<FanIn<O>, WorkflowError>> + Send + 'a
+    where
+        I: Send + 'static,
+        O: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let path = self.next_path();
+        let name = name.to_string();
+        async move { self.run_fan_out(path, name, items, opts, Arc::new(f)).await }
+    }
+
+    async fn run_fan_out<I, O, F, Fut>(
+        &self,
+        path: StepPath,
+        name: String,
+        items: Vec<I>,
+        opts: FanOutOptions,
+        f: Arc<F>,
+    ) -> Result<FanIn<O>, WorkflowError>
+    where
+        I: Send + 'static,
+        O: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        shared.check()?;
+        let total = u32::try_from(items.len())
+            .ok()
+            .filter(|n| *n <= FAN_OUT_BRANCHES_MAX)
+            .ok_or_else(|| {
+                WorkflowError::msg(format!(
+                    "fan-out `{name}` has {} items, over the limit of {FAN_OUT_BRANCHES_MAX}; split it into several fan-outs",
+                    items.len()
+                ))
+            })?;
+        let concurrency = opts.concurrency.max(1);
+        let recorded = {
+            let st = lock(&shared.state);
+            if let Some(other) = st.run.other_kind_at(&path, Kind::FanOut) {
+                drop(st);
+                return Err(self.nondeterminism(path, other, format!("fan-out `{name}`")));
+            }
+            match st.run.fanouts.get(&path) {
+                Some(fo) if fo.name != name || fo.branches != total => {
+                    let recorded = format!("fan-out `{}` of {} branches", fo.name, fo.branches);
+                    drop(st);
+                    return Err(self.nondeterminism(
+                        path,
+                        recorded,
+                        format!("fan-out `{name}` of {total} branches"),
+                    ));
+                }
+                Some(fo) => Some(fo.fan_in.clone()),
+                None => None,
+            }
+        };
+        match recorded {
+            // The fan-in was decided before: answer entirely from the log.
+            Some(Some(fan_in)) => {
+                return self.fan_in_result(&path, &name, &fan_in.cancelled, fan_in.error);
+            }
+            Some(None) => {}
+            None => {
+                shared
+                    .record(Event::FanOutStarted {
+                        path: path.clone(),
+                        name: name.clone(),
+                        branches: total,
+                        concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
+                        join: opts.join.label(),
+                    })
+                    .await?;
+            }
+        }
+        let counts = |shared: &crate::context::RunShared| {
+            let st = lock(&shared.state);
+            st.run
+                .fanouts
+                .get(&path)
+                .map(|fo| (fo.succeeded, fo.failed))
+                .unwrap_or_default()
+        };
+        let todo: Vec<u32> = {
+            let st = lock(&shared.state);
+            st.run
+                .fanouts
+                .get(&path)
+                .map(|fo| {
+                    fo.outcomes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, o)| o.is_none())
+                        .map(|(i, _)| i as u32)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut items: Vec<Option<I>> = items.into_iter().map(Some).collect();
+        let mut todo = todo.into_iter();
+        let mut set: JoinSet<(u32, BranchResult)> = JoinSet::new();
+        let mut in_flight: BTreeSet<u32> = BTreeSet::new();
+        let decision = loop {
+            let (ok, failed) = counts(&shared);
+            if let Some(d) = opts.join.decide(total, ok, failed) {
+                break d;
+            }
+            while set.len() < concurrency {
+                let Some(i) = todo.next() else { break };
+                let Some(item) = items.get_mut(i as usize).and_then(Option::take) else {
+                    continue;
+                };
+                let ctx = self.scope_at(path.child(i));
+                let f = Arc::clone(&f);
+                let sh = Arc::clone(&shared);
+                let fan_path = path.clone();
+                in_flight.insert(i);
+                set.spawn(async move {
+                    let r = f(ctx, item).await;
+                    let ev = match r {
+                        Ok(o) => match Payload::from_value(&o) {
+                            Ok(output) => Event::BranchCompleted {
+                                path: fan_path,
+                                index: i,
+                                output,
+                            },
+                            Err(e) => Event::BranchFailed {
+                                path: fan_path,
+                                index: i,
+                                error: format!(
+                                    "the branch's output cannot be encoded as JSON: {e}"
+                                ),
+                            },
+                        },
+                        Err(WorkflowError::Interrupted(x)) => {
+                            return (i, Err(WorkflowError::Interrupted(x)));
+                        }
+                        Err(e) => Event::BranchFailed {
+                            path: fan_path,
+                            index: i,
+                            error: e.to_string(),
+                        },
+                    };
+                    (i, sh.record(ev).await.map(|()| i))
+                });
+            }
+            if set.is_empty() {
+                // Nothing left to run and the policy did not decide: only possible if items
+                // were missing, which `total` rules out; decide on what is recorded.
+                let (ok, failed) = counts(&shared);
+                break opts.join.decide(ok + failed, ok, failed).unwrap_or(Ok(()));
+            }
+            let joined = tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => None,
+                _ = shared.shutdown.cancelled() => None,
+                j = set.join_next() => j,
+            };
+            match joined {
+                None => {
+                    stop_all(&mut set).await;
+                    return Err(match shared.check() {
+                        Err(e) => e,
+                        Ok(()) => shared.set_interrupt(Interrupt::Shutdown(shared.run_id)),
+                    });
+                }
+                Some(Ok((i, Ok(_)))) => {
+                    in_flight.remove(&i);
+                }
+                Some(Ok((_, Err(e)))) => {
+                    stop_all(&mut set).await;
+                    return Err(match e {
+                        WorkflowError::Interrupted(x) => shared.set_interrupt(x),
+                        other => other,
+                    });
+                }
+                Some(Err(join_err)) => {
+                    stop_all(&mut set).await;
+                    if join_err.is_panic() {
+                        std::panic::resume_unwind(join_err.into_panic());
+                    }
+                    return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+                }
+            }
+        };
+        // The policy decided: stop what is still running; those branches count as cancelled.
+        stop_all(&mut set).await;
+        let cancelled: Vec<u32> = in_flight.into_iter().collect();
+        let (succeeded, failed) = counts(&shared);
+        let error = decision.err();
+        shared
+            .record(Event::FanInCompleted {
+                path: path.clone(),
+                succeeded,
+                failed,
+                cancelled: cancelled.clone(),
+                error: error.clone(),
+            })
+            .await?;
+        self.fan_in_result(&path, &name, &cancelled, error)
+    }
+
+    /// Builds the fan-in result from the recorded outcomes (the same for a fresh and a
+    /// resumed run): a cancelled branch counts as cancelled even if its outcome was recorded
+    /// while it was being stopped.
+    fn fan_in_result<O: DeserializeOwned>(
+        &self,
+        path: &StepPath,
+        name: &str,
+        cancelled: &[u32],
+        error: Option<String>,
+    ) -> Result<FanIn<O>, WorkflowError> {
+        if let Some(message) = error {
+            return Err(WorkflowError::Step {
+                path: path.clone(),
+                name: name.to_string(),
+                message,
+            });
+        }
+        let shared = &self.shared;
+        let st = lock(&shared.state);
+        let Some(fo) = st.run.fanouts.get(path) else {
+            return Ok(FanIn {
+                outcomes: Vec::new(),
+            });
+        };
+        let cancelled: BTreeSet<u32> = cancelled.iter().copied().collect();
+        let mut outcomes = Vec::with_capacity(fo.outcomes.len());
+        for (i, o) in fo.outcomes.iter().enumerate() {
+            let out = if cancelled.contains(&(i as u32)) {
+                BranchOutcome::Cancelled
+            } else {
+                match o {
+                    Some(BranchRecord::Completed(p)) => match p.to_typed::<O>() {
+                        Ok(v) => BranchOutcome::Ok(v),
+                        Err(e) => {
+                            let detail = e.to_string();
+                            drop(st);
+                            return Err(shared.set_interrupt(Interrupt::RecordedTypeChanged {
+                                run: shared.run_id,
+                                path: path.child(i as u32),
+                                name: name.to_string(),
+                                detail,
+                            }));
+                        }
+                    },
+                    Some(BranchRecord::Failed(e)) => BranchOutcome::Failed(e.clone()),
+                    None => BranchOutcome::NotRun,
+                }
+            };
+            outcomes.push(out);
+        }
+        Ok(FanIn { outcomes })
+    }
+}
+
+/// Aborts every branch task and waits until they have all stopped.
+async fn stop_all<T: 'static>(set: &mut JoinSet<T>) {
+    set.abort_all();
+    while set.join_next().await.is_some() {}
+}
