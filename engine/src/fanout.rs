@@ -378,9 +378,22 @@ impl WorkflowContext {
                 }
             }
         };
-        // The policy decided: stop what is still running; those branches count as cancelled.
+        // The policy decided: stop what is still running. A branch counts as cancelled only if
+        // it has no recorded outcome once stopped: a branch may have recorded its outcome (and
+        // been counted) before the coordinator joined it.
         stop_all(&mut set).await;
-        let cancelled: Vec<u32> = in_flight.into_iter().collect();
+        let cancelled: Vec<u32> = {
+            let st = lock(&shared.state);
+            let outcomes = st.run.fanouts.get(&path).map(|fo| &fo.outcomes);
+            in_flight
+                .into_iter()
+                .filter(|i| {
+                    outcomes
+                        .and_then(|o| o.get(*i as usize))
+                        .is_none_or(|o| o.is_none())
+                })
+                .collect()
+        };
         let (succeeded, failed) = counts(&shared);
         let error = decision.err();
         shared

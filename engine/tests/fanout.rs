@@ -318,8 +318,13 @@ async fn nested_fan_outs_record_nested_paths_and_join() {
         .wait()
         .await
         .unwrap();
-    assert_eq!(out.output, Some(json!(180)));
     let id = out.run_id.parse().unwrap();
+    if out.output != Some(json!(180)) {
+        for e in store.read(id, cairn_storage::Seq(0), 1000).await.unwrap() {
+            eprintln!("{} {}", e.seq, cairn_engine::Event::decode(&e.payload).unwrap().to_json());
+        }
+    }
+    assert_eq!(out.output, Some(json!(180)));
     let evs = store.read(id, cairn_storage::Seq(0), 1000).await.unwrap();
     let paths: BTreeSet<String> = evs
         .iter()
