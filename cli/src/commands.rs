@@ -8,17 +8,45 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use cairn_engine::{Engine, Event, RunHandle, RunOutcome, StartOptions};
+use anyhow::{Context, Result};
+use cairn_engine::{CancelOutcome, Engine, Event, RunHandle, RunOutcome, StartOptions};
 use cairn_storage::{EventStore, RedbStore, RunFilter, RunId, RunMeta, RunStatus, Seq};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
 use crate::workflows::{self, Progress};
 use crate::{Cli, Command};
 
-/// Opens the store for writing.
+/// Opens the store for writing, creating it if needed.
 pub fn open_rw(path: &Path) -> Result<RedbStore> {
     Ok(RedbStore::open(path)?)
+}
+
+/// Opens an existing store for writing; a missing file is an error, not a new empty store.
+pub fn open_existing_rw(path: &Path) -> Result<RedbStore> {
+    Ok(RedbStore::open_with(
+        path,
+        cairn_storage::StoreOptions {
+            create: false,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// A mistake in how the command was called (exit code 2), as opposed to a failure while
+/// doing it (exit code 1).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
 }
 
 /// Opens an existing store for reading; works while another process writes to it.
@@ -27,7 +55,7 @@ pub fn open_ro(path: &Path) -> Result<RedbStore> {
 }
 
 fn parse_run(s: &str) -> Result<RunId> {
-    Ok(s.parse::<RunId>()?)
+    s.parse::<RunId>().map_err(|e| usage(e.to_string()))
 }
 
 async fn meta_of(store: &RedbStore, id: RunId) -> Result<RunMeta> {
@@ -109,7 +137,7 @@ async fn demo(path: &Path, items: u32, step_ms: u64) -> Result<ExitCode> {
 
 async fn start(path: &Path, workflow: &str, input: &str) -> Result<ExitCode> {
     let input: serde_json::Value = serde_json::from_str(input)
-        .with_context(|| format!("--input is not valid JSON: `{input}`"))?;
+        .map_err(|e| usage(format!("--input is not valid JSON ({e}): `{input}`")))?;
     let store = open_rw(path)?;
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store, Arc::clone(&progress));
@@ -125,7 +153,7 @@ async fn start(path: &Path, workflow: &str, input: &str) -> Result<ExitCode> {
 
 async fn resume(path: &Path, run: &str) -> Result<ExitCode> {
     let id = parse_run(run)?;
-    let store = open_rw(path)?;
+    let store = open_existing_rw(path)?;
     let meta = meta_of(&store, id).await?;
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store, Arc::clone(&progress));
@@ -142,21 +170,31 @@ async fn resume(path: &Path, run: &str) -> Result<ExitCode> {
 }
 
 async fn recover(path: &Path) -> Result<ExitCode> {
-    let store = open_rw(path)?;
+    let store = open_existing_rw(path)?;
     let progress = Arc::new(Progress::default());
-    let engine = engine_for(store, Arc::clone(&progress));
-    let handles = engine.recover().await?;
-    if handles.is_empty() {
-        println!("no interrupted runs in {}", path.display());
-        return Ok(ExitCode::SUCCESS);
+    let engine = engine_for(store.clone(), Arc::clone(&progress));
+    let recovered = engine.recover().await?;
+    for (id, e) in &recovered.failed {
+        eprintln!("run {id} cannot be resumed: {e}");
     }
-    for h in &handles {
+    if recovered.handles.is_empty() {
+        if recovered.failed.is_empty() {
+            println!("no interrupted runs in {}", path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut demo = false;
+    for h in &recovered.handles {
         println!("run {} recovered", h.id);
+        demo |= store.run(h.id).await?.is_some_and(|m| m.workflow == "demo");
     }
     let _ = std::io::stdout().flush();
-    let show = (handles.len() == 1).then_some(progress);
-    let outcomes = drive(&engine, handles, show).await?;
-    Ok(report(path, &outcomes))
+    let show = (recovered.handles.len() == 1 && demo).then_some(progress);
+    let failed = !recovered.failed.is_empty();
+    let outcomes = drive(&engine, recovered.handles, show).await?;
+    let code = report(path, &outcomes);
+    Ok(if failed { ExitCode::FAILURE } else { code })
 }
 
 /// Waits for runs to finish, showing demo progress, and turns Ctrl-C into a clean stop.
@@ -195,7 +233,7 @@ async fn drive(
             }
             _ = tokio::signal::ctrl_c(), if !stopping => {
                 stopping = true;
-                eprintln!("\ninterrupt: stopping at the next step boundary (Ctrl-C again to kill)");
+                eprintln!("\ninterrupt: stopping now; the steps in flight run again on resume (Ctrl-C again to kill)");
                 engine.shutdown();
                 tokio::spawn(async {
                     let _ = tokio::signal::ctrl_c().await;
@@ -272,9 +310,11 @@ impl ProgressLine {
     }
 }
 
-/// Prints each outcome and picks the exit code: 0 all completed, 130 interrupted, 1 otherwise.
+/// Prints each outcome and picks the exit code: 1 if any run failed, was cancelled or could
+/// not run; else 130 if any was interrupted; else 0.
 fn report(path: &Path, outcomes: &[Result<RunOutcome, cairn_engine::EngineError>]) -> ExitCode {
-    let mut code = ExitCode::SUCCESS;
+    let mut failed = false;
+    let mut interrupted = false;
     let store = path.display();
     for o in outcomes {
         match o {
@@ -297,7 +337,7 @@ fn report(path: &Path, outcomes: &[Result<RunOutcome, cairn_engine::EngineError>
                         "run {} interrupted after {} steps; resume with: cairn --store {store} resume {}",
                         o.run_id, o.steps_executed, o.run_id
                     );
-                    code = ExitCode::from(130);
+                    interrupted = true;
                 }
                 other => {
                     println!(
@@ -305,23 +345,29 @@ fn report(path: &Path, outcomes: &[Result<RunOutcome, cairn_engine::EngineError>
                         o.run_id,
                         o.error.as_deref().unwrap_or("")
                     );
-                    code = ExitCode::FAILURE;
+                    failed = true;
                 }
             },
             Err(e) => {
                 eprintln!("error: {e}");
-                code = ExitCode::FAILURE;
+                failed = true;
             }
         }
     }
-    code
+    if failed {
+        ExitCode::FAILURE
+    } else if interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 async fn runs(path: &Path, status: Option<&str>, limit: usize, json: bool) -> Result<ExitCode> {
     let status = status
         .map(|s| s.parse::<RunStatus>())
         .transpose()
-        .map_err(anyhow::Error::msg)?;
+        .map_err(usage)?;
     let store = open_ro(path)?;
     let list = store
         .list_runs(RunFilter {
@@ -537,6 +583,33 @@ fn describe(ev: &Event) -> (String, String, String) {
         Event::MetadataSet { key, value, .. } => {
             format!("{key} = {}", preview(&value.to_json(), 80))
         }
+        Event::FanOutStarted {
+            name,
+            branches,
+            concurrency,
+            join,
+            ..
+        } => format!("{name}: {branches} branches, {concurrency} at a time, join {join}"),
+        Event::BranchCompleted { index, output, .. } => {
+            format!("branch {index} → {}", preview(&output.to_json(), 80))
+        }
+        Event::BranchFailed { index, error, .. } => format!("branch {index}: {error}"),
+        Event::FanInCompleted {
+            succeeded,
+            failed,
+            cancelled,
+            error,
+            ..
+        } => {
+            let mut d = format!("{succeeded} succeeded, {failed} failed");
+            if !cancelled.is_empty() {
+                d.push_str(&format!(", {} cancelled", cancelled.len()));
+            }
+            if let Some(e) = error {
+                d.push_str(&format!(": {e}"));
+            }
+            d
+        }
         _ => String::new(),
     };
     (path, ev.kind().to_string(), detail)
@@ -562,7 +635,7 @@ async fn verify(path: &Path, run: Option<&str>, all: bool) -> Result<ExitCode> {
             .into_iter()
             .map(|m| m.id)
             .collect(),
-        (None, false) => bail!("name a run to verify, or pass --all"),
+        (None, false) => return Err(usage("name a run to verify, or pass --all")),
     };
     let mut bad = 0;
     for id in ids {
@@ -584,14 +657,13 @@ async fn verify(path: &Path, run: Option<&str>, all: bool) -> Result<ExitCode> {
 
 async fn cancel(path: &Path, run: &str, reason: &str) -> Result<ExitCode> {
     let id = parse_run(run)?;
-    let store = open_rw(path)?;
+    let store = open_existing_rw(path)?;
     let engine = engine_for(store, Arc::default());
-    let before = engine.run_meta(id).await?.status;
-    if before.is_terminal() {
-        println!("run {id} is already {before}; nothing to cancel");
-        return Ok(ExitCode::SUCCESS);
+    match engine.cancel(id, reason).await? {
+        CancelOutcome::AlreadyFinished(status) => {
+            println!("run {id} is already {status}; nothing to cancel");
+        }
+        _ => println!("run {id} cancelled"),
     }
-    engine.cancel(id, reason).await?;
-    println!("run {id} cancelled");
     Ok(ExitCode::SUCCESS)
 }

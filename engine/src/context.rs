@@ -156,6 +156,40 @@ impl WorkflowContext {
         }
     }
 
+    /// The first recorded operation in this scope at a position the code has not reached, with
+    /// its description: after the workflow returned, that means today's code stops earlier
+    /// than the recorded run did.
+    pub(crate) fn unreached_recorded(&self) -> Option<(StepPath, String)> {
+        let next = self.scope.next.load(Ordering::Relaxed);
+        let depth = self.scope.prefix.depth();
+        let st = lock(&self.shared.state);
+        let beyond = |p: &StepPath| {
+            p.starts_with(&self.scope.prefix) && p.parts().get(depth).is_some_and(|i| *i >= next)
+        };
+        let first_step = st
+            .run
+            .steps
+            .iter()
+            .find(|(p, _)| beyond(p))
+            .map(|(p, r)| (p.clone(), r.name.clone()));
+        let first_fan = st
+            .run
+            .fanouts
+            .iter()
+            .find(|(p, _)| beyond(p))
+            .map(|(p, f)| (p.clone(), format!("fan-out `{}`", f.name)));
+        let first_meta = st
+            .run
+            .metadata_paths
+            .iter()
+            .find(|(p, _)| beyond(p))
+            .map(|(p, k)| (p.clone(), format!("metadata `{k}`")));
+        [first_step, first_fan, first_meta]
+            .into_iter()
+            .flatten()
+            .min_by(|a, b| a.0.cmp(&b.0))
+    }
+
     /// Reserves the next position in this scope. Positions are taken when an operation is
     /// called, not when its future is first polled, so `join!` of steps stays deterministic.
     pub(crate) fn next_path(&self) -> StepPath {
@@ -207,6 +241,25 @@ impl WorkflowContext {
         F: FnOnce() -> Fut + Send + 'a,
         Fut: Future<Output = Result<T, StepError>> + Send + 'a,
     {
+        let reserved = reserved_name(name);
+        let inner = self.step_unchecked(name, f);
+        async move {
+            reserved?;
+            inner.await
+        }
+    }
+
+    /// `step` without the reserved-name check, for the context's own recorded operations.
+    fn step_unchecked<'a, T, F, Fut>(
+        &'a self,
+        name: &str,
+        f: F,
+    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + 'a
+    where
+        T: Serialize + DeserializeOwned + Send + 'a,
+        F: FnOnce() -> Fut + Send + 'a,
+        Fut: Future<Output = Result<T, StepError>> + Send + 'a,
+    {
         let path = self.next_path();
         let name = name.to_string();
         async move {
@@ -237,9 +290,13 @@ impl WorkflowContext {
         F: FnMut() -> Fut + Send + 'a,
         Fut: Future<Output = Result<T, StepError>> + Send + 'a,
     {
+        let reserved = reserved_name(name);
         let path = self.next_path();
         let name = name.to_string();
-        async move { self.run_step(path, name, &opts, f).await }
+        async move {
+            reserved?;
+            self.run_step(path, name, &opts, f).await
+        }
     }
 
     /// Like [`step_with`](Self::step_with), but when the step fails for good (retries
@@ -389,10 +446,20 @@ impl WorkflowContext {
                 }
                 r = run => r,
             };
+            let max_bytes = shared.store.max_payload_bytes();
             let outcome = outcome.and_then(|v| {
-                Payload::from_value(&v).map(|p| (v, p)).map_err(|e| {
+                let p = Payload::from_value(&v).map_err(|e| {
                     StepError::msg(format!("the step's output cannot be encoded as JSON: {e}"))
-                })
+                })?;
+                // The event adds its path, name and a few numbers around the output.
+                if p.len() + name.len() + 64 > max_bytes {
+                    return Err(StepError::msg(format!(
+                        "the step's output is {} bytes, over the store's payload limit of {max_bytes} bytes; \
+                         store large data elsewhere and return a reference",
+                        p.len()
+                    )));
+                }
+                Ok((v, p))
             });
             match outcome {
                 Ok((value, output)) => {
@@ -428,13 +495,13 @@ impl WorkflowContext {
                             retry_at_us,
                         })
                         .await?;
-                    lock(&shared.state).executed += 1;
                     match retry_at_us {
                         Some(t) => {
                             wait_until = Some(t);
                             attempt += 1;
                         }
                         None => {
+                            lock(&shared.state).executed += 1;
                             return Err(WorkflowError::Step {
                                 path,
                                 name,
@@ -481,22 +548,25 @@ impl WorkflowContext {
     }
 
     /// The current time, recorded: on replay the same instant is returned.
-    pub async fn now(&self) -> Result<chrono::DateTime<chrono::Utc>, WorkflowError> {
-        let us: i64 = self
-            .step("cairn.now", || async { Ok(now_micros()) })
-            .await?;
-        Ok(chrono::DateTime::from_timestamp_micros(us).unwrap_or_default())
+    pub fn now(
+        &self,
+    ) -> impl Future<Output = Result<chrono::DateTime<chrono::Utc>, WorkflowError>> + Send + '_
+    {
+        let step = self.step_unchecked("cairn.now", || async { Ok(now_micros()) });
+        async move {
+            let us: i64 = step.await?;
+            Ok(chrono::DateTime::from_timestamp_micros(us).unwrap_or_default())
+        }
     }
 
     /// A random number, recorded: on replay the same number is returned.
-    pub async fn random_u64(&self) -> Result<u64, WorkflowError> {
-        self.step("cairn.random", || async { Ok(rand::random::<u64>()) })
-            .await
+    pub fn random_u64(&self) -> impl Future<Output = Result<u64, WorkflowError>> + Send + '_ {
+        self.step_unchecked("cairn.random", || async { Ok(rand::random::<u64>()) })
     }
 
     /// A random (version 4) UUID string, recorded: on replay the same id is returned.
-    pub async fn uuid(&self) -> Result<String, WorkflowError> {
-        self.step("cairn.uuid", || async {
+    pub fn uuid(&self) -> impl Future<Output = Result<String, WorkflowError>> + Send + '_ {
+        self.step_unchecked("cairn.uuid", || async {
             let mut b: [u8; 16] = rand::random();
             b[6] = (b[6] & 0x0f) | 0x40;
             b[8] = (b[8] & 0x3f) | 0x80;
@@ -510,17 +580,28 @@ impl WorkflowContext {
                 &h[20..32]
             ))
         })
-        .await
     }
 
     /// Records a metadata key for the run (e.g. a label found while running); takes a position
     /// like a step, so replay does not record it twice.
-    pub async fn set_metadata<V: Serialize>(
+    pub fn set_metadata<V: Serialize>(
         &self,
         key: &str,
         value: &V,
-    ) -> Result<(), WorkflowError> {
+    ) -> impl Future<Output = Result<(), WorkflowError>> + Send + '_ {
         let path = self.next_path();
+        let key = key.to_string();
+        let value = Payload::from_value(value)
+            .map_err(|e| WorkflowError::msg(format!("metadata `{key}` cannot be encoded: {e}")));
+        async move { self.record_metadata(path, key, value?).await }
+    }
+
+    async fn record_metadata(
+        &self,
+        path: StepPath,
+        key: String,
+        value: Payload,
+    ) -> Result<(), WorkflowError> {
         self.shared.check()?;
         {
             let st = lock(&self.shared.state);
@@ -529,7 +610,7 @@ impl WorkflowContext {
                 return Err(self.nondeterminism(path, recorded, format!("metadata `{key}`")));
             }
             match st.run.metadata_paths.get(&path) {
-                Some(k) if k == key => return Ok(()),
+                Some(k) if *k == key => return Ok(()),
                 Some(k) => {
                     let recorded = format!("metadata `{k}`");
                     drop(st);
@@ -538,14 +619,8 @@ impl WorkflowContext {
                 None => {}
             }
         }
-        let value = Payload::from_value(value)
-            .map_err(|e| WorkflowError::msg(format!("metadata `{key}` cannot be encoded: {e}")))?;
         self.shared
-            .record(Event::MetadataSet {
-                path,
-                key: key.to_string(),
-                value,
-            })
+            .record(Event::MetadataSet { path, key, value })
             .await
     }
 
@@ -603,6 +678,16 @@ impl WorkflowContext {
             names.join(", ")
         )
     }
+}
+
+/// Names starting with `cairn.` belong to the context's own recorded operations.
+fn reserved_name(name: &str) -> Result<(), WorkflowError> {
+    if name.starts_with("cairn.") {
+        return Err(WorkflowError::msg(format!(
+            "step name `{name}` is reserved (names starting with `cairn.` are the engine's); rename the step"
+        )));
+    }
+    Ok(())
 }
 
 fn micros(d: Duration) -> i64 {

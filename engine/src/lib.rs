@@ -23,7 +23,7 @@ pub use event::{DecodeError, Event, Payload, StepPath};
 pub use fanout::{BranchOutcome, FanIn, FanOutOptions, JoinPolicy};
 pub use registry::Registry;
 pub use retry::{RetryPolicy, StepOptions};
-pub use runtime::{Engine, RunHandle, RunOutcome, StartOptions};
+pub use runtime::{CancelOutcome, Engine, Recovered, RunHandle, RunOutcome, StartOptions};
 pub use state::{
     BranchRecord, FAN_OUT_BRANCHES_MAX, FanInRecord, FanOutRecord, FoldError, Replayer, RunState,
     StepRecord, StepStatus, fold,

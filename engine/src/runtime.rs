@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use cairn_storage::{EventStore, NewEvent, NewRun, RunFilter, RunId, RunMeta, RunStatus, Seq};
+use cairn_storage::{
+    EventStore, Guard, NewEvent, NewRun, RunFilter, RunId, RunMeta, RunStatus, Seq, StoreError,
+};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -85,10 +87,56 @@ impl StartOptions {
     }
 }
 
+/// A run executing (or about to execute) in this process.
+#[derive(Clone, Default)]
+pub(crate) struct ActiveRun {
+    /// Cancelled when the run is cancelled.
+    pub(crate) cancel: CancellationToken,
+    /// The reason given to `cancel`, recorded in the run's `run_cancelled` event.
+    pub(crate) reason: Arc<Mutex<Option<String>>>,
+}
+
+/// How a cancel request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// The run was not executing and is now recorded as cancelled.
+    Cancelled,
+    /// The run is executing in this process; it stops now (its step in flight is abandoned)
+    /// and records `run_cancelled` itself. Wait on its handle for the final status.
+    Requested,
+    /// The run had already finished with this status; nothing was changed.
+    AlreadyFinished(RunStatus),
+}
+
+/// What `recover` did: the runs it resumed and the ones it could not.
+pub struct Recovered {
+    /// Handles of the resumed runs, oldest first.
+    pub handles: Vec<RunHandle>,
+    /// Runs that could not be resumed (unknown workflow, version mismatch, damaged history),
+    /// with the reason; they are left as they were.
+    pub failed: Vec<(RunId, EngineError)>,
+}
+
+/// Removes a claimed run from the active map unless the claim was handed to a task.
+struct Claim<'a> {
+    inner: &'a EngineInner,
+    id: RunId,
+    active: Option<ActiveRun>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.active.is_some() {
+            lock(&self.inner.active).remove(&self.id);
+        }
+    }
+}
+
 struct EngineInner {
     store: Arc<dyn EventStore>,
     registry: Registry,
-    active: Mutex<HashMap<RunId, CancellationToken>>,
+    active: Mutex<HashMap<RunId, ActiveRun>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -181,7 +229,24 @@ impl Engine {
             )
             .await?;
         let state = crate::state::fold(id, [&stored])?;
-        self.spawn(id, state, wf)
+        let claim = self.claim(id)?;
+        Ok(self.spawn(claim, state, wf))
+    }
+
+    /// Marks `id` as executing in this process; fails if it already is. Taken before any
+    /// await, so two concurrent resumes of one run cannot both execute it.
+    fn claim(&self, id: RunId) -> Result<Claim<'_>, EngineError> {
+        let mut active = lock(&self.inner.active);
+        if active.contains_key(&id) {
+            return Err(EngineError::AlreadyActive(id));
+        }
+        let a = ActiveRun::default();
+        active.insert(id, a.clone());
+        Ok(Claim {
+            inner: &self.inner,
+            id,
+            active: Some(a),
+        })
     }
 
     fn lookup(&self, name: &str) -> Result<Registered, EngineError> {
@@ -203,9 +268,7 @@ impl Engine {
     /// Resumes a run from its log: recorded steps are answered from it, execution continues at
     /// the first step it does not have. A finished run returns its recorded outcome.
     pub async fn resume(&self, id: RunId) -> Result<RunHandle, EngineError> {
-        if lock(&self.inner.active).contains_key(&id) {
-            return Err(EngineError::AlreadyActive(id));
-        }
+        let claim = self.claim(id)?;
         let state = self.load(id).await?;
         if state.status.is_terminal() {
             let outcome = outcome_of(id, &state, 0, 0);
@@ -235,12 +298,13 @@ impl Engine {
             .append(id, vec![ne], Some(RunStatus::Running))
             .await?;
         state.apply_event(id, a.first.0, ts, resumed)?;
-        self.spawn(id, state, wf)
+        Ok(self.spawn(claim, state, wf))
     }
 
     /// Resumes every run that is `running` or `pending` but not executing in this process —
-    /// the runs a dead process left behind. Returns their handles, oldest first.
-    pub async fn recover(&self) -> Result<Vec<RunHandle>, EngineError> {
+    /// the runs a dead process left behind. A run that cannot be resumed does not stop the
+    /// others; it is reported in [`Recovered::failed`] and left as it was.
+    pub async fn recover(&self) -> Result<Recovered, EngineError> {
         let mut ids = Vec::new();
         for status in [RunStatus::Running, RunStatus::Pending] {
             let runs = self
@@ -254,41 +318,56 @@ impl Engine {
             ids.extend(runs.into_iter().map(|m| m.id));
         }
         ids.sort();
-        let mut handles = Vec::new();
+        let mut out = Recovered {
+            handles: Vec::new(),
+            failed: Vec::new(),
+        };
         for id in ids {
-            if lock(&self.inner.active).contains_key(&id) {
-                continue;
+            match self.resume(id).await {
+                Ok(h) => out.handles.push(h),
+                // Executing here already: nothing to recover.
+                Err(EngineError::AlreadyActive(_)) => {}
+                Err(e) => out.failed.push((id, e)),
             }
-            handles.push(self.resume(id).await?);
         }
-        Ok(handles)
+        Ok(out)
     }
 
-    /// Cancels a run: a run executing here stops at its next step boundary (its step in flight
-    /// is abandoned); a run not executing is marked cancelled directly. Finished runs are left
-    /// as they are.
-    pub async fn cancel(&self, id: RunId, reason: &str) -> Result<RunStatus, EngineError> {
+    /// Cancels a run. A run executing here stops at once (its step in flight is abandoned,
+    /// and its side effects may be partial) and records `run_cancelled` with `reason`; a run
+    /// not executing is recorded as cancelled directly. A finished run is left as it was.
+    pub async fn cancel(&self, id: RunId, reason: &str) -> Result<CancelOutcome, EngineError> {
         let meta = self.run_meta(id).await?;
         if meta.status.is_terminal() {
-            return Ok(meta.status);
+            return Ok(CancelOutcome::AlreadyFinished(meta.status));
         }
-        if let Some(token) = lock(&self.inner.active).get(&id) {
+        if let Some(a) = lock(&self.inner.active).get(&id) {
             // The executing task writes the terminal event when it sees the token.
-            token.cancel();
-            return Ok(RunStatus::Cancelled);
+            *lock(&a.reason) = Some(reason.to_string());
+            a.cancel.cancel();
+            return Ok(CancelOutcome::Requested);
         }
         let ev = Event::RunCancelled {
             reason: reason.to_string(),
         };
-        self.inner
+        // Guarded: if the run finished meanwhile, its terminal event stays the only one.
+        let r = self
+            .inner
             .store
-            .append(
+            .append_guarded(
                 id,
                 vec![NewEvent::now(ev.encode())],
                 Some(RunStatus::Cancelled),
+                Guard::NotFinished,
             )
-            .await?;
-        Ok(RunStatus::Cancelled)
+            .await;
+        match r {
+            Ok(_) => Ok(CancelOutcome::Cancelled),
+            Err(StoreError::RunFinished { status, .. }) => {
+                Ok(CancelOutcome::AlreadyFinished(status))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A run's metadata row, or an error naming the unknown id.
@@ -300,8 +379,8 @@ impl Engine {
             .ok_or(EngineError::UnknownRun(id))
     }
 
-    /// Asks every executing run to stop at its next step boundary; they stay `running` and
-    /// resume later (a clean Ctrl-C).
+    /// Stops every executing run now: steps in flight are abandoned (they run again on
+    /// resume), and the runs stay `running` so that they resume later (a clean Ctrl-C).
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();
     }
@@ -318,29 +397,33 @@ impl Engine {
         lock(&self.inner.active).keys().copied().collect()
     }
 
-    fn spawn(&self, id: RunId, state: RunState, wf: Registered) -> Result<RunHandle, EngineError> {
-        let cancel = CancellationToken::new();
-        lock(&self.inner.active).insert(id, cancel.clone());
+    fn spawn(&self, mut claim: Claim<'_>, state: RunState, wf: Registered) -> RunHandle {
+        let id = claim.id;
+        // The task takes over the claim and releases it when the run stops.
+        let active = claim.active.take().unwrap_or_default();
+        drop(claim);
         let input = state.input.clone();
         let shared = Arc::new(RunShared {
             run_id: id,
             store: Arc::clone(&self.inner.store),
             state: Mutex::new(LiveState::new(state)),
-            cancel,
+            cancel: active.cancel.clone(),
             shutdown: self.inner.shutdown.child_token(),
             interrupt: Mutex::new(None),
         });
         let inner = Arc::clone(&self.inner);
         let join = self.inner.tracker.spawn(async move {
             let ctx = WorkflowContext::root(Arc::clone(&shared));
+            let root = ctx.clone();
             // The workflow runs in its own task so that a panic in user code is contained and
             // reported instead of taking the engine down.
             let result = tokio::spawn((wf.run)(ctx, input)).await;
-            let r = finish(&shared, result).await;
+            let reason = lock(&active.reason).clone();
+            let r = finish(&shared, &root, result, reason).await;
             lock(&inner.active).remove(&id);
             r
         });
-        Ok(RunHandle { id, join })
+        RunHandle { id, join }
     }
 }
 
@@ -378,7 +461,9 @@ fn outcome_of(id: RunId, s: &RunState, replayed: u64, executed: u64) -> RunOutco
 /// Records how the run ended, given what the workflow task returned.
 async fn finish(
     shared: &RunShared,
+    root: &WorkflowContext,
     result: Result<Result<Payload, WorkflowError>, tokio::task::JoinError>,
+    cancel_reason: Option<String>,
 ) -> Result<RunOutcome, EngineError> {
     let id = shared.run_id;
     let result = match result {
@@ -396,11 +481,23 @@ async fn finish(
             return Err(EngineError::Panicked { run: id, detail });
         }
     };
+    // Code that finishes before reaching everything the history recorded has diverged too.
+    if shared.take_interrupt().is_none()
+        && !matches!(result, Err(WorkflowError::Interrupted(_)))
+        && let Some((path, recorded)) = root.unreached_recorded()
+    {
+        shared.set_interrupt(Interrupt::NonDeterminism {
+            run: id,
+            path,
+            recorded,
+            found: "the end of the workflow".into(),
+        });
+    }
     let (event, status) = match (shared.take_interrupt(), result) {
         (Some(Interrupt::Cancelled(_)), _)
         | (None, Err(WorkflowError::Interrupted(Interrupt::Cancelled(_)))) => (
             Event::RunCancelled {
-                reason: "cancelled on request".into(),
+                reason: cancel_reason.unwrap_or_else(|| "cancelled on request".into()),
             },
             RunStatus::Cancelled,
         ),
@@ -422,9 +519,37 @@ async fn finish(
             RunStatus::Failed,
         ),
     };
-    let ne = NewEvent::now(event.encode());
+    let mut event = event;
+    let mut status = status;
+    let mut ne = NewEvent::now(event.encode());
+    if ne.payload.len() > shared.store.max_payload_bytes() {
+        // An output over the store's limit fails the run with a typed reason instead of
+        // leaving it running forever.
+        event = Event::RunFailed {
+            error: format!(
+                "the run's output is {} bytes, over the store's payload limit of {} bytes; return a reference to large data instead",
+                ne.payload.len(),
+                shared.store.max_payload_bytes()
+            ),
+        };
+        status = RunStatus::Failed;
+        ne = NewEvent::now(event.encode());
+    }
     let ts = ne.ts_us;
-    let a = shared.store.append(id, vec![ne], Some(status)).await?;
+    let a = match shared
+        .store
+        .append_guarded(id, vec![ne], Some(status), Guard::NotFinished)
+        .await
+    {
+        Ok(a) => a,
+        // Finished meanwhile (cancelled by another handle): report what the log says.
+        Err(StoreError::RunFinished { .. }) => {
+            let run = load_state(shared.store.as_ref(), id).await?;
+            let st = lock(&shared.state);
+            return Ok(outcome_of(id, &run, st.replayed, st.executed));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut st = lock(&shared.state);
     st.run.apply_event(id, a.first.0, ts, event)?;
     Ok(outcome_of(id, &st.run, st.replayed, st.executed))

@@ -300,7 +300,7 @@ impl RunState {
             }
             Event::RunCancelled { reason } => {
                 self.status = RunStatus::Cancelled;
-                self.error = Some(format!("cancelled: {reason}"));
+                self.error = Some(reason);
             }
             Event::RunResumed { .. } => self.resumes += 1,
             Event::StepStarted {

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use cairn_engine::{Engine, EngineError, Event, Interrupt, Registry, StepError, WorkflowError};
+use cairn_engine::{
+    CancelOutcome, Engine, EngineError, Event, Interrupt, Registry, StepError, WorkflowError,
+};
 use cairn_storage::{EventStore, RedbStore, RunFilter, RunStatus, Seq};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -90,9 +92,17 @@ async fn shutdown_then_resume_runs_only_the_missing_steps() {
     // A new engine (a restarted process) recovers it; steps 0..3 are answered from the log.
     let counter2 = Arc::new(AtomicU32::new(0));
     let engine2 = Engine::with_store(store.clone(), counting_registry(counter2.clone(), None));
-    let handles = engine2.recover().await.unwrap();
-    assert_eq!(handles.len(), 1);
-    let out = handles.into_iter().next().unwrap().wait().await.unwrap();
+    let recovered = engine2.recover().await.unwrap();
+    assert_eq!(recovered.handles.len(), 1);
+    assert!(recovered.failed.is_empty());
+    let out = recovered
+        .handles
+        .into_iter()
+        .next()
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
     assert_eq!(out.status, RunStatus::Completed);
     assert_eq!(out.output, Some(json!(150)));
     assert_eq!(out.steps_replayed, 3);
@@ -293,16 +303,24 @@ async fn cancel_stops_an_executing_run_and_records_it() {
     while counter.load(Ordering::SeqCst) < 1 {
         tokio::task::yield_now().await;
     }
-    engine.cancel(h.id, "test").await.unwrap();
+    assert_eq!(
+        engine.cancel(h.id, "operator said stop").await.unwrap(),
+        CancelOutcome::Requested
+    );
     let out = h.wait().await.unwrap();
     assert_eq!(out.status, RunStatus::Cancelled);
+    assert_eq!(
+        out.error.as_deref(),
+        Some("operator said stop"),
+        "the reason is recorded"
+    );
     // A second cancel leaves the finished run alone.
     assert_eq!(
         engine
             .cancel(out.run_id.parse().unwrap(), "again")
             .await
             .unwrap(),
-        RunStatus::Cancelled
+        CancelOutcome::AlreadyFinished(RunStatus::Cancelled)
     );
 }
 
@@ -396,4 +414,161 @@ async fn version_mismatch_is_refused_on_resume() {
             ..
         }
     ));
+}
+
+#[tokio::test]
+async fn two_concurrent_resumes_of_one_run_execute_it_once() {
+    let (_d, store) = store();
+    let gate = Arc::new(Notify::new());
+    let counter = Arc::new(AtomicU32::new(0));
+    let engine = Engine::with_store(
+        store.clone(),
+        counting_registry(counter.clone(), Some((1, gate.clone()))),
+    );
+    let h = engine.start("count", &3u32).await.unwrap();
+    let id = h.id;
+    while counter.load(Ordering::SeqCst) < 1 {
+        tokio::task::yield_now().await;
+    }
+    engine.shutdown();
+    h.wait().await.unwrap();
+    let engine2 = Engine::with_store(store.clone(), counting_registry(counter.clone(), None));
+    let (a, b) = tokio::join!(engine2.resume(id), engine2.resume(id));
+    let (ok, err): (Vec<_>, Vec<_>) = [a, b].into_iter().partition(Result::is_ok);
+    assert_eq!((ok.len(), err.len()), (1, 1));
+    assert!(matches!(err[0], Err(EngineError::AlreadyActive(_))));
+    let out = ok
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+}
+
+#[tokio::test]
+async fn recover_resumes_the_other_runs_when_one_cannot_be_resumed() {
+    let (_d, store) = store();
+    let gate = Arc::new(Notify::new());
+    let counter = Arc::new(AtomicU32::new(0));
+    let mut r = counting_registry(counter.clone(), Some((0, gate.clone())));
+    r.register("gone", 1, |ctx, _: ()| async move {
+        ctx.step("wait", || async {
+            std::future::pending::<Result<(), StepError>>().await
+        })
+        .await
+    });
+    let engine = Engine::with_store(store.clone(), r);
+    let h1 = engine.start("gone", &()).await.unwrap();
+    let h2 = engine.start("count", &2u32).await.unwrap();
+    let gone = h1.id;
+    engine.shutdown();
+    h1.wait().await.unwrap();
+    h2.wait().await.unwrap();
+    // Today's program no longer registers `gone`.
+    let engine2 = Engine::with_store(store.clone(), counting_registry(counter, None));
+    let rec = engine2.recover().await.unwrap();
+    assert_eq!(rec.failed.len(), 1);
+    assert_eq!(rec.failed[0].0, gone);
+    assert!(matches!(
+        rec.failed[0].1,
+        EngineError::UnknownWorkflow { .. }
+    ));
+    assert_eq!(rec.handles.len(), 1);
+    let out = rec
+        .handles
+        .into_iter()
+        .next()
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+}
+
+#[tokio::test]
+async fn an_output_over_the_payload_limit_fails_the_step_instead_of_wedging_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open_with(
+        dir.path().join("t.redb"),
+        cairn_storage::StoreOptions {
+            max_payload_bytes: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut r = Registry::new();
+    r.register("big", 1, |ctx, _: ()| async move {
+        ctx.step("huge", || async { Ok("x".repeat(10_000)) }).await
+    });
+    let engine = Engine::new(s, r);
+    let out = engine
+        .start("big", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Failed);
+    let e = out.error.unwrap();
+    assert!(e.contains("payload limit of 4096 bytes"), "{e}");
+}
+
+#[tokio::test]
+async fn reserved_step_names_are_refused() {
+    let (_d, store) = store();
+    let mut r = Registry::new();
+    r.register("sneaky", 1, |ctx, _: ()| async move {
+        ctx.step("cairn.now", || async { Ok(0i64) }).await
+    });
+    let out = Engine::with_store(store, r)
+        .start("sneaky", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Failed);
+    assert!(out.error.unwrap().contains("reserved"));
+}
+
+#[tokio::test]
+async fn code_that_now_ends_before_the_recorded_steps_is_a_nondeterminism_error() {
+    let (_d, store) = store();
+    let gate = Arc::new(Notify::new());
+    let counter = Arc::new(AtomicU32::new(0));
+    let engine = Engine::with_store(
+        store.clone(),
+        counting_registry(counter.clone(), Some((3, gate))),
+    );
+    let h = engine.start("count", &5u32).await.unwrap();
+    let id = h.id;
+    while counter.load(Ordering::SeqCst) < 3 {
+        tokio::task::yield_now().await;
+    }
+    engine.shutdown();
+    h.wait().await.unwrap();
+    // Today's code runs one step and returns.
+    let mut r = Registry::new();
+    r.register("count", 1, |ctx, _n: u32| async move {
+        ctx.step("s0", || async { Ok(0u64) }).await
+    });
+    let err = Engine::with_store(store.clone(), r)
+        .resume(id)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Interrupted(Interrupt::NonDeterminism { path, recorded, .. })
+            if path.to_string() == "1" && recorded == "s1"),
+        "{err}"
+    );
+    assert_eq!(
+        store.run(id).await.unwrap().unwrap().status,
+        RunStatus::Running
+    );
 }

@@ -321,7 +321,11 @@ async fn nested_fan_outs_record_nested_paths_and_join() {
     let id = out.run_id.parse().unwrap();
     if out.output != Some(json!(180)) {
         for e in store.read(id, cairn_storage::Seq(0), 1000).await.unwrap() {
-            eprintln!("{} {}", e.seq, cairn_engine::Event::decode(&e.payload).unwrap().to_json());
+            eprintln!(
+                "{} {}",
+                e.seq,
+                cairn_engine::Event::decode(&e.payload).unwrap().to_json()
+            );
         }
     }
     assert_eq!(out.output, Some(json!(180)));

@@ -73,6 +73,14 @@ pub enum StoreError {
     /// No run with this id exists in the store.
     #[error("no run {0} in this store; list runs with `cairn runs`")]
     UnknownRun(RunId),
+    /// A guarded append found the run already finished; nothing was written.
+    #[error("run {run} has already {status}; nothing was written")]
+    RunFinished {
+        /// The run.
+        run: RunId,
+        /// Its final status.
+        status: crate::RunStatus,
+    },
     /// A run with this id already exists.
     #[error("run {0} already exists")]
     RunExists(RunId),

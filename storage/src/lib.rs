@@ -7,7 +7,7 @@
 //! by one group-commit writer thread so that concurrent appends share one fsync.
 //!
 //! Architecture invariant: records of a run are appended with dense sequence numbers starting at
-//! 0 and are never rewritten; every record carries `blake3(previous hash ‖ record)`.
+//! 0 and are never rewritten; every record carries `blake3(previous hash ‖ seq ‖ ts ‖ payload)`.
 
 mod error;
 mod ids;
@@ -23,5 +23,5 @@ pub use record::{
 };
 pub use redb_store::{Durability, RedbStore, StoreOptions, WriterStats};
 pub use store::{
-    Appended, BoxFuture, EventStore, NewRun, RunFilter, RunMeta, RunStatus, verify_events,
+    Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunStatus, verify_events,
 };

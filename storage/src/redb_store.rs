@@ -22,7 +22,7 @@ use redb::{
 use tokio::sync::oneshot;
 
 use crate::record::{decode, encode, genesis_hash, now_micros, record_hash};
-use crate::store::{Appended, BoxFuture, EventStore, NewRun, RunFilter, RunMeta, RunStatus};
+use crate::store::{Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunStatus};
 use crate::{Hash, NewEvent, RunId, Seq, StoreError, StoredEvent};
 
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
@@ -76,6 +76,8 @@ impl Default for StoreOptions {
 const BATCH_OPS_MAX: usize = 8192;
 /// The most payload bytes one group commit takes (an op is never split).
 const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// The most operations queued for the writer; a caller beyond it waits (backpressure).
+const QUEUE_OPS_MAX: usize = 16_384;
 /// The most run rows the writer keeps cached.
 const RUN_CACHE_MAX: usize = 65_536;
 
@@ -105,6 +107,7 @@ enum Op {
         run: RunId,
         events: Vec<NewEvent>,
         status: Option<RunStatus>,
+        guard: Guard,
         reply: Reply,
     },
     Flush {
@@ -145,7 +148,7 @@ struct Inner {
     path: PathBuf,
     counters: Arc<Counters>,
     db: Db,
-    tx: Option<mpsc::Sender<Op>>,
+    tx: Option<mpsc::SyncSender<Op>>,
     writer: Option<JoinHandle<()>>,
     max_payload_bytes: usize,
 }
@@ -294,14 +297,15 @@ impl RedbStore {
             .map_err(|e| map_open_error(&path, e))?;
         init_format(&path, &db)?;
         let db = Arc::new(db);
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUE_OPS_MAX);
         let writer_db = Arc::clone(&db);
         let durability = opts.durability;
         let counters: Arc<Counters> = Arc::default();
         let writer_counters = Arc::clone(&counters);
+        let writer_path = path.clone();
         let writer = std::thread::Builder::new()
             .name("cairn-writer".into())
-            .spawn(move || Writer::new(writer_db, durability, writer_counters).run(rx))
+            .spawn(move || Writer::new(writer_db, writer_path, durability, writer_counters).run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
@@ -503,6 +507,7 @@ fn decode_run(path: &Path, bytes: &[u8]) -> Result<RunMeta, StoreError> {
 /// The group-commit writer: owns all writes to the file.
 struct Writer {
     db: Arc<Database>,
+    path: PathBuf,
     durability: Durability,
     /// Cached run rows, so an append does not read the row back first.
     runs: HashMap<u128, RunMeta>,
@@ -510,9 +515,15 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(db: Arc<Database>, durability: Durability, counters: Arc<Counters>) -> Self {
+    fn new(
+        db: Arc<Database>,
+        path: PathBuf,
+        durability: Durability,
+        counters: Arc<Counters>,
+    ) -> Self {
         Writer {
             db,
+            path,
             durability,
             runs: HashMap::new(),
             counters,
@@ -549,10 +560,11 @@ impl Writer {
                     run,
                     events,
                     status,
+                    guard,
                     reply,
                 } => {
                     replies.push(reply);
-                    work.push(Work::Append(run, events, status));
+                    work.push(Work::Append(run, events, status, guard));
                 }
                 Op::Flush { reply } => {
                     replies.push(reply);
@@ -564,7 +576,7 @@ impl Writer {
         let events: u64 = work
             .iter()
             .map(|w| match w {
-                Work::Create(_, e) | Work::Append(_, e, _) => e.len() as u64,
+                Work::Create(_, e) | Work::Append(_, e, _, _) => e.len() as u64,
                 Work::Flush => 0,
             })
             .sum();
@@ -640,7 +652,7 @@ impl Writer {
                         touched.push(id);
                         results.push(Ok(a));
                     }
-                    Work::Append(run, evs, status) => {
+                    Work::Append(run, evs, status, guard) => {
                         let id = run.as_u128();
                         let meta = match self.runs.entry(id) {
                             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -649,9 +661,16 @@ impl Writer {
                                     results.push(Err(StoreError::UnknownRun(run)));
                                     continue;
                                 };
-                                v.insert(decode_run(Path::new("<store>"), row.value())?)
+                                v.insert(decode_run(&self.path, row.value())?)
                             }
                         };
+                        if guard == Guard::NotFinished && meta.status.is_terminal() {
+                            results.push(Err(StoreError::RunFinished {
+                                run,
+                                status: meta.status,
+                            }));
+                            continue;
+                        }
                         let a = append_events(&mut events, meta, &evs)?;
                         if let Some(s) = status
                             && s != meta.status
@@ -681,7 +700,7 @@ impl Writer {
 
 enum Work {
     Create(NewRun, Vec<NewEvent>),
-    Append(RunId, Vec<NewEvent>, Option<RunStatus>),
+    Append(RunId, Vec<NewEvent>, Option<RunStatus>, Guard),
     Flush,
 }
 
@@ -721,11 +740,12 @@ impl EventStore for RedbStore {
         self.send(|reply| Op::Create { run, events, reply })
     }
 
-    fn append(
+    fn append_guarded(
         &self,
         run: RunId,
         events: Vec<NewEvent>,
         status: Option<RunStatus>,
+        guard: Guard,
     ) -> BoxFuture<'static, Result<Appended, StoreError>> {
         if let Err(e) = self.check_sizes(&events) {
             return Box::pin(async move { Err(e) });
@@ -734,8 +754,13 @@ impl EventStore for RedbStore {
             run,
             events,
             status,
+            guard,
             reply,
         })
+    }
+
+    fn max_payload_bytes(&self) -> usize {
+        self.inner.max_payload_bytes
     }
 
     fn run(&self, id: RunId) -> BoxFuture<'_, Result<Option<RunMeta>, StoreError>> {

@@ -16,9 +16,9 @@ use crate::{Hash, NewEvent, RunId, Seq, StoreError, StoredEvent, VerifyReport};
 /// A boxed, sendable future: the return type of the [`EventStore`] methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Where a run is in its life. The numeric codes are stored and never change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Where a run is in its life. The numeric codes are stored and never change; binary formats
+/// store the code, human-readable ones (JSON) the lowercase name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum RunStatus {
     /// Created but not started yet.
@@ -76,6 +76,30 @@ impl RunStatus {
             self,
             RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
         )
+    }
+}
+
+impl Serialize for RunStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(self.as_str())
+        } else {
+            s.serialize_u8(self.code())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RunStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(D::Error::custom)
+        } else {
+            let c = u8::deserialize(d)?;
+            RunStatus::from_code(c)
+                .ok_or_else(|| D::Error::custom(format!("unknown run status code {c}")))
+        }
     }
 }
 
@@ -161,6 +185,18 @@ pub struct Appended {
     pub head: Hash,
 }
 
+/// A condition an append must meet, checked atomically with the write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Guard {
+    /// Append unconditionally.
+    #[default]
+    None,
+    /// Append only if the run has not finished (completed, failed or cancelled); otherwise
+    /// fail with [`StoreError::RunFinished`]. Terminal events use it, so a run never gets two.
+    NotFinished,
+}
+
 /// A durable, append-only log of runs and their events.
 ///
 /// Writes are ordered when the method is called, not when the returned future is polled: a
@@ -174,13 +210,28 @@ pub trait EventStore: Send + Sync + 'static {
         events: Vec<NewEvent>,
     ) -> BoxFuture<'static, Result<Appended, StoreError>>;
 
+    /// Appends events to a run and optionally changes its status, atomically, if `guard`
+    /// holds.
+    fn append_guarded(
+        &self,
+        run: RunId,
+        events: Vec<NewEvent>,
+        status: Option<RunStatus>,
+        guard: Guard,
+    ) -> BoxFuture<'static, Result<Appended, StoreError>>;
+
     /// Appends events to a run and optionally changes its status, atomically.
     fn append(
         &self,
         run: RunId,
         events: Vec<NewEvent>,
         status: Option<RunStatus>,
-    ) -> BoxFuture<'static, Result<Appended, StoreError>>;
+    ) -> BoxFuture<'static, Result<Appended, StoreError>> {
+        self.append_guarded(run, events, status, Guard::None)
+    }
+
+    /// The largest event payload this store accepts, in bytes.
+    fn max_payload_bytes(&self) -> usize;
 
     /// The run's metadata, or `None` if there is no such run.
     fn run(&self, id: RunId) -> BoxFuture<'_, Result<Option<RunMeta>, StoreError>>;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use cairn_storage::{
-    EventStore, NewEvent, NewRun, RedbStore, RunFilter, RunId, RunStatus, Seq, StoreError,
+    EventStore, Guard, NewEvent, NewRun, RedbStore, RunFilter, RunId, RunStatus, Seq, StoreError,
     StoreOptions,
 };
 use redb::ReadableTable;
@@ -286,4 +286,39 @@ async fn verify_detects_an_edited_event() {
     let report = store.verify(id).await.unwrap();
     assert!(!report.ok());
     assert!(report.problem.unwrap().contains("event 1"));
+}
+
+#[tokio::test]
+async fn a_guarded_append_refuses_a_finished_run_so_it_never_gets_two_terminal_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let id = RunId::new();
+    store.create_run(new_run(id), vec![]).await.unwrap();
+    store
+        .append_guarded(
+            id,
+            vec![ev("done")],
+            Some(RunStatus::Completed),
+            Guard::NotFinished,
+        )
+        .await
+        .unwrap();
+    let err = store
+        .append_guarded(
+            id,
+            vec![ev("cancel")],
+            Some(RunStatus::Cancelled),
+            Guard::NotFinished,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::RunFinished {
+            status: RunStatus::Completed,
+            ..
+        }
+    ));
+    let meta = store.run(id).await.unwrap().unwrap();
+    assert_eq!((meta.status, meta.events), (RunStatus::Completed, 1));
 }
