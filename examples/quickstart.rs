@@ -55,6 +55,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Anything a killed process left running is picked up first.
     let recovered = engine.recover().await?;
+    for (id, e) in &recovered.failed {
+        eprintln!("run {id} cannot be resumed: {e}");
+    }
+    let recovered = recovered.handles;
     let handles = if recovered.is_empty() {
         let h = engine.start("report", &"durable execution").await?;
         println!(
