@@ -1,18 +1,1137 @@
 //! `cairn bench`: workloads that measure this machine's limits and the engine against them.
+//!
+//! Five workloads, each on a fresh store in a directory created under `--dir` and removed at
+//! the end: `fsync` (the disk's commit limit: 4 KiB write + fdatasync), `seq` (one workflow of
+//! sequential durable steps), `many` (many workflows at once, sharing group commits), `replay`
+//! (folding a recorded history of 100,000 events) and `recovery` (a child process SIGKILLed
+//! mid-run, then resumed here). The targets are judged on ratios measured in the same run, so
+//! they say how close the engine gets to this disk rather than quoting absolute numbers.
 
-use std::process::ExitCode;
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Context, Result, anyhow, bail};
+use cairn_engine::{Engine, Event, Payload, Registry, RunOutcome, StartOptions, StepPath, fold};
+use cairn_storage::{
+    Durability, EventStore, NewEvent, NewRun, RedbStore, RunId, RunStatus, Seq, StoreOptions,
+    StoredEvent,
+};
+use clap::ValueEnum;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::workflows;
 
 /// Arguments of `cairn bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
+    /// Workloads to run (default: all, in the order fsync, seq, many, replay, recovery).
+    #[arg(value_enum)]
+    pub workloads: Vec<Workload>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Where the stores go: a fresh directory is created inside it and removed at the end
+    /// (default: the system temp directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Steps of the `seq` workflow.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
+    /// Workflows started at once by `many`.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub workflows: u32,
+    /// Steps of each `many` workflow.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps_per_workflow: u32,
+    /// Events in the history `replay` folds.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(2..))]
+    pub events: u32,
+    /// Steps of the workflow `recovery` kills and resumes.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(10..))]
+    pub recovery_steps: u32,
+}
+
+/// One benchmark workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// The disk's limit: 4 KiB write + fdatasync, repeated.
+    Fsync,
+    /// One workflow of N sequential durable steps.
+    Seq,
+    /// W workflows of S steps each, started at once.
+    Many,
+    /// Folding a recorded history of E events.
+    Replay,
+    /// A run SIGKILLed at about 40% and resumed.
+    Recovery,
+}
+
+/// Size of one write of the `fsync` workload.
+const FSYNC_BLOCK: usize = 4096;
+/// Size of the preallocated file the `fsync` workload overwrites, in blocks (4 MiB).
+const FSYNC_FILE_BLOCKS: u64 = 1024;
+/// The most writes the `fsync` workload makes.
+const FSYNC_MAX_WRITES: usize = 1000;
+/// The fewest writes the `fsync` workload makes, however slow the disk.
+const FSYNC_MIN_WRITES: usize = 50;
+/// How long the `fsync` workload runs at most (once it has its minimum writes).
+const FSYNC_MAX_TIME: Duration = Duration::from_secs(2);
+/// Approximate size of each step's JSON output, as the `steps` workflow makes it.
+const PAYLOAD_BYTES: usize = 100;
+/// Events per append while `replay` builds its history.
+const REPLAY_BATCH: u32 = 1000;
+/// Events per read while `replay` reads the history into memory.
+const REPLAY_PAGE: usize = 8192;
+/// Repetitions of each `replay` measurement (the median is reported).
+const REPLAY_REPS: usize = 5;
+/// How long `recovery` waits for the child to reach the kill point.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(600);
+/// The `replay` target: events folded per second.
+const REPLAY_TARGET_EPS: f64 = 1_000_000.0;
+/// The `seq` target: fraction of the `fsync` rate.
+const SEQ_TARGET_RATIO: f64 = 0.70;
+/// The `many` target: multiple of the `seq` steps/s.
+const MANY_TARGET_RATIO: f64 = 20.0;
+/// The `recovery` target: steps executed more than once.
+const RECOVERY_TARGET_REEXECUTED: u64 = 1;
+
+/// What the `fsync` workload measured.
+#[derive(Debug, Serialize)]
+struct FsyncResult {
+    /// Writes made (each 4 KiB + fdatasync).
+    writes: u64,
+    /// Total time, in seconds.
+    secs: f64,
+    /// Writes + fdatasync per second.
+    commits_per_sec: f64,
+    /// Median latency of one write + fdatasync, in milliseconds.
+    p50_ms: f64,
+    /// 99th percentile latency, in milliseconds.
+    p99_ms: f64,
+    /// Worst latency, in milliseconds.
+    max_ms: f64,
+}
+
+/// What the `seq` workload measured.
+#[derive(Debug, Serialize)]
+struct SeqResult {
+    /// Steps of the workflow.
+    steps: u32,
+    /// From start to completion, in seconds.
+    secs: f64,
+    /// Steps per second.
+    steps_per_sec: f64,
+    /// Group commits written during the run.
+    commits: u64,
+    /// Events written during the run.
+    events: u64,
+    /// Events per group commit.
+    events_per_commit: f64,
+    /// Size of the store file after the run.
+    file_bytes: u64,
+    /// File size divided by steps.
+    bytes_per_step: f64,
+}
+
+/// What the `many` workload measured.
+#[derive(Debug, Serialize)]
+struct ManyResult {
+    /// Workflows started at once.
+    workflows: u32,
+    /// Steps of each workflow.
+    steps_per_workflow: u32,
+    /// From the first start to the last completion, in seconds.
+    secs: f64,
+    /// Workflows completed per second.
+    workflows_per_sec: f64,
+    /// Steps per second, over all workflows.
+    steps_per_sec: f64,
+    /// Group commits written during the run.
+    commits: u64,
+    /// Events written during the run.
+    events: u64,
+    /// Events per group commit.
+    events_per_commit: f64,
+}
+
+/// What the `replay` workload measured (each time is the median of several repetitions).
+#[derive(Debug, Serialize)]
+struct ReplayResult {
+    /// Events in the history.
+    events: u32,
+    /// Repetitions of each measurement.
+    repetitions: usize,
+    /// `Engine::load`: read from redb + decode + fold, in seconds.
+    load_secs: f64,
+    /// Events per second of `Engine::load`.
+    load_events_per_sec: f64,
+    /// `fold` over events already in memory, in seconds.
+    fold_secs: f64,
+    /// Events per second of the fold alone.
+    fold_events_per_sec: f64,
+    /// Reading the events from redb into memory (no decoding), in seconds.
+    read_secs: f64,
+    /// Events per second of the read alone.
+    read_events_per_sec: f64,
+    /// Decoding every event without folding, in seconds.
+    decode_secs: f64,
+    /// Events per second of decoding alone.
+    decode_events_per_sec: f64,
+    /// Size of the store file.
+    file_bytes: u64,
+}
+
+/// What the `recovery` workload measured.
+#[derive(Debug, Serialize)]
+struct RecoveryResult {
+    /// Steps of the workflow.
+    steps: u32,
+    /// Side-effect lines (step executions) when the child was killed.
+    executed_at_kill: u64,
+    /// Steps answered from the log after the restart (recorded before the kill).
+    steps_recorded_at_kill: u64,
+    /// Steps executed after the restart.
+    steps_executed_after_restart: u64,
+    /// Opening the store after the kill (includes redb's repair), in seconds.
+    open_secs: f64,
+    /// From the store open until the run is resumed (open + recover + load), in seconds.
+    resumed_secs: f64,
+    /// From the store open until the run completed, in seconds.
+    total_secs: f64,
+    /// Step indices that appear more than once in the side-effect file.
+    steps_reexecuted: u64,
+}
+
+/// A target and whether this run met it.
+#[derive(Debug, Serialize)]
+struct Target {
+    /// Short name of the target.
+    name: &'static str,
+    /// What is required.
+    goal: String,
+    /// Met, missed, or `None` when the run lacks a workload it needs.
+    met: Option<bool>,
+    /// The numbers behind the verdict.
+    detail: String,
+}
+
+/// Everything one `cairn bench` measured.
+#[derive(Debug, Default, Serialize)]
+struct Results {
+    /// The directory the stores were created in.
+    dir: String,
+    /// The `fsync` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fsync: Option<FsyncResult>,
+    /// The `seq` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<SeqResult>,
+    /// The `many` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    many: Option<ManyResult>,
+    /// The `replay` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replay: Option<ReplayResult>,
+    /// The `recovery` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery: Option<RecoveryResult>,
+    /// The targets, judged on this run's figures.
+    targets: Vec<Target>,
+}
+
+/// A uniquely named directory for one benchmark, removed when dropped.
+struct BenchDir {
+    /// The directory.
+    path: PathBuf,
+}
+
+/// Creating the directory.
+impl BenchDir {
+    /// Creates `parent` if needed and a fresh directory inside it.
+    fn create(parent: &Path) -> Result<Self> {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create bench dir {}", parent.display()))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let path = parent.join(format!("cairn-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&path)
+            .with_context(|| format!("cannot create bench dir {}", path.display()))?;
+        // Absolute, so the child process of `recovery` finds the same files.
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("cannot resolve bench dir {}", path.display()))?;
+        Ok(BenchDir { path })
+    }
+}
+
+/// Removes the directory and everything in it.
+impl Drop for BenchDir {
+    /// Removes the directory, ignoring errors (nothing useful can be done about them here).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// Runs the selected benchmarks.
-pub async fn run(_args: BenchArgs) -> Result<ExitCode> {
-    anyhow::bail!("benchmarks are being written")
+pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+    let selected: Vec<Workload> = Workload::value_variants()
+        .iter()
+        .copied()
+        .filter(|w| args.workloads.is_empty() || args.workloads.contains(w))
+        .collect();
+    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = BenchDir::create(&parent)?;
+    let mut res = Results {
+        dir: dir.path.display().to_string(),
+        ..Results::default()
+    };
+    let say = |what: String| {
+        if !args.json {
+            eprintln!("bench: {what}…");
+        }
+    };
+    for w in selected {
+        match w {
+            Workload::Fsync => {
+                say("fsync (4 KiB write + fdatasync)".into());
+                res.fsync = Some(bench_fsync(&dir.path)?);
+            }
+            Workload::Seq => {
+                say(format!("seq ({} sequential steps)", fmt_int(args.steps)));
+                res.seq = Some(bench_seq(&dir.path, args.steps).await?);
+            }
+            Workload::Many => {
+                say(format!(
+                    "many ({} workflows × {} steps)",
+                    fmt_int(args.workflows),
+                    fmt_int(args.steps_per_workflow)
+                ));
+                res.many =
+                    Some(bench_many(&dir.path, args.workflows, args.steps_per_workflow).await?);
+            }
+            Workload::Replay => {
+                say(format!("replay ({} events)", fmt_int(args.events)));
+                res.replay = Some(bench_replay(&dir.path, args.events).await?);
+            }
+            Workload::Recovery => {
+                say(format!(
+                    "recovery ({} steps, SIGKILL at ~40%)",
+                    fmt_int(args.recovery_steps)
+                ));
+                res.recovery = Some(bench_recovery(&dir.path, args.recovery_steps).await?);
+            }
+        }
+    }
+    res.targets = targets(&res);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&res)?);
+    } else {
+        print_human(&res);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fails unless the run completed.
+fn check_completed(what: &str, out: &RunOutcome) -> Result<()> {
+    if out.status != RunStatus::Completed {
+        bail!(
+            "the {what} run {} ended {}: {}",
+            out.run_id,
+            out.status,
+            out.error.as_deref().unwrap_or("no error recorded")
+        );
+    }
+    Ok(())
+}
+
+/// Events per commit, or 0 if nothing was committed.
+fn per_commit(events: u64, commits: u64) -> f64 {
+    if commits == 0 {
+        0.0
+    } else {
+        events as f64 / commits as f64
+    }
+}
+
+/// `n` per `secs`, or 0 for a zero duration.
+fn rate(n: f64, secs: f64) -> f64 {
+    if secs > 0.0 { n / secs } else { 0.0 }
+}
+
+/// The nearest-rank percentile `p` (0-100) of sorted durations, in milliseconds.
+fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    let i = rank.clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// The median of some durations, in seconds.
+fn median_secs(mut v: Vec<Duration>) -> f64 {
+    v.sort_unstable();
+    v.get(v.len() / 2)
+        .map(Duration::as_secs_f64)
+        .unwrap_or_default()
+}
+
+/// The size of a file, with a clear error.
+fn file_len(path: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len())
+}
+
+/// `fsync`: overwrites 4 KiB blocks of a preallocated file, each followed by fdatasync.
+fn bench_fsync(dir: &Path) -> Result<FsyncResult> {
+    let path = dir.join("fsync.dat");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    // Preallocate, so each measured write overwrites blocks that exist (like a database page)
+    // and the fdatasync does not also have to persist a new file size.
+    let chunk = vec![0u8; 1 << 20];
+    let total = FSYNC_FILE_BLOCKS * FSYNC_BLOCK as u64;
+    let mut off = 0;
+    while off < total {
+        file.write_all_at(&chunk, off)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        off += chunk.len() as u64;
+    }
+    file.sync_all()
+        .with_context(|| format!("cannot sync {}", path.display()))?;
+    let block = vec![0xA5u8; FSYNC_BLOCK];
+    let mut lat = Vec::with_capacity(FSYNC_MAX_WRITES);
+    let started = Instant::now();
+    while lat.len() < FSYNC_MAX_WRITES
+        && (lat.len() < FSYNC_MIN_WRITES || started.elapsed() < FSYNC_MAX_TIME)
+    {
+        let off = (lat.len() as u64 % FSYNC_FILE_BLOCKS) * FSYNC_BLOCK as u64;
+        let t = Instant::now();
+        file.write_all_at(&block, off)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        file.sync_data()
+            .with_context(|| format!("cannot fdatasync {}", path.display()))?;
+        lat.push(t.elapsed());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    lat.sort_unstable();
+    let writes = lat.len() as u64;
+    Ok(FsyncResult {
+        writes,
+        secs,
+        commits_per_sec: rate(writes as f64, secs),
+        p50_ms: percentile_ms(&lat, 50.0),
+        p99_ms: percentile_ms(&lat, 99.0),
+        max_ms: percentile_ms(&lat, 100.0),
+    })
+}
+
+/// Opens a fresh store for writing, with a clear error.
+fn open_store(path: &Path, durability: Durability) -> Result<RedbStore> {
+    RedbStore::open_with(
+        path,
+        StoreOptions {
+            durability,
+            ..StoreOptions::default()
+        },
+    )
+    .with_context(|| format!("cannot open store {}", path.display()))
+}
+
+/// The input of the built-in `steps` workflow with `steps` steps and ~100-byte outputs.
+fn steps_input(steps: u32) -> serde_json::Value {
+    json!({ "steps": steps, "payload_bytes": PAYLOAD_BYTES })
+}
+
+/// `seq`: one `steps` workflow of `steps` sequential durable steps on a fresh store.
+async fn bench_seq(dir: &Path, steps: u32) -> Result<SeqResult> {
+    let path = dir.join("seq.redb");
+    let store = open_store(&path, Durability::Immediate)?;
+    let engine = Engine::new(store.clone(), workflows::registry(Arc::default()));
+    let before = store.writer_stats();
+    let started = Instant::now();
+    let h = engine
+        .start_with(StartOptions::new("steps", steps_input(steps)))
+        .await
+        .context("cannot start the seq workflow")?;
+    let out = h.wait().await.context("the seq workflow did not finish")?;
+    let secs = started.elapsed().as_secs_f64();
+    check_completed("seq", &out)?;
+    let after = store.writer_stats();
+    drop(engine);
+    drop(store);
+    let file_bytes = file_len(&path)?;
+    let _ = std::fs::remove_file(&path);
+    let commits = after.commits - before.commits;
+    let events = after.events - before.events;
+    Ok(SeqResult {
+        steps,
+        secs,
+        steps_per_sec: rate(f64::from(steps), secs),
+        commits,
+        events,
+        events_per_commit: per_commit(events, commits),
+        file_bytes,
+        bytes_per_step: file_bytes as f64 / f64::from(steps),
+    })
+}
+
+/// `many`: `workflows` `steps` workflows started at once, run concurrently to completion.
+async fn bench_many(dir: &Path, workflows: u32, steps: u32) -> Result<ManyResult> {
+    let path = dir.join("many.redb");
+    let store = open_store(&path, Durability::Immediate)?;
+    let engine = Engine::new(store.clone(), workflows::registry(Arc::default()));
+    let before = store.writer_stats();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workflows)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let h = engine
+                    .start_with(StartOptions::new("steps", steps_input(steps)))
+                    .await
+                    .context("cannot start a many workflow")?;
+                h.wait().await.context("a many workflow did not finish")
+            })
+        })
+        .collect();
+    for t in tasks {
+        let out = t.await.context("a many benchmark task panicked")??;
+        check_completed("many", &out)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let after = store.writer_stats();
+    drop(engine);
+    drop(store);
+    let _ = std::fs::remove_file(&path);
+    let commits = after.commits - before.commits;
+    let events = after.events - before.events;
+    let total_steps = u64::from(workflows) * u64::from(steps);
+    Ok(ManyResult {
+        workflows,
+        steps_per_workflow: steps,
+        secs,
+        workflows_per_sec: rate(f64::from(workflows), secs),
+        steps_per_sec: rate(total_steps as f64, secs),
+        commits,
+        events,
+        events_per_commit: per_commit(events, commits),
+    })
+}
+
+/// The `StepCompleted` event of step `i`, shaped like the `steps` workflow's output.
+fn step_event(i: u32, pad: &str) -> Result<NewEvent> {
+    let output = Payload::from_value(&json!({
+        "i": i,
+        "square": u64::from(i) * u64::from(i),
+        "pad": pad,
+    }))?;
+    let now = cairn_storage::now_micros();
+    let ev = Event::StepCompleted {
+        path: StepPath::root().child(i),
+        name: "step".into(),
+        attempt: 1,
+        started_us: now,
+        output,
+    };
+    Ok(NewEvent {
+        ts_us: now,
+        payload: ev.encode(),
+    })
+}
+
+/// Writes a run of `events` events (one `RunStarted`, then `StepCompleted`s).
+///
+/// The appends are all issued before any is awaited, so the group-commit writer packs them into
+/// a few fsyncs. (`Durability::None` would be the obvious choice for this setup, but the store
+/// refuses non-durable commits in the multi-process `SingleWriter` mode it opens redb in.)
+async fn build_history(path: &Path, id: RunId, events: u32) -> Result<()> {
+    let store = open_store(path, Durability::Immediate)?;
+    let steps = events - 1;
+    let start = Event::RunStarted {
+        workflow: "steps".into(),
+        version: 1,
+        input: Payload::from_value(&steps_input(steps))?,
+        parent: None,
+    };
+    store
+        .create_run(
+            NewRun {
+                id,
+                workflow: "steps".into(),
+                version: 1,
+                parent: None,
+                labels: Default::default(),
+                status: RunStatus::Running,
+            },
+            vec![NewEvent::now(start.encode())],
+        )
+        .await
+        .context("cannot create the replay run")?;
+    let pad = "x".repeat(PAYLOAD_BYTES - 40);
+    let mut pending = Vec::new();
+    let mut i = 0;
+    while i < steps {
+        let end = i.saturating_add(REPLAY_BATCH).min(steps);
+        let batch = (i..end)
+            .map(|k| step_event(k, &pad))
+            .collect::<Result<Vec<_>>>()?;
+        pending.push(store.append(id, batch, None));
+        i = end;
+    }
+    for p in pending {
+        p.await.context("cannot append to the replay run")?;
+    }
+    Ok(())
+}
+
+/// Reads a run's whole history into memory.
+async fn read_all(store: &RedbStore, id: RunId) -> Result<Vec<StoredEvent>> {
+    let mut out = Vec::new();
+    let mut from = Seq(0);
+    loop {
+        let page = store
+            .read(id, from, REPLAY_PAGE)
+            .await
+            .context("cannot read the replay run")?;
+        let Some(last) = page.last() else { break };
+        from = Seq(last.seq.0 + 1);
+        out.extend(page);
+    }
+    Ok(out)
+}
+
+/// `replay`: builds a history of `events` events, then times `Engine::load`, the read, the
+/// decoding and the fold separately.
+async fn bench_replay(dir: &Path, events: u32) -> Result<ReplayResult> {
+    let path = dir.join("replay.redb");
+    let id = RunId::new();
+    build_history(&path, id, events).await?;
+    let store = open_store(&path, Durability::Immediate)?;
+    let engine = Engine::new(store.clone(), Registry::new());
+    let n = f64::from(events);
+    let expect = |state: &cairn_engine::RunState| -> Result<()> {
+        if state.events != u64::from(events) || state.steps.len() != events as usize - 1 {
+            bail!(
+                "the replay fold saw {} events and {} steps, expected {events} and {}",
+                state.events,
+                state.steps.len(),
+                events - 1
+            );
+        }
+        Ok(())
+    };
+
+    let mut load = Vec::with_capacity(REPLAY_REPS);
+    for _ in 0..REPLAY_REPS {
+        let t = Instant::now();
+        let state = engine
+            .load(id)
+            .await
+            .context("cannot load the replay run")?;
+        load.push(t.elapsed());
+        expect(&state)?;
+        drop(std::hint::black_box(state));
+    }
+
+    let mut read = Vec::with_capacity(REPLAY_REPS);
+    let mut history = Vec::new();
+    for _ in 0..REPLAY_REPS {
+        let t = Instant::now();
+        history = read_all(&store, id).await?;
+        read.push(t.elapsed());
+    }
+    if history.len() != events as usize {
+        bail!(
+            "read {} events of the replay run, expected {events}",
+            history.len()
+        );
+    }
+
+    let mut decode = Vec::with_capacity(REPLAY_REPS);
+    for _ in 0..REPLAY_REPS {
+        let t = Instant::now();
+        for e in &history {
+            let ev = Event::decode(&e.payload)
+                .map_err(|err| anyhow!("event {} does not decode: {err}", e.seq))?;
+            std::hint::black_box(ev);
+        }
+        decode.push(t.elapsed());
+    }
+
+    let mut folds = Vec::with_capacity(REPLAY_REPS);
+    for _ in 0..REPLAY_REPS {
+        let t = Instant::now();
+        let state = fold(id, &history).context("cannot fold the replay run")?;
+        folds.push(t.elapsed());
+        expect(&state)?;
+        drop(std::hint::black_box(state));
+    }
+
+    drop(engine);
+    drop(store);
+    let file_bytes = file_len(&path)?;
+    let _ = std::fs::remove_file(&path);
+    let (load_secs, fold_secs) = (median_secs(load), median_secs(folds));
+    let (read_secs, decode_secs) = (median_secs(read), median_secs(decode));
+    Ok(ReplayResult {
+        events,
+        repetitions: REPLAY_REPS,
+        load_secs,
+        load_events_per_sec: rate(n, load_secs),
+        fold_secs,
+        fold_events_per_sec: rate(n, fold_secs),
+        read_secs,
+        read_events_per_sec: rate(n, read_secs),
+        decode_secs,
+        decode_events_per_sec: rate(n, decode_secs),
+        file_bytes,
+    })
+}
+
+/// A child process that is SIGKILLed and reaped if it is still held when dropped.
+struct ChildGuard {
+    /// The child, until it has been reaped.
+    child: Option<Child>,
+}
+
+/// Kills a child that is still running, so no process outlives the benchmark.
+impl Drop for ChildGuard {
+    /// SIGKILLs and reaps the child if it is still held.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Lines in a file (0 if it does not exist yet).
+fn count_lines(path: &Path) -> Result<u64> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(b.iter().filter(|&&c| c == b'\n').count() as u64),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// `recovery`: runs a `steps` workflow in a child `cairn`, SIGKILLs it at ~40% of its steps,
+/// then resumes it here and counts the steps that executed twice.
+async fn bench_recovery(dir: &Path, steps: u32) -> Result<RecoveryResult> {
+    let store_path = dir.join("recovery.redb");
+    let side = dir.join("recovery.side");
+    let side_str = side
+        .to_str()
+        .with_context(|| format!("the bench dir {} is not valid UTF-8", dir.display()))?;
+    let input = json!({ "steps": steps, "side_effects": side_str }).to_string();
+    let exe = std::env::current_exe().context("cannot find the cairn executable for the child")?;
+    let child = Command::new(&exe)
+        .arg("--store")
+        .arg(&store_path)
+        .args(["start", "steps", "--input", &input])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start the child {}", exe.display()))?;
+    let mut guard = ChildGuard { child: Some(child) };
+    let kill_at = (u64::from(steps) * 2).div_ceil(5);
+    let deadline = Instant::now() + RECOVERY_TIMEOUT;
+    loop {
+        let n = count_lines(&side)?;
+        if n >= kill_at {
+            break;
+        }
+        let Some(child) = guard.child.as_mut() else {
+            bail!("the recovery child is gone");
+        };
+        if let Some(status) = child.try_wait().context("cannot poll the recovery child")? {
+            let mut err = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                use std::io::Read;
+                let _ = s.read_to_string(&mut err);
+            }
+            guard.child = None;
+            bail!(
+                "the recovery child exited ({status}) after {n} of {steps} steps, before the \
+                 kill at {kill_at}: {}",
+                err.trim()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the recovery child executed only {n} of {steps} steps in {}s",
+                RECOVERY_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let Some(mut child) = guard.child.take() else {
+        bail!("the recovery child is gone");
+    };
+    let pid = libc::pid_t::try_from(child.id()).context("the child's pid does not fit pid_t")?;
+    // SAFETY: kill(2) with the pid of a child we spawned and have not reaped, so the pid cannot
+    // have been reused by another process.
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        guard.child = Some(child);
+        return Err(e).context("cannot SIGKILL the recovery child");
+    }
+    let status = child.wait().context("cannot reap the recovery child")?;
+    if status.signal() != Some(libc::SIGKILL) {
+        bail!("the recovery child ended ({status}) before the SIGKILL landed");
+    }
+    let executed_at_kill = count_lines(&side)?;
+
+    // The restart: open the store, find the interrupted run, resume it, run it to the end.
+    let t0 = Instant::now();
+    let store = open_store(&store_path, Durability::Immediate)?;
+    let open_secs = t0.elapsed().as_secs_f64();
+    let engine = Engine::new(store.clone(), workflows::registry(Arc::default()));
+    let recovered = engine
+        .recover()
+        .await
+        .context("cannot recover the killed run")?;
+    let resumed_secs = t0.elapsed().as_secs_f64();
+    if let Some((id, e)) = recovered.failed.into_iter().next() {
+        return Err(e).with_context(|| format!("cannot resume the killed run {id}"));
+    }
+    let mut handles = recovered.handles;
+    let Some(h) = handles.pop() else {
+        bail!("no interrupted run found after the kill");
+    };
+    if !handles.is_empty() {
+        bail!("{} interrupted runs found, expected 1", handles.len() + 1);
+    }
+    let out = h.wait().await.context("the resumed run did not finish")?;
+    let total_secs = t0.elapsed().as_secs_f64();
+    check_completed("recovery", &out)?;
+    drop(engine);
+    drop(store);
+
+    let text = std::fs::read_to_string(&side)
+        .with_context(|| format!("cannot read {}", side.display()))?;
+    let mut seen: HashMap<u32, u32> = HashMap::new();
+    for line in text.lines() {
+        let i: u32 = line
+            .trim()
+            .parse()
+            .with_context(|| format!("bad line `{line}` in {}", side.display()))?;
+        *seen.entry(i).or_default() += 1;
+    }
+    if let Some(missing) = (0..steps).find(|i| !seen.contains_key(i)) {
+        bail!("step {missing} never executed in the recovery run");
+    }
+    let steps_reexecuted = seen.values().filter(|&&c| c > 1).count() as u64;
+    let _ = std::fs::remove_file(&store_path);
+    let _ = std::fs::remove_file(&side);
+    Ok(RecoveryResult {
+        steps,
+        executed_at_kill,
+        steps_recorded_at_kill: out.steps_replayed,
+        steps_executed_after_restart: out.steps_executed,
+        open_secs,
+        resumed_secs,
+        total_secs,
+        steps_reexecuted,
+    })
+}
+
+/// Judges the targets on the figures of this run.
+fn targets(r: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    let pct = SEQ_TARGET_RATIO * 100.0;
+    out.push(match (&r.seq, &r.fsync) {
+        (Some(s), Some(f)) => {
+            let ratio = rate(s.steps_per_sec, f.commits_per_sec);
+            Target {
+                name: "seq_vs_fsync",
+                goal: format!("seq steps/s ≥ {pct:.0}% of fsync commits/s"),
+                met: Some(ratio >= SEQ_TARGET_RATIO),
+                detail: format!(
+                    "seq {} steps/s is {:.0}% of fsync {} commits/s",
+                    fmt_rate(s.steps_per_sec),
+                    ratio * 100.0,
+                    fmt_rate(f.commits_per_sec)
+                ),
+            }
+        }
+        _ => not_measured(
+            "seq_vs_fsync",
+            format!("seq steps/s ≥ {pct:.0}% of fsync commits/s"),
+            "fsync and seq",
+        ),
+    });
+    out.push(match (&r.many, &r.seq) {
+        (Some(m), Some(s)) => {
+            let ratio = rate(m.steps_per_sec, s.steps_per_sec);
+            Target {
+                name: "many_vs_seq",
+                goal: format!("many steps/s ≥ {MANY_TARGET_RATIO:.0}× seq steps/s"),
+                met: Some(ratio >= MANY_TARGET_RATIO),
+                detail: format!(
+                    "many {} steps/s is {ratio:.1}× seq {} steps/s ({:.1} events per commit)",
+                    fmt_rate(m.steps_per_sec),
+                    fmt_rate(s.steps_per_sec),
+                    m.events_per_commit
+                ),
+            }
+        }
+        _ => not_measured(
+            "many_vs_seq",
+            format!("many steps/s ≥ {MANY_TARGET_RATIO:.0}× seq steps/s"),
+            "seq and many",
+        ),
+    });
+    let replay_goal = || format!("≥ {} events/s", fmt_rate(REPLAY_TARGET_EPS));
+    match &r.replay {
+        Some(p) => {
+            out.push(Target {
+                name: "replay_fold",
+                goal: format!("replay fold {}", replay_goal()),
+                met: Some(p.fold_events_per_sec >= REPLAY_TARGET_EPS),
+                detail: format!(
+                    "fold of {} events in {:.1} ms = {} events/s",
+                    fmt_int(p.events),
+                    p.fold_secs * 1000.0,
+                    fmt_rate(p.fold_events_per_sec)
+                ),
+            });
+            out.push(Target {
+                name: "replay_load",
+                goal: format!("replay load (read + decode + fold) {}", replay_goal()),
+                met: Some(p.load_events_per_sec >= REPLAY_TARGET_EPS),
+                detail: format!(
+                    "Engine::load of {} events in {:.1} ms = {} events/s",
+                    fmt_int(p.events),
+                    p.load_secs * 1000.0,
+                    fmt_rate(p.load_events_per_sec)
+                ),
+            });
+        }
+        None => {
+            out.push(not_measured(
+                "replay_fold",
+                format!("replay fold {}", replay_goal()),
+                "replay",
+            ));
+            out.push(not_measured(
+                "replay_load",
+                format!("replay load (read + decode + fold) {}", replay_goal()),
+                "replay",
+            ));
+        }
+    }
+    let goal = format!("recovery re-executes ≤ {RECOVERY_TARGET_REEXECUTED} step");
+    out.push(match &r.recovery {
+        Some(c) => Target {
+            name: "recovery",
+            goal,
+            met: Some(c.steps_reexecuted <= RECOVERY_TARGET_REEXECUTED),
+            detail: format!(
+                "{} step(s) re-executed after a SIGKILL at {} of {} steps",
+                c.steps_reexecuted,
+                fmt_int(c.executed_at_kill),
+                fmt_int(c.steps)
+            ),
+        },
+        None => not_measured("recovery", goal, "recovery"),
+    });
+    out
+}
+
+/// A target this run cannot judge because it lacks `needs`.
+fn not_measured(name: &'static str, goal: String, needs: &str) -> Target {
+    Target {
+        name,
+        goal,
+        met: None,
+        detail: format!("not measured: needs {needs} in the same run"),
+    }
+}
+
+/// Prints the results table and the targets for humans.
+fn print_human(r: &Results) {
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED);
+    t.set_header(["workload", "result", "details"]);
+    if let Some(f) = &r.fsync {
+        t.add_row([
+            "fsync".to_string(),
+            format!("{} commits/s", fmt_rate(f.commits_per_sec)),
+            format!(
+                "{} × 4 KiB write + fdatasync in {:.2} s\np50 {:.2} ms · p99 {:.2} ms · max {:.2} ms",
+                fmt_int(f.writes),
+                f.secs,
+                f.p50_ms,
+                f.p99_ms,
+                f.max_ms
+            ),
+        ]);
+    }
+    if let Some(s) = &r.seq {
+        t.add_row([
+            "seq".to_string(),
+            format!("{} steps/s", fmt_rate(s.steps_per_sec)),
+            format!(
+                "{} sequential steps in {:.2} s · {:.2} events/commit\n{} on disk = {} bytes/step",
+                fmt_int(s.steps),
+                s.secs,
+                s.events_per_commit,
+                fmt_bytes(s.file_bytes),
+                fmt_int(s.bytes_per_step.round() as u64)
+            ),
+        ]);
+    }
+    if let Some(m) = &r.many {
+        t.add_row([
+            "many".to_string(),
+            format!(
+                "{} steps/s\n{} workflows/s",
+                fmt_rate(m.steps_per_sec),
+                fmt_rate(m.workflows_per_sec)
+            ),
+            format!(
+                "{} workflows × {} steps in {:.2} s\n{} events in {} commits = {:.1} events/commit",
+                fmt_int(m.workflows),
+                fmt_int(m.steps_per_workflow),
+                m.secs,
+                fmt_int(m.events),
+                fmt_int(m.commits),
+                m.events_per_commit
+            ),
+        ]);
+    }
+    if let Some(p) = &r.replay {
+        t.add_row([
+            "replay".to_string(),
+            format!(
+                "fold {} events/s\nload {} events/s",
+                fmt_rate(p.fold_events_per_sec),
+                fmt_rate(p.load_events_per_sec)
+            ),
+            format!(
+                "{} events ({} on disk), median of {}\nfold {:.1} ms · load {:.1} ms \
+                 (read alone {:.1} ms, decode alone {:.1} ms)",
+                fmt_int(p.events),
+                fmt_bytes(p.file_bytes),
+                p.repetitions,
+                p.fold_secs * 1000.0,
+                p.load_secs * 1000.0,
+                p.read_secs * 1000.0,
+                p.decode_secs * 1000.0
+            ),
+        ]);
+    }
+    if let Some(c) = &r.recovery {
+        t.add_row([
+            "recovery".to_string(),
+            format!(
+                "{:.2} s to completion\n{} step(s) re-executed",
+                c.total_secs, c.steps_reexecuted
+            ),
+            format!(
+                "SIGKILL after {} of {} steps ({} recorded)\nstore open {:.1} ms · resumed after \
+                 {:.1} ms · {} steps executed after restart",
+                fmt_int(c.executed_at_kill),
+                fmt_int(c.steps),
+                fmt_int(c.steps_recorded_at_kill),
+                c.open_secs * 1000.0,
+                c.resumed_secs * 1000.0,
+                fmt_int(c.steps_executed_after_restart)
+            ),
+        ]);
+    }
+    println!("stores in {}", r.dir);
+    println!("{t}");
+    println!();
+    println!("targets (ratios measured in this run):");
+    for tg in &r.targets {
+        let verdict = match tg.met {
+            Some(true) => "met    ",
+            Some(false) => "MISSED ",
+            None => "skipped",
+        };
+        println!("  {verdict} {}: {}", tg.goal, tg.detail);
+    }
+}
+
+/// An integer with thousands separators.
+fn fmt_int(n: impl Into<u64>) -> String {
+    let s = n.into().to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A rate: thousands separators, one decimal below 100.
+fn fmt_rate(x: f64) -> String {
+    if !x.is_finite() || x < 0.0 {
+        return format!("{x}");
+    }
+    if x < 100.0 {
+        format!("{x:.1}")
+    } else {
+        fmt_int(x.round() as u64)
+    }
+}
+
+/// A byte count in KiB or MiB.
+fn fmt_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// Unit tests of the formatting and statistics helpers.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Thousands separators land every three digits from the right.
+    #[test]
+    fn formats_integers_with_separators() {
+        assert_eq!(fmt_int(0u32), "0");
+        assert_eq!(fmt_int(999u32), "999");
+        assert_eq!(fmt_int(1000u32), "1,000");
+        assert_eq!(fmt_int(1_234_567u64), "1,234,567");
+    }
+
+    /// Percentiles use the nearest rank, and an empty sample gives 0.
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&v, 50.0), 50.0);
+        assert_eq!(percentile_ms(&v, 99.0), 99.0);
+        assert_eq!(percentile_ms(&v, 100.0), 100.0);
+        assert_eq!(percentile_ms(&[], 50.0), 0.0);
+    }
 }

@@ -138,6 +138,15 @@ async fn demo(path: &Path, items: u32, step_ms: u64) -> Result<ExitCode> {
 async fn start(path: &Path, workflow: &str, input: &str) -> Result<ExitCode> {
     let input: serde_json::Value = serde_json::from_str(input)
         .map_err(|e| usage(format!("--input is not valid JSON ({e}): `{input}`")))?;
+    // Check the name before creating a store for it.
+    let known = workflows::registry(Arc::default()).names();
+    if !known.iter().any(|(n, _)| n == workflow) {
+        let names: Vec<&str> = known.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(usage(format!(
+            "no workflow named `{workflow}` is registered (known: {}); see `cairn workflows`",
+            names.join(", ")
+        )));
+    }
     let store = open_rw(path)?;
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store, Arc::clone(&progress));

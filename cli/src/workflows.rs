@@ -181,7 +181,8 @@ pub fn registry(progress: Arc<Progress>) -> Registry {
                             .append(true)
                             .open(&path)
                             .map_err(|e| StepError::msg(format!("side-effect file {path}: {e}")))?;
-                        writeln!(f, "{i}")?;
+                        // One write for the whole line, so a kill cannot leave half of it.
+                        f.write_all(format!("{i}\n").as_bytes())?;
                     }
                     Ok(json!({ "i": i, "square": u64::from(i) * u64::from(i), "pad": filler }))
                 })

@@ -38,6 +38,12 @@ pub(crate) struct RunShared {
     /// Cancelled when the engine shuts down.
     pub(crate) shutdown: CancellationToken,
     pub(crate) interrupt: Mutex<Option<Interrupt>>,
+    /// Woken when a signal is delivered to this run.
+    pub(crate) signal: Arc<tokio::sync::Notify>,
+    /// The engine executing the run (for child runs).
+    pub(crate) engine: std::sync::Weak<crate::runtime::EngineInner>,
+    /// Waits longer than this park the run (status `waiting`) instead of holding it in memory.
+    pub(crate) suspend_after: Duration,
 }
 
 pub(crate) struct LiveState {
@@ -166,28 +172,11 @@ impl WorkflowContext {
         let beyond = |p: &StepPath| {
             p.starts_with(&self.scope.prefix) && p.parts().get(depth).is_some_and(|i| *i >= next)
         };
-        let first_step = st
-            .run
-            .steps
-            .iter()
-            .find(|(p, _)| beyond(p))
-            .map(|(p, r)| (p.clone(), r.name.clone()));
-        let first_fan = st
-            .run
-            .fanouts
-            .iter()
-            .find(|(p, _)| beyond(p))
-            .map(|(p, f)| (p.clone(), format!("fan-out `{}`", f.name)));
-        let first_meta = st
-            .run
-            .metadata_paths
-            .iter()
-            .find(|(p, _)| beyond(p))
-            .map(|(p, k)| (p.clone(), format!("metadata `{k}`")));
-        [first_step, first_fan, first_meta]
-            .into_iter()
-            .flatten()
-            .min_by(|a, b| a.0.cmp(&b.0))
+        st.run
+            .positioned()
+            .filter(|(p, _)| beyond(p))
+            .min_by(|a, b| a.0.cmp(b.0))
+            .map(|(p, d)| (p.clone(), d))
     }
 
     /// Reserves the next position in this scope. Positions are taken when an operation is
@@ -515,7 +504,7 @@ impl WorkflowContext {
     }
 
     /// Waits until the wall-clock time `t_us`, stopping early on cancel or shutdown.
-    async fn wait_until_us(&self, t_us: i64) -> Result<(), WorkflowError> {
+    pub(crate) async fn wait_until_us(&self, t_us: i64) -> Result<(), WorkflowError> {
         let left = t_us - now_micros();
         if left <= 0 {
             return Ok(());
@@ -690,11 +679,11 @@ fn reserved_name(name: &str) -> Result<(), WorkflowError> {
     Ok(())
 }
 
-fn micros(d: Duration) -> i64 {
+pub(crate) fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-fn from_micros(us: i64) -> Duration {
+pub(crate) fn from_micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 

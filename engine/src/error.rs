@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use cairn_storage::{RunId, StoreError};
+use cairn_storage::{RunId, RunStatus, StoreError};
 
 use crate::event::StepPath;
 use crate::state::FoldError;
@@ -96,6 +96,17 @@ pub enum Interrupt {
     /// The engine is shutting down; the run stays `running` and resumes later.
     #[error("run {0} was interrupted by shutdown; resume it with `cairn resume {0}`")]
     Shutdown(RunId),
+    /// The run is parked (status `waiting`) until a timer fires or a signal arrives; it is not
+    /// an error.
+    #[error("run {run} is waiting ({reason})")]
+    Suspend {
+        /// The run.
+        run: RunId,
+        /// When to wake it, if by a timer (microseconds since the epoch).
+        wake_at_us: Option<i64>,
+        /// What it waits for.
+        reason: String,
+    },
     /// The store failed; the run stays as it was and can be resumed.
     #[error("run {run}: the store failed ({detail}); the run can be resumed once the store works")]
     Store {
@@ -186,6 +197,14 @@ pub enum EngineError {
     /// The run was stopped by an interrupt (non-determinism, store failure); it was left as it was.
     #[error(transparent)]
     Interrupted(Interrupt),
+    /// A signal was sent to a run that has finished; nothing was recorded.
+    #[error("run {run} has already {status}; the signal was not delivered")]
+    RunFinished {
+        /// The run.
+        run: RunId,
+        /// Its final status.
+        status: RunStatus,
+    },
     /// The run's task panicked; it stays `running` and can be resumed.
     #[error("run {run} panicked: {detail}; it stays `running` and can be resumed after a fix")]
     Panicked {

@@ -286,6 +286,79 @@ pub enum Event {
         /// Why the fan-out failed, if it did.
         error: Option<String>,
     },
+    /// A durable timer was set; the run sleeps until it fires, across restarts.
+    TimerSet {
+        /// The sleep's position.
+        path: StepPath,
+        /// When it fires (microseconds since the epoch).
+        fire_at_us: i64,
+    },
+    /// A durable timer fired.
+    TimerFired {
+        /// The sleep's position.
+        path: StepPath,
+    },
+    /// An external signal was delivered to the run (kept until a wait consumes it).
+    SignalSent {
+        /// The signal's name.
+        name: String,
+        /// Its data.
+        data: Payload,
+    },
+    /// The workflow began waiting for a signal.
+    SignalWaitStarted {
+        /// The wait's position.
+        path: StepPath,
+        /// The signal's name.
+        name: String,
+        /// When the wait times out (microseconds since the epoch), if ever.
+        deadline_us: Option<i64>,
+    },
+    /// A wait consumed a delivered signal.
+    SignalReceived {
+        /// The wait's position.
+        path: StepPath,
+        /// The signal's name.
+        name: String,
+        /// The sequence number of the `signal_sent` event consumed.
+        sent_seq: u64,
+    },
+    /// A wait for a signal timed out.
+    SignalTimedOut {
+        /// The wait's position.
+        path: StepPath,
+        /// The signal's name.
+        name: String,
+    },
+    /// The workflow started a child run.
+    ChildStarted {
+        /// The position of the call.
+        path: StepPath,
+        /// The child run's id.
+        child: RunId,
+        /// The child's workflow.
+        workflow: String,
+    },
+    /// A child run finished.
+    ChildFinished {
+        /// The position of the call.
+        path: StepPath,
+        /// The child run's id.
+        child: RunId,
+        /// Whether it completed (true) or failed or was cancelled (false).
+        ok: bool,
+        /// Its output (when ok) or `null`.
+        output: Payload,
+        /// Its error, when not ok.
+        error: Option<String>,
+    },
+    /// The run was parked (status `waiting`) to free memory while it waits.
+    RunSuspended {
+        /// When it is due to be woken, if by a timer.
+        wake_at_us: Option<i64>,
+        /// What it waits for.
+        reason: String,
+    },
 }
 
 /// The error for bytes that are not an event this binary knows.
@@ -323,6 +396,15 @@ impl Event {
             Event::BranchCompleted { .. } => "branch_completed",
             Event::BranchFailed { .. } => "branch_failed",
             Event::FanInCompleted { .. } => "fan_in_completed",
+            Event::TimerSet { .. } => "timer_set",
+            Event::TimerFired { .. } => "timer_fired",
+            Event::SignalSent { .. } => "signal_sent",
+            Event::SignalWaitStarted { .. } => "signal_wait_started",
+            Event::SignalReceived { .. } => "signal_received",
+            Event::SignalTimedOut { .. } => "signal_timed_out",
+            Event::ChildStarted { .. } => "child_started",
+            Event::ChildFinished { .. } => "child_finished",
+            Event::RunSuspended { .. } => "run_suspended",
         }
     }
 
@@ -336,7 +418,14 @@ impl Event {
             | Event::FanOutStarted { path, .. }
             | Event::BranchCompleted { path, .. }
             | Event::BranchFailed { path, .. }
-            | Event::FanInCompleted { path, .. } => Some(path),
+            | Event::FanInCompleted { path, .. }
+            | Event::TimerSet { path, .. }
+            | Event::TimerFired { path }
+            | Event::SignalWaitStarted { path, .. }
+            | Event::SignalReceived { path, .. }
+            | Event::SignalTimedOut { path, .. }
+            | Event::ChildStarted { path, .. }
+            | Event::ChildFinished { path, .. } => Some(path),
             _ => None,
         }
     }
@@ -415,6 +504,44 @@ impl Event {
                 "path": path.to_string(), "succeeded": succeeded, "failed": failed,
                 "cancelled": cancelled, "error": error,
             }),
+            Event::TimerSet { path, fire_at_us } => {
+                json!({ "path": path.to_string(), "fire_at_us": fire_at_us })
+            }
+            Event::TimerFired { path } => json!({ "path": path.to_string() }),
+            Event::SignalSent { name, data } => json!({ "name": name, "data": data.to_json() }),
+            Event::SignalWaitStarted {
+                path,
+                name,
+                deadline_us,
+            } => json!({ "path": path.to_string(), "name": name, "deadline_us": deadline_us }),
+            Event::SignalReceived {
+                path,
+                name,
+                sent_seq,
+            } => json!({ "path": path.to_string(), "name": name, "sent_seq": sent_seq }),
+            Event::SignalTimedOut { path, name } => {
+                json!({ "path": path.to_string(), "name": name })
+            }
+            Event::ChildStarted {
+                path,
+                child,
+                workflow,
+            } => {
+                json!({ "path": path.to_string(), "child": child.to_string(), "workflow": workflow })
+            }
+            Event::ChildFinished {
+                path,
+                child,
+                ok,
+                output,
+                error,
+            } => json!({
+                "path": path.to_string(), "child": child.to_string(), "ok": ok,
+                "output": output.to_json(), "error": error,
+            }),
+            Event::RunSuspended { wake_at_us, reason } => {
+                json!({ "wake_at_us": wake_at_us, "reason": reason })
+            }
         };
         if let Some(o) = v.as_object_mut() {
             o.insert("kind".into(), self.kind().into());
@@ -489,6 +616,47 @@ mod tests {
                 cancelled: vec![7],
                 error: None,
             },
+            Event::TimerSet {
+                path: "6".parse().unwrap(),
+                fire_at_us: 123,
+            },
+            Event::TimerFired {
+                path: "6".parse().unwrap(),
+            },
+            Event::SignalSent {
+                name: "approve".into(),
+                data: Payload::from_value(&true).unwrap(),
+            },
+            Event::SignalWaitStarted {
+                path: "7".parse().unwrap(),
+                name: "approve".into(),
+                deadline_us: Some(9),
+            },
+            Event::SignalReceived {
+                path: "7".parse().unwrap(),
+                name: "approve".into(),
+                sent_seq: 14,
+            },
+            Event::SignalTimedOut {
+                path: "8".parse().unwrap(),
+                name: "x".into(),
+            },
+            Event::ChildStarted {
+                path: "9".parse().unwrap(),
+                child: RunId::new(),
+                workflow: "w".into(),
+            },
+            Event::ChildFinished {
+                path: "9".parse().unwrap(),
+                child: RunId::new(),
+                ok: true,
+                output: Payload::from_value(&1).unwrap(),
+                error: None,
+            },
+            Event::RunSuspended {
+                wake_at_us: None,
+                reason: "signal".into(),
+            },
         ]
     }
 
@@ -503,7 +671,7 @@ mod tests {
     #[test]
     fn variant_numbering_is_stable() {
         let tags: Vec<u8> = samples().iter().map(|e| e.encode()[0]).collect();
-        assert_eq!(tags, (0..=12).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=21).collect::<Vec<u8>>());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!
 //! Architecture invariant: the engine never learns what an LLM is; agents build on steps.
 
+mod child;
 mod context;
 mod error;
 mod event;
@@ -16,6 +17,7 @@ mod registry;
 mod retry;
 mod runtime;
 mod state;
+mod waits;
 
 pub use context::{CompletedStep, WorkflowContext};
 pub use error::{EngineError, Interrupt, StepError, WorkflowError};
@@ -23,8 +25,12 @@ pub use event::{DecodeError, Event, Payload, StepPath};
 pub use fanout::{BranchOutcome, FanIn, FanOutOptions, JoinPolicy};
 pub use registry::Registry;
 pub use retry::{RetryPolicy, StepOptions};
-pub use runtime::{CancelOutcome, Engine, Recovered, RunHandle, RunOutcome, StartOptions};
+pub use runtime::{
+    CancelOutcome, Engine, EngineOptions, Recovered, RunHandle, RunOutcome, SignalDelivery,
+    StartOptions,
+};
 pub use state::{
-    BranchRecord, FAN_OUT_BRANCHES_MAX, FanInRecord, FanOutRecord, FoldError, Replayer, RunState,
-    StepRecord, StepStatus, fold,
+    BranchRecord, ChildRecord, FAN_OUT_BRANCHES_MAX, FanInRecord, FanOutRecord, FoldError,
+    Replayer, RunState, SignalRecord, StepRecord, StepStatus, TimerRecord, WaitOutcome, WaitRecord,
+    fold,
 };

@@ -8,8 +8,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use cairn_storage::{
-    EventStore, Guard, NewEvent, NewRun, RunFilter, RunId, RunMeta, RunStatus, Seq, StoreError,
+    EventStore, Guard, NewEvent, NewRun, RunFilter, RunId, RunMeta, RunStatus, RunUpdate, Seq,
+    StoreError,
 };
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -73,6 +76,8 @@ pub struct StartOptions {
     pub labels: BTreeMap<String, String>,
     /// The parent run, if this run is a child.
     pub parent: Option<RunId>,
+    /// The id to create the run with (child runs record it first); `None`: a fresh one.
+    pub id: Option<RunId>,
 }
 
 impl StartOptions {
@@ -83,17 +88,66 @@ impl StartOptions {
             input,
             labels: BTreeMap::new(),
             parent: None,
+            id: None,
         }
     }
 }
 
 /// A run executing (or about to execute) in this process.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct ActiveRun {
     /// Cancelled when the run is cancelled.
     pub(crate) cancel: CancellationToken,
     /// The reason given to `cancel`, recorded in the run's `run_cancelled` event.
     pub(crate) reason: Arc<Mutex<Option<String>>>,
+    /// Woken when a signal is delivered to the run.
+    pub(crate) signal: Arc<tokio::sync::Notify>,
+    /// Set to true when the run's task has stopped.
+    pub(crate) stopped: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for ActiveRun {
+    fn default() -> Self {
+        ActiveRun {
+            cancel: CancellationToken::new(),
+            reason: Arc::default(),
+            signal: Arc::default(),
+            stopped: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
+
+/// Settings of an [`Engine`].
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// At most this many runs execute at once in this process; more are queued durably
+    /// (status `pending`) and start in the order they were created. `None`: no limit.
+    pub max_running: Option<usize>,
+    /// A sleep or signal wait longer than this parks the run (status `waiting`, in the
+    /// wake-up index) instead of keeping it in memory.
+    pub suspend_after: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_running: None,
+            suspend_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What `signal` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignalDelivery {
+    /// The run executes in this process and was woken.
+    Notified,
+    /// The run was parked (`waiting`); it is now `running` and must be resumed (the worker
+    /// or `cairn signal` does it).
+    Woken,
+    /// The signal is recorded; the run will see it when it next waits for it.
+    Recorded,
 }
 
 /// How a cancel request ended.
@@ -133,13 +187,19 @@ impl Drop for Claim<'_> {
     }
 }
 
-struct EngineInner {
+pub(crate) struct EngineInner {
     store: Arc<dyn EventStore>,
     registry: Registry,
     active: Mutex<HashMap<RunId, ActiveRun>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    options: EngineOptions,
+    /// With `max_running`: run slots, handed out strictly in request order.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    slot_queue: Mutex<Option<tokio::sync::mpsc::UnboundedSender<SlotRequest>>>,
 }
+
+type SlotRequest = tokio::sync::oneshot::Sender<tokio::sync::OwnedSemaphorePermit>;
 
 /// The workflow engine: a store, a registry, and the runs executing in this process.
 #[derive(Clone)]
@@ -155,6 +215,18 @@ impl Engine {
 
     /// Like [`Engine::new`] for a store that is already shared.
     pub fn with_store(store: Arc<dyn EventStore>, registry: Registry) -> Self {
+        Self::with_options(store, registry, EngineOptions::default())
+    }
+
+    /// An engine with explicit settings.
+    pub fn with_options(
+        store: Arc<dyn EventStore>,
+        registry: Registry,
+        options: EngineOptions,
+    ) -> Self {
+        let slots = options
+            .max_running
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1))));
         Engine {
             inner: Arc::new(EngineInner {
                 store,
@@ -162,8 +234,41 @@ impl Engine {
                 active: Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                options,
+                slots,
+                slot_queue: Mutex::new(None),
             }),
         }
+    }
+
+    pub(crate) fn from_inner(inner: Arc<EngineInner>) -> Self {
+        Engine { inner }
+    }
+
+    /// Asks for a run slot; requests are served strictly in the order they are made, so
+    /// queued runs start in order.
+    fn request_slot(
+        &self,
+    ) -> Option<tokio::sync::oneshot::Receiver<tokio::sync::OwnedSemaphorePermit>> {
+        let slots = self.inner.slots.as_ref()?;
+        let mut q = lock(&self.inner.slot_queue);
+        let tx = q.get_or_insert_with(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SlotRequest>();
+            let slots = Arc::clone(slots);
+            tokio::spawn(async move {
+                while let Some(req) = rx.recv().await {
+                    let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                        break;
+                    };
+                    // A requester that went away gives its slot back by dropping it.
+                    let _ = req.send(permit);
+                }
+            });
+            tx
+        });
+        let (req, rx) = tokio::sync::oneshot::channel();
+        tx.send(req).ok()?;
+        Some(rx)
     }
 
     /// The store this engine writes to.
@@ -200,7 +305,7 @@ impl Engine {
             workflow: opts.workflow.clone(),
             detail,
         })?;
-        let id = RunId::new();
+        let id = opts.id.unwrap_or_default();
         let start = Event::RunStarted {
             workflow: opts.workflow.clone(),
             version: wf.version,
@@ -223,7 +328,12 @@ impl Engine {
                     version: wf.version,
                     parent: opts.parent,
                     labels: opts.labels,
-                    status: RunStatus::Running,
+                    // With a limit on running runs, a new run waits for a slot durably.
+                    status: if self.inner.slots.is_some() {
+                        RunStatus::Pending
+                    } else {
+                        RunStatus::Running
+                    },
                 },
                 vec![ne],
             )
@@ -292,10 +402,20 @@ impl Engine {
         };
         let ne = NewEvent::now(resumed.encode());
         let ts = ne.ts_us;
+        let pending = self.run_meta(id).await?.status == RunStatus::Pending;
         let a = self
             .inner
             .store
-            .append(id, vec![ne], Some(RunStatus::Running))
+            .write(
+                id,
+                vec![ne],
+                RunUpdate {
+                    // A queued run stays pending until it gets a slot.
+                    status: (!pending).then_some(RunStatus::Running),
+                    guard: Guard::NotFinished,
+                    wake_at_us: Some(None),
+                },
+            )
             .await?;
         state.apply_event(id, a.first.0, ts, resumed)?;
         Ok(self.spawn(claim, state, wf))
@@ -362,12 +482,151 @@ impl Engine {
             )
             .await;
         match r {
-            Ok(_) => Ok(CancelOutcome::Cancelled),
+            Ok(_) => {
+                // Its unfinished children go with it.
+                let state = self.load(id).await?;
+                for c in state.children.values().filter(|c| c.ok.is_none()) {
+                    Box::pin(self.cancel(c.child, "its parent was cancelled")).await?;
+                }
+                Ok(CancelOutcome::Cancelled)
+            }
             Err(StoreError::RunFinished { status, .. }) => {
                 Ok(CancelOutcome::AlreadyFinished(status))
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Delivers signal `name` with `data` to a run. The signal is appended to the run's log
+    /// (so it is not lost if the run is not waiting yet); a run executing here is woken, and a
+    /// parked run is marked `running` so that it is resumed.
+    pub async fn signal(
+        &self,
+        id: RunId,
+        name: &str,
+        data: serde_json::Value,
+    ) -> Result<SignalDelivery, EngineError> {
+        let meta = self.run_meta(id).await?;
+        let data = Payload::from_value(&data).map_err(|e| EngineError::BadInput {
+            workflow: meta.workflow.clone(),
+            detail: format!("the signal's data cannot be encoded: {e}"),
+        })?;
+        let waiting = meta.status == RunStatus::Waiting;
+        let ev = Event::SignalSent {
+            name: name.to_string(),
+            data,
+        };
+        let r = self
+            .inner
+            .store
+            .write(
+                id,
+                vec![NewEvent::now(ev.encode())],
+                RunUpdate {
+                    status: waiting.then_some(RunStatus::Running),
+                    guard: Guard::NotFinished,
+                    wake_at_us: waiting.then_some(None),
+                },
+            )
+            .await;
+        match r {
+            Ok(_) => {}
+            Err(StoreError::RunFinished { status, .. }) => {
+                return Err(EngineError::RunFinished { run: id, status });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(a) = lock(&self.inner.active).get(&id) {
+            a.signal.notify_one();
+            return Ok(SignalDelivery::Notified);
+        }
+        Ok(if waiting {
+            SignalDelivery::Woken
+        } else {
+            SignalDelivery::Recorded
+        })
+    }
+
+    /// Waits until run `id` stops executing and returns its outcome as recorded; a run that is
+    /// neither finished nor executing here is resumed first.
+    pub async fn wait_for(&self, id: RunId) -> Result<RunOutcome, EngineError> {
+        let stopped = lock(&self.inner.active)
+            .get(&id)
+            .map(|a| a.stopped.subscribe());
+        match stopped {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+            None => {
+                let meta = self.run_meta(id).await?;
+                if !meta.status.is_terminal() && meta.status != RunStatus::Waiting {
+                    match self.resume(id).await {
+                        Ok(h) => return h.wait().await,
+                        // Claimed between our look and our resume: wait for that execution.
+                        Err(EngineError::AlreadyActive(_)) => {
+                            return Box::pin(self.wait_for(id)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        let state = self.load(id).await?;
+        Ok(outcome_of(id, &state, 0, 0))
+    }
+
+    /// Resumes every parked run whose wake-up time has come (from the wake-up index).
+    pub async fn wake_due(&self) -> Result<Recovered, EngineError> {
+        let due = self
+            .inner
+            .store
+            .due_wakeups(cairn_storage::now_micros(), 1024)
+            .await?;
+        let mut out = Recovered {
+            handles: Vec::new(),
+            failed: Vec::new(),
+        };
+        for (id, _) in due {
+            match self.resume(id).await {
+                Ok(h) => out.handles.push(h),
+                Err(EngineError::AlreadyActive(_)) => {}
+                Err(e) => out.failed.push((id, e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The timer service: until shutdown, wakes parked runs when their time comes and resumes
+    /// runs that a signal made `running` while nobody executed them. Errors of single runs are
+    /// passed to `on_failed`; handles of the runs it starts are passed to `on_started`.
+    pub async fn serve_timers(
+        &self,
+        on_started: impl Fn(RunHandle),
+        on_failed: impl Fn(RunId, EngineError),
+    ) -> Result<(), EngineError> {
+        const POLL: Duration = Duration::from_millis(500);
+        while !self.inner.shutdown.is_cancelled() {
+            let woken = self.wake_due().await?;
+            let recovered = self.recover().await?;
+            for r in [woken, recovered] {
+                for (id, e) in r.failed {
+                    on_failed(id, e);
+                }
+                for h in r.handles {
+                    on_started(h);
+                }
+            }
+            let next = self.inner.store.next_wakeup().await?;
+            let nap = next
+                .map(|t| crate::context::from_micros(t - cairn_storage::now_micros()))
+                .unwrap_or(POLL)
+                .min(POLL);
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+        Ok(())
     }
 
     /// A run's metadata row, or an error naming the unknown id.
@@ -403,6 +662,7 @@ impl Engine {
         let active = claim.active.take().unwrap_or_default();
         drop(claim);
         let input = state.input.clone();
+        let queued = state.status == RunStatus::Pending || self.inner.slots.is_some();
         let shared = Arc::new(RunShared {
             run_id: id,
             store: Arc::clone(&self.inner.store),
@@ -410,20 +670,89 @@ impl Engine {
             cancel: active.cancel.clone(),
             shutdown: self.inner.shutdown.child_token(),
             interrupt: Mutex::new(None),
+            signal: Arc::clone(&active.signal),
+            engine: Arc::downgrade(&self.inner),
+            suspend_after: self.inner.options.suspend_after,
         });
         let inner = Arc::clone(&self.inner);
+        let slot = if queued { self.request_slot() } else { None };
         let join = self.inner.tracker.spawn(async move {
-            let ctx = WorkflowContext::root(Arc::clone(&shared));
-            let root = ctx.clone();
-            // The workflow runs in its own task so that a panic in user code is contained and
-            // reported instead of taking the engine down.
-            let result = tokio::spawn((wf.run)(ctx, input)).await;
-            let reason = lock(&active.reason).clone();
-            let r = finish(&shared, &root, result, reason).await;
+            let r = async {
+                // Wait for a run slot (in creation order), then mark the run running.
+                let _permit = match slot {
+                    None => None,
+                    Some(rx) => {
+                        let permit = tokio::select! {
+                            p = rx => p.ok(),
+                            _ = shared.shutdown.cancelled() => None,
+                            _ = shared.cancel.cancelled() => None,
+                        };
+                        if permit.is_none() {
+                            let reason = lock(&active.reason).clone();
+                            let root = WorkflowContext::root(Arc::clone(&shared));
+                            if shared.cancel.is_cancelled() {
+                                shared.set_interrupt(Interrupt::Cancelled(id));
+                            } else {
+                                shared.set_interrupt(Interrupt::Shutdown(id));
+                            }
+                            return finish(
+                                &shared,
+                                &root,
+                                Ok(Err(WorkflowError::msg("stopped"))),
+                                reason,
+                            )
+                            .await;
+                        }
+                        permit
+                    }
+                };
+                let was_pending = lock(&shared.state).run.status == RunStatus::Pending;
+                if was_pending {
+                    shared
+                        .store
+                        .write(id, Vec::new(), RunUpdate::status(RunStatus::Running))
+                        .await?;
+                    lock(&shared.state).run.status = RunStatus::Running;
+                }
+                let ctx = WorkflowContext::root(Arc::clone(&shared));
+                let root = ctx.clone();
+                // The workflow runs in its own task so that a panic in user code is contained
+                // and reported instead of taking the engine down.
+                let result = tokio::spawn((wf.run)(ctx, input)).await;
+                let reason = lock(&active.reason).clone();
+                finish(&shared, &root, result, reason).await
+            }
+            .await;
             lock(&inner.active).remove(&id);
+            active.stopped.send_replace(true);
+            if let Ok(o) = &r
+                && o.status.is_terminal()
+            {
+                wake_parent(&inner, id).await;
+            }
             r
         });
         RunHandle { id, join }
+    }
+}
+
+/// When a child run finishes, its parent may be parked waiting for it: wake it.
+async fn wake_parent(inner: &Arc<EngineInner>, child: RunId) {
+    let Ok(Some(meta)) = inner.store.run(child).await else {
+        return;
+    };
+    let Some(parent) = meta.parent else { return };
+    let Ok(Some(pmeta)) = inner.store.run(parent).await else {
+        return;
+    };
+    if pmeta.status != RunStatus::Waiting {
+        return;
+    }
+    let engine = Engine::from_inner(Arc::clone(inner));
+    if !engine.inner.shutdown.is_cancelled() {
+        // Resuming writes `running`; its handle is not awaited here: the parent runs on its
+        // own task, like any other run.
+        let _ = engine.resume(parent).await;
     }
 }
 
@@ -507,6 +836,37 @@ async fn finish(
             let mut o = outcome_of(id, &st.run, st.replayed, st.executed);
             o.status = RunStatus::Running;
             return Ok(o);
+        }
+        (
+            Some(Interrupt::Suspend {
+                wake_at_us, reason, ..
+            }),
+            _,
+        )
+        | (
+            None,
+            Err(WorkflowError::Interrupted(Interrupt::Suspend {
+                wake_at_us, reason, ..
+            })),
+        ) => {
+            let ev = Event::RunSuspended { wake_at_us, reason };
+            let ne = NewEvent::now(ev.encode());
+            let ts = ne.ts_us;
+            let a = shared
+                .store
+                .write(
+                    id,
+                    vec![ne],
+                    RunUpdate {
+                        status: Some(RunStatus::Waiting),
+                        guard: Guard::NotFinished,
+                        wake_at_us: Some(wake_at_us),
+                    },
+                )
+                .await?;
+            let mut st = lock(&shared.state);
+            st.run.apply_event(id, a.first.0, ts, ev)?;
+            return Ok(outcome_of(id, &st.run, st.replayed, st.executed));
         }
         (Some(i), _) | (None, Err(WorkflowError::Interrupted(i))) => {
             return Err(EngineError::Interrupted(i));

@@ -29,6 +29,9 @@ pub(crate) enum Kind {
     Step,
     Metadata,
     FanOut,
+    Timer,
+    Wait,
+    Child,
 }
 
 /// What a run's history says about one step.
@@ -133,23 +136,69 @@ fn ser_outcomes<S: serde::Serializer>(v: &[Option<BranchRecord>], s: S) -> Resul
     map.end()
 }
 
+/// What a run's history says about one durable sleep.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TimerRecord {
+    /// When it fires (microseconds since the epoch).
+    pub fire_at_us: i64,
+    /// Whether it has fired.
+    pub fired: bool,
+}
+
+/// How a signal wait ended.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitOutcome {
+    /// It consumed the `signal_sent` event with this sequence number.
+    Received(u64),
+    /// It timed out.
+    TimedOut,
+}
+
+/// What a run's history says about one wait for a signal.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WaitRecord {
+    /// The signal's name.
+    pub name: String,
+    /// When the wait times out (microseconds since the epoch), if ever.
+    pub deadline_us: Option<i64>,
+    /// How it ended, if it did.
+    pub outcome: Option<WaitOutcome>,
+}
+
+/// A signal delivered to the run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SignalRecord {
+    /// The signal's name.
+    pub name: String,
+    /// Its data.
+    #[serde(serialize_with = "ser_payload")]
+    pub data: Payload,
+    /// The wait that consumed it, if any.
+    pub consumed_by: Option<String>,
+}
+
+/// What a run's history says about one child run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ChildRecord {
+    /// The child run's id.
+    pub child: RunId,
+    /// The child's workflow.
+    pub workflow: String,
+    /// `Some(ok)` once the child finished.
+    pub ok: Option<bool>,
+    /// Its output, once completed.
+    #[serde(serialize_with = "ser_payload_opt")]
+    pub output: Option<Payload>,
+    /// Its error, once failed or cancelled.
+    pub error: Option<String>,
+}
+
 /// The most branches one fan-out may have.
 pub const FAN_OUT_BRANCHES_MAX: u32 = 10_000_000;
 
-fn ser_steps<S: serde::Serializer>(
-    m: &BTreeMap<StepPath, StepRecord>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeMap;
-    let mut map = s.serialize_map(Some(m.len()))?;
-    for (k, v) in m {
-        map.serialize_entry(&k.to_string(), v)?;
-    }
-    map.end()
-}
-
-fn ser_fanouts<S: serde::Serializer>(
-    m: &BTreeMap<StepPath, FanOutRecord>,
+fn ser_path_map<S: serde::Serializer, V: Serialize>(
+    m: &BTreeMap<StepPath, V>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
@@ -182,11 +231,22 @@ pub struct RunState {
     /// The error, once failed or cancelled.
     pub error: Option<String>,
     /// Every recorded step by position.
-    #[serde(serialize_with = "ser_steps")]
+    #[serde(serialize_with = "ser_path_map")]
     pub steps: BTreeMap<StepPath, StepRecord>,
     /// Every recorded fan-out by position.
-    #[serde(serialize_with = "ser_fanouts")]
+    #[serde(serialize_with = "ser_path_map")]
     pub fanouts: BTreeMap<StepPath, FanOutRecord>,
+    /// Every recorded durable sleep by position.
+    #[serde(serialize_with = "ser_path_map")]
+    pub timers: BTreeMap<StepPath, TimerRecord>,
+    /// Every recorded signal wait by position.
+    #[serde(serialize_with = "ser_path_map")]
+    pub waits: BTreeMap<StepPath, WaitRecord>,
+    /// Signals delivered to the run, by the sequence number of their `signal_sent` event.
+    pub signals: BTreeMap<u64, SignalRecord>,
+    /// Child runs by the position of the call that started them.
+    #[serde(serialize_with = "ser_path_map")]
+    pub children: BTreeMap<StepPath, ChildRecord>,
     /// Metadata set by the workflow.
     #[serde(serialize_with = "ser_payload_map")]
     pub metadata: BTreeMap<String, Payload>,
@@ -195,6 +255,9 @@ pub struct RunState {
     pub metadata_paths: BTreeMap<StepPath, String>,
     /// How many events were folded.
     pub events: u64,
+    /// Every event before this sequence number has been looked at for delivered signals.
+    #[serde(skip)]
+    pub signals_seen_upto: u64,
     /// How many times the run was resumed.
     pub resumes: u32,
     /// Time of the first event (microseconds since the epoch).
@@ -261,9 +324,14 @@ impl RunState {
             error: None,
             steps: BTreeMap::new(),
             fanouts: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            waits: BTreeMap::new(),
+            signals: BTreeMap::new(),
+            children: BTreeMap::new(),
             metadata: BTreeMap::new(),
             metadata_paths: BTreeMap::new(),
             events: 1,
+            signals_seen_upto: 1,
             resumes: 0,
             started_us: ev.ts_us,
             updated_us: ev.ts_us,
@@ -285,6 +353,10 @@ impl RunState {
     ) -> Result<(), FoldError> {
         self.events += 1;
         self.updated_us = ts;
+        if seq + 1 > self.signals_seen_upto && self.events == seq + 1 {
+            // Folding the log in order: everything up to here has been seen.
+            self.signals_seen_upto = seq + 1;
+        }
         let inconsistent = |detail: String| FoldError::Inconsistent { run, seq, detail };
         match e {
             Event::RunStarted { .. } => {
@@ -302,7 +374,117 @@ impl RunState {
                 self.status = RunStatus::Cancelled;
                 self.error = Some(reason);
             }
-            Event::RunResumed { .. } => self.resumes += 1,
+            Event::RunResumed { .. } => {
+                self.resumes += 1;
+                if self.status == RunStatus::Waiting {
+                    self.status = RunStatus::Running;
+                }
+            }
+            Event::RunSuspended { .. } => self.status = RunStatus::Waiting,
+            Event::TimerSet { path, fire_at_us } => {
+                self.timers.insert(
+                    path,
+                    TimerRecord {
+                        fire_at_us,
+                        fired: false,
+                    },
+                );
+            }
+            Event::TimerFired { path } => match self.timers.get_mut(&path) {
+                Some(t) => t.fired = true,
+                None => {
+                    return Err(inconsistent(format!(
+                        "timer {path} fired but was never set"
+                    )));
+                }
+            },
+            Event::SignalSent { name, data } => {
+                self.signals.insert(
+                    seq,
+                    SignalRecord {
+                        name,
+                        data,
+                        consumed_by: None,
+                    },
+                );
+            }
+            Event::SignalWaitStarted {
+                path,
+                name,
+                deadline_us,
+            } => {
+                self.waits.insert(
+                    path,
+                    WaitRecord {
+                        name,
+                        deadline_us,
+                        outcome: None,
+                    },
+                );
+            }
+            Event::SignalReceived {
+                path,
+                name,
+                sent_seq,
+            } => {
+                let sig = self.signals.get_mut(&sent_seq).ok_or_else(|| {
+                    inconsistent(format!("wait {path} consumed unknown signal {sent_seq}"))
+                })?;
+                if sig.consumed_by.is_some() {
+                    return Err(inconsistent(format!("signal {sent_seq} consumed twice")));
+                }
+                sig.consumed_by = Some(path.to_string());
+                let w = self.waits.entry(path).or_insert(WaitRecord {
+                    name,
+                    deadline_us: None,
+                    outcome: None,
+                });
+                w.outcome = Some(WaitOutcome::Received(sent_seq));
+            }
+            Event::SignalTimedOut { path, name } => {
+                let w = self.waits.entry(path).or_insert(WaitRecord {
+                    name,
+                    deadline_us: None,
+                    outcome: None,
+                });
+                w.outcome = Some(WaitOutcome::TimedOut);
+            }
+            Event::ChildStarted {
+                path,
+                child,
+                workflow,
+            } => {
+                self.children.insert(
+                    path,
+                    ChildRecord {
+                        child,
+                        workflow,
+                        ok: None,
+                        output: None,
+                        error: None,
+                    },
+                );
+            }
+            Event::ChildFinished {
+                path,
+                child,
+                ok,
+                output,
+                error,
+            } => {
+                let c = self.children.get_mut(&path).ok_or_else(|| {
+                    inconsistent(format!("child at {path} finished but never started"))
+                })?;
+                if c.child != child {
+                    return Err(inconsistent(format!(
+                        "child at {path} is {} but {child} finished",
+                        c.child
+                    )));
+                }
+                c.ok = Some(ok);
+                c.output = ok.then_some(output);
+                c.error = error;
+            }
             Event::StepStarted {
                 path,
                 name,
@@ -514,11 +696,33 @@ impl RunState {
         for k in below(&self.fanouts, prefix) {
             self.fanouts.remove(&k);
         }
+        for k in below(&self.timers, prefix) {
+            self.timers.remove(&k);
+        }
+        for k in below(&self.waits, prefix) {
+            self.waits.remove(&k);
+        }
+        for k in below(&self.children, prefix) {
+            self.children.remove(&k);
+        }
     }
 
     /// A description of what the history has at `path` if it is not of kind `want` (a step,
     /// a metadata call, a fan-out), for non-determinism errors.
     pub(crate) fn other_kind_at(&self, path: &StepPath, want: Kind) -> Option<String> {
+        if want != Kind::Timer && self.timers.contains_key(path) {
+            return Some("sleep".into());
+        }
+        if want != Kind::Wait
+            && let Some(w) = self.waits.get(path)
+        {
+            return Some(format!("wait for signal `{}`", w.name));
+        }
+        if want != Kind::Child
+            && let Some(c) = self.children.get(path)
+        {
+            return Some(format!("child run of `{}`", c.workflow));
+        }
         if want != Kind::Step
             && let Some(r) = self.steps.get(path)
         {
@@ -535,6 +739,43 @@ impl RunState {
             return Some(format!("fan-out `{}`", f.name));
         }
         None
+    }
+
+    /// Every recorded positioned operation (step, metadata, fan-out, sleep, wait, child) with
+    /// a description, in no particular order.
+    pub(crate) fn positioned(&self) -> impl Iterator<Item = (&StepPath, String)> {
+        self.steps
+            .iter()
+            .map(|(p, r)| (p, r.name.clone()))
+            .chain(
+                self.metadata_paths
+                    .iter()
+                    .map(|(p, k)| (p, format!("metadata `{k}`"))),
+            )
+            .chain(
+                self.fanouts
+                    .iter()
+                    .map(|(p, f)| (p, format!("fan-out `{}`", f.name))),
+            )
+            .chain(self.timers.keys().map(|p| (p, "sleep".to_string())))
+            .chain(
+                self.waits
+                    .iter()
+                    .map(|(p, w)| (p, format!("wait for signal `{}`", w.name))),
+            )
+            .chain(
+                self.children
+                    .iter()
+                    .map(|(p, c)| (p, format!("child run of `{}`", c.workflow))),
+            )
+    }
+
+    /// The oldest delivered signal named `name` that no wait has consumed.
+    pub(crate) fn unconsumed_signal(&self, name: &str) -> Option<u64> {
+        self.signals
+            .iter()
+            .find(|(_, s)| s.consumed_by.is_none() && s.name == name)
+            .map(|(seq, _)| *seq)
     }
 
     /// The completed steps in position order.

@@ -23,5 +23,6 @@ pub use record::{
 };
 pub use redb_store::{Durability, RedbStore, StoreOptions, WriterStats};
 pub use store::{
-    Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunStatus, verify_events,
+    Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunStatus, RunUpdate,
+    verify_events,
 };

@@ -22,13 +22,14 @@ use redb::{
 use tokio::sync::oneshot;
 
 use crate::record::{decode, encode, genesis_hash, now_micros, record_hash};
-use crate::store::{Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunStatus};
+use crate::store::{Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunUpdate};
 use crate::{Hash, NewEvent, RunId, Seq, StoreError, StoredEvent};
 
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
 const RUNS: TableDefinition<u128, &[u8]> = TableDefinition::new("runs");
 const RUNS_BY_STATUS: TableDefinition<(u8, u128), ()> = TableDefinition::new("runs_by_status");
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+const WAKEUPS: TableDefinition<(i64, u128), ()> = TableDefinition::new("wakeups");
 
 /// The store-level format version: bumped only by a change old binaries cannot read.
 const STORE_FORMAT: u32 = 1;
@@ -106,8 +107,7 @@ enum Op {
     Append {
         run: RunId,
         events: Vec<NewEvent>,
-        status: Option<RunStatus>,
-        guard: Guard,
+        update: RunUpdate,
         reply: Reply,
     },
     Flush {
@@ -416,6 +416,30 @@ impl RedbStore {
         Ok(out)
     }
 
+    fn read_wakeups(
+        &self,
+        until_us: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(RunId, i64)>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = match txn.open_table(WAKEUPS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let end = until_us.unwrap_or(i64::MAX);
+        let mut out = Vec::new();
+        for row in table
+            .range((i64::MIN, 0u128)..=(end, u128::MAX))?
+            .take(limit)
+        {
+            let (k, _) = row?;
+            let (t, id) = k.value();
+            out.push((RunId::from_u128(id), t));
+        }
+        Ok(out)
+    }
+
     fn read_events(
         &self,
         run: RunId,
@@ -458,7 +482,7 @@ fn check_format(path: &Path, found: Option<u32>) -> Result<(), StoreError> {
 
 fn init_format(path: &Path, db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
-    let ours = ["events", "runs", "runs_by_status", "meta"];
+    let ours = ["events", "runs", "runs_by_status", "meta", "wakeups"];
     let foreign = txn.list_tables()?.any(|t| !ours.contains(&t.name()));
     {
         let mut meta = txn.open_table(META)?;
@@ -474,6 +498,7 @@ fn init_format(path: &Path, db: &Database) -> Result<(), StoreError> {
         txn.open_table(EVENTS)?;
         txn.open_table(RUNS)?;
         txn.open_table(RUNS_BY_STATUS)?;
+        txn.open_table(WAKEUPS)?;
     }
     txn.commit()?;
     Ok(())
@@ -559,12 +584,11 @@ impl Writer {
                 Op::Append {
                     run,
                     events,
-                    status,
-                    guard,
+                    update,
                     reply,
                 } => {
                     replies.push(reply);
-                    work.push(Work::Append(run, events, status, guard));
+                    work.push(Work::Append(run, events, update));
                 }
                 Op::Flush { reply } => {
                     replies.push(reply);
@@ -576,7 +600,7 @@ impl Writer {
         let events: u64 = work
             .iter()
             .map(|w| match w {
-                Work::Create(_, e) | Work::Append(_, e, _, _) => e.len() as u64,
+                Work::Create(_, e) | Work::Append(_, e, _) => e.len() as u64,
                 Work::Flush => 0,
             })
             .sum();
@@ -619,6 +643,7 @@ impl Writer {
             let mut events = txn.open_table(EVENTS)?;
             let mut runs = txn.open_table(RUNS)?;
             let mut by_status = txn.open_table(RUNS_BY_STATUS)?;
+            let mut wakeups = txn.open_table(WAKEUPS)?;
             let mut touched: Vec<u128> = Vec::new();
             let now = now_micros();
             for w in work {
@@ -645,6 +670,7 @@ impl Writer {
                             labels: run.labels,
                             events: 0,
                             head: genesis_hash(run.id),
+                            wake_at_us: None,
                         };
                         by_status.insert((meta.status.code(), id), ())?;
                         let a = append_events(&mut events, &mut meta, &evs)?;
@@ -652,7 +678,7 @@ impl Writer {
                         touched.push(id);
                         results.push(Ok(a));
                     }
-                    Work::Append(run, evs, status, guard) => {
+                    Work::Append(run, evs, update) => {
                         let id = run.as_u128();
                         let meta = match self.runs.entry(id) {
                             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -664,7 +690,7 @@ impl Writer {
                                 v.insert(decode_run(&self.path, row.value())?)
                             }
                         };
-                        if guard == Guard::NotFinished && meta.status.is_terminal() {
+                        if update.guard == Guard::NotFinished && meta.status.is_terminal() {
                             results.push(Err(StoreError::RunFinished {
                                 run,
                                 status: meta.status,
@@ -672,12 +698,23 @@ impl Writer {
                             continue;
                         }
                         let a = append_events(&mut events, meta, &evs)?;
-                        if let Some(s) = status
+                        if let Some(s) = update.status
                             && s != meta.status
                         {
                             by_status.remove((meta.status.code(), id))?;
                             by_status.insert((s.code(), id), ())?;
                             meta.status = s;
+                        }
+                        if let Some(wake) = update.wake_at_us
+                            && wake != meta.wake_at_us
+                        {
+                            if let Some(old) = meta.wake_at_us {
+                                wakeups.remove((old, id))?;
+                            }
+                            if let Some(new) = wake {
+                                wakeups.insert((new, id), ())?;
+                            }
+                            meta.wake_at_us = wake;
                         }
                         meta.updated_us = now;
                         touched.push(id);
@@ -700,7 +737,7 @@ impl Writer {
 
 enum Work {
     Create(NewRun, Vec<NewEvent>),
-    Append(RunId, Vec<NewEvent>, Option<RunStatus>, Guard),
+    Append(RunId, Vec<NewEvent>, RunUpdate),
     Flush,
 }
 
@@ -740,12 +777,11 @@ impl EventStore for RedbStore {
         self.send(|reply| Op::Create { run, events, reply })
     }
 
-    fn append_guarded(
+    fn write(
         &self,
         run: RunId,
         events: Vec<NewEvent>,
-        status: Option<RunStatus>,
-        guard: Guard,
+        update: RunUpdate,
     ) -> BoxFuture<'static, Result<Appended, StoreError>> {
         if let Err(e) = self.check_sizes(&events) {
             return Box::pin(async move { Err(e) });
@@ -753,10 +789,25 @@ impl EventStore for RedbStore {
         self.send(|reply| Op::Append {
             run,
             events,
-            status,
-            guard,
+            update,
             reply,
         })
+    }
+
+    fn due_wakeups(
+        &self,
+        now_us: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(RunId, i64)>, StoreError>> {
+        let r = self.read_wakeups(Some(now_us), limit);
+        Box::pin(async move { r })
+    }
+
+    fn next_wakeup(&self) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
+        let r = self
+            .read_wakeups(None, 1)
+            .map(|v| v.first().map(|(_, t)| *t));
+        Box::pin(async move { r })
     }
 
     fn max_payload_bytes(&self) -> usize {

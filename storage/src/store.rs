@@ -31,16 +31,20 @@ pub enum RunStatus {
     Failed,
     /// Stopped on request.
     Cancelled,
+    /// Parked until a timer fires or a signal arrives; not executing anywhere. Runs here are
+    /// woken from the wake-up index, not by scanning runs.
+    Waiting,
 }
 
 impl RunStatus {
     /// Every status, in code order.
-    pub const ALL: [RunStatus; 5] = [
+    pub const ALL: [RunStatus; 6] = [
         RunStatus::Pending,
         RunStatus::Running,
         RunStatus::Completed,
         RunStatus::Failed,
         RunStatus::Cancelled,
+        RunStatus::Waiting,
     ];
 
     /// The stored one-byte code.
@@ -51,6 +55,7 @@ impl RunStatus {
             RunStatus::Completed => 2,
             RunStatus::Failed => 3,
             RunStatus::Cancelled => 4,
+            RunStatus::Waiting => 5,
         }
     }
 
@@ -67,6 +72,7 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Waiting => "waiting",
         }
     }
 
@@ -117,7 +123,7 @@ impl FromStr for RunStatus {
             .find(|st| st.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown status `{s}`; expected one of pending, running, completed, failed, cancelled"
+                    "unknown status `{s}`; expected one of pending, running, waiting, completed, failed, cancelled"
                 )
             })
     }
@@ -163,6 +169,29 @@ pub struct RunMeta {
     pub events: u64,
     /// The chain hash of the last event.
     pub head: Hash,
+    /// When a waiting run is due to be woken (microseconds since the epoch), if it has a timer.
+    pub wake_at_us: Option<i64>,
+}
+
+/// A change to a run's row made atomically with an append.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunUpdate {
+    /// The new status, if it changes.
+    pub status: Option<RunStatus>,
+    /// A condition the write must meet.
+    pub guard: Guard,
+    /// `Some(Some(t))` sets the wake-up time, `Some(None)` clears it, `None` leaves it.
+    pub wake_at_us: Option<Option<i64>>,
+}
+
+impl RunUpdate {
+    /// An update that only changes the status.
+    pub fn status(status: RunStatus) -> Self {
+        RunUpdate {
+            status: Some(status),
+            ..Self::default()
+        }
+    }
 }
 
 /// Which runs to list.
@@ -210,6 +239,15 @@ pub trait EventStore: Send + Sync + 'static {
         events: Vec<NewEvent>,
     ) -> BoxFuture<'static, Result<Appended, StoreError>>;
 
+    /// Appends events to a run and applies `update` to its row, atomically, if the update's
+    /// guard holds.
+    fn write(
+        &self,
+        run: RunId,
+        events: Vec<NewEvent>,
+        update: RunUpdate,
+    ) -> BoxFuture<'static, Result<Appended, StoreError>>;
+
     /// Appends events to a run and optionally changes its status, atomically, if `guard`
     /// holds.
     fn append_guarded(
@@ -218,7 +256,17 @@ pub trait EventStore: Send + Sync + 'static {
         events: Vec<NewEvent>,
         status: Option<RunStatus>,
         guard: Guard,
-    ) -> BoxFuture<'static, Result<Appended, StoreError>>;
+    ) -> BoxFuture<'static, Result<Appended, StoreError>> {
+        self.write(
+            run,
+            events,
+            RunUpdate {
+                status,
+                guard,
+                wake_at_us: None,
+            },
+        )
+    }
 
     /// Appends events to a run and optionally changes its status, atomically.
     fn append(
@@ -238,6 +286,17 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Runs matching the filter, newest first.
     fn list_runs(&self, filter: RunFilter) -> BoxFuture<'_, Result<Vec<RunMeta>, StoreError>>;
+
+    /// Waiting runs whose wake-up time is at or before `now_us`, earliest first (from the
+    /// wake-up index), at most `limit`.
+    fn due_wakeups(
+        &self,
+        now_us: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(RunId, i64)>, StoreError>>;
+
+    /// The earliest wake-up time of any waiting run, if there is one.
+    fn next_wakeup(&self) -> BoxFuture<'_, Result<Option<i64>, StoreError>>;
 
     /// Up to `limit` events of a run starting at `from`, in order.
     fn read(

@@ -1,0 +1,389 @@
+//! Helpers shared by the end-to-end tests of the `cairn` binary: spawning it against a temporary
+//! store, waiting for conditions with timeouts, and parsing what it prints.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a one-shot command may take before the test gives up on it.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a condition on a running child may take to become true.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A temporary directory holding one store file (`s.redb`), removed when dropped.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+}
+
+impl Env {
+    /// A fresh directory; the store file does not exist yet.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("create a temp dir");
+        let store = dir.path().join("s.redb");
+        Env { dir, store }
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `cairn --store <store> <args>` to the end.
+    pub fn run(&self, args: &[&str]) -> Out {
+        run_at(&self.store, args)
+    }
+
+    /// Starts `cairn --store <store> <args>` in the background.
+    pub fn spawn(&self, args: &[&str]) -> Proc {
+        Proc::spawn(&self.store, args)
+    }
+
+    /// `runs --json`, parsed.
+    pub fn runs_json(&self) -> Vec<Value> {
+        let out = self.run(&["runs", "--json"]);
+        out.assert_ok();
+        parse_json_array(&out.stdout)
+    }
+
+    /// The `runs --json` entry of run `id`, if the store can be read and has it.
+    pub fn try_run_meta(&self, id: &str) -> Option<Value> {
+        let out = self.run(&["runs", "--json"]);
+        if !out.success() {
+            return None;
+        }
+        let runs: Vec<Value> = serde_json::from_str(&out.stdout).ok()?;
+        runs.into_iter().find(|r| r["run"] == id)
+    }
+
+    /// The `runs --json` entry of run `id`; panics if absent.
+    pub fn run_meta(&self, id: &str) -> Value {
+        self.runs_json()
+            .into_iter()
+            .find(|r| r["run"] == id)
+            .unwrap_or_else(|| panic!("run {id} is not listed by `cairn runs --json`"))
+    }
+
+    /// `events <id>`, one parsed JSON object per line.
+    pub fn events_json(&self, id: &str) -> Vec<Value> {
+        let out = self.run(&["events", id]);
+        out.assert_ok();
+        json_lines(&out.stdout)
+    }
+
+    /// Waits until run `id` has recorded more than `n` events (polling `runs --json`, a
+    /// read-only open that works while the writer runs); returns the count seen.
+    pub fn wait_events_over(&self, id: &str, n: u64) -> u64 {
+        wait_for(
+            WAIT_TIMEOUT,
+            &format!("run {id} to record more than {n} events"),
+            || {
+                let events = self.try_run_meta(id)?["events"].as_u64()?;
+                (events > n).then_some(events)
+            },
+        )
+    }
+}
+
+/// The path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cairn")
+}
+
+/// `cairn --store <store> <args>`, isolated from the caller's environment.
+pub fn command(store: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("--store").arg(store).args(args);
+    c.env_remove("CAIRN_STORE").env_remove("RUST_LOG");
+    if let Some(dir) = store.parent() {
+        c.current_dir(dir);
+    }
+    c
+}
+
+/// What a finished command printed and how it exited.
+#[derive(Debug)]
+pub struct Out {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Panics with everything printed unless the command exited 0.
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.success(), "expected success, got {self:#?}");
+        self
+    }
+
+    /// Asserts a failure (nonzero exit) reported as exactly one non-empty line on stderr, and
+    /// returns that line.
+    pub fn assert_one_line_error(&self) -> &str {
+        assert!(
+            !self.success() && self.code().is_some(),
+            "expected a nonzero exit, got {self:#?}"
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && !lines[0].trim().is_empty(),
+            "expected exactly one non-empty line on stderr, got {:?}",
+            self.stderr
+        );
+        lines[0]
+    }
+
+    /// The JSON after `output: ` on stdout.
+    pub fn output_json(&self) -> Value {
+        output_json(&self.stdout)
+    }
+}
+
+/// Runs `cairn --store <store> <args>` to the end (with a timeout).
+pub fn run_at(store: &Path, args: &[&str]) -> Out {
+    Proc::spawn(store, args).finish(CMD_TIMEOUT)
+}
+
+/// A `cairn` child process whose stdout and stderr are collected in the background.
+pub struct Proc {
+    child: Child,
+    args: Vec<String>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+}
+
+fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => into
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    })
+}
+
+impl Proc {
+    /// Starts `cairn --store <store> <args>`.
+    pub fn spawn(store: &Path, args: &[&str]) -> Proc {
+        let mut child = command(store, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cairn");
+        let stdout = Arc::default();
+        let stderr = Arc::default();
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), Arc::clone(&stdout)),
+            collect(child.stderr.take().unwrap(), Arc::clone(&stderr)),
+        ];
+        Proc {
+            child,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            stdout,
+            stderr,
+            readers,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits in i32")
+    }
+
+    /// What the child printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// What the child printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends `sig` to the child (and only to it).
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on the pid of our own child, which we have not reaped yet.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(r, 0, "kill({}, {sig}) failed", self.pid());
+    }
+
+    /// The exit status, if the child has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// SIGKILLs the child (unless it has already exited) and reaps it; returns whether the
+    /// signal was sent to a live process.
+    pub fn kill9(&mut self) -> bool {
+        if self.try_status().is_some() {
+            return false;
+        }
+        self.signal(libc::SIGKILL);
+        self.status = Some(self.child.wait().expect("wait"));
+        true
+    }
+
+    /// Waits (polling) until the child exits; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.try_status() {
+                return s;
+            }
+            if start.elapsed() > timeout {
+                self.kill9();
+                panic!(
+                    "cairn {:?} did not exit within {timeout:?}\nstdout: {}\nstderr: {}",
+                    self.args,
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the child to exit and for its output to be fully collected.
+    pub fn finish(mut self, timeout: Duration) -> Out {
+        let status = self.wait_exit(timeout);
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Out {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+
+    /// Waits for the child's first stdout line (`run <ID> started: …`) and returns the run id.
+    pub fn wait_run_id(&mut self) -> String {
+        let line = wait_for(WAIT_TIMEOUT, "the child's first stdout line", || {
+            let out = self.stdout();
+            if let Some((first, _)) = out.split_once('\n') {
+                return Some(first.to_string());
+            }
+            if let Some(s) = self.try_status() {
+                panic!(
+                    "cairn {:?} exited ({s}) before printing its run id\nstdout: {out}\nstderr: {}",
+                    self.args,
+                    self.stderr()
+                );
+            }
+            None
+        });
+        assert!(line.contains(" started"), "unexpected first line {line:?}");
+        run_id_of(&line)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Never leave a child running after a failed assertion.
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() <= timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `s` looks like a run id: a 26-character ULID in Crockford base32.
+pub fn is_run_id(s: &str) -> bool {
+    s.len() == 26
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b.is_ascii_uppercase() && !b"ILOU".contains(&b)))
+}
+
+/// The run id in a line `run <ID> …`.
+pub fn run_id_of(line: &str) -> String {
+    let id = line
+        .strip_prefix("run ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no `run <ID>` in {line:?}"));
+    assert!(is_run_id(id), "`{id}` in {line:?} is not a run id");
+    id.to_string()
+}
+
+/// The JSON after `output: ` in a command's stdout.
+pub fn output_json(stdout: &str) -> Value {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("output: "))
+        .unwrap_or_else(|| panic!("no `output:` line in {stdout:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("output {line:?} is not JSON: {e}"))
+}
+
+/// One JSON value per non-empty line.
+pub fn json_lines(s: &str) -> Vec<Value> {
+    s.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
+        .collect()
+}
+
+/// A JSON array.
+pub fn parse_json_array(s: &str) -> Vec<Value> {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{s:?} is not a JSON array: {e}"))
+}
+
+/// Asserts that events' `seq` fields are exactly `0..n`.
+pub fn assert_dense_seq(events: &[Value]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(
+            e["seq"].as_u64(),
+            Some(i as u64),
+            "event {i} has seq {}",
+            e["seq"]
+        );
+    }
+}
+
+/// The sum of the values of a JSON object of counts.
+pub fn sum_counts(v: &Value) -> u64 {
+    v.as_object()
+        .unwrap_or_else(|| panic!("{v} is not an object"))
+        .values()
+        .map(|c| c.as_u64().expect("a count"))
+        .sum()
+}

@@ -1,0 +1,208 @@
+//! Child runs: a workflow starts another workflow and awaits its result.
+//!
+//! The child's id is recorded (`child_started`) before the child run is created, so a parent
+//! that crashes in between creates the same child on resume instead of an orphan twin. The
+//! child is an ordinary run with its `parent` set; its result is recorded in the parent
+//! (`child_finished`), so a resumed parent never waits for it again. Cancelling the parent
+//! cancels the child.
+
+use std::future::Future;
+
+use cairn_storage::{RunId, RunStatus};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::context::{WorkflowContext, lock};
+use crate::error::{EngineError, Interrupt, WorkflowError};
+use crate::event::{Event, Payload, StepPath};
+use crate::runtime::{Engine, StartOptions};
+use crate::state::Kind;
+
+impl WorkflowContext {
+    /// Starts workflow `workflow` as a child run with `input` and waits for its output. A
+    /// failed or cancelled child is returned as [`WorkflowError::Step`].
+    pub fn child<I, O>(
+        &self,
+        workflow: &str,
+        input: &I,
+    ) -> impl Future<Output = Result<O, WorkflowError>> + Send + '_
+    where
+        I: Serialize,
+        O: DeserializeOwned + Send + 'static,
+    {
+        let path = self.next_path();
+        let workflow = workflow.to_string();
+        let input = serde_json::to_value(input).map_err(|e| {
+            WorkflowError::msg(format!(
+                "the input of child `{workflow}` cannot be encoded: {e}"
+            ))
+        });
+        async move { self.run_child(path, workflow, input?).await }
+    }
+
+    async fn run_child<O: DeserializeOwned>(
+        &self,
+        path: StepPath,
+        workflow: String,
+        input: serde_json::Value,
+    ) -> Result<O, WorkflowError> {
+        let shared = &self.shared;
+        shared.check()?;
+        let recorded = {
+            let st = lock(&shared.state);
+            if let Some(other) = st.run.other_kind_at(&path, Kind::Child) {
+                drop(st);
+                return Err(self.nondeterminism(path, other, format!("child run of `{workflow}`")));
+            }
+            match st.run.children.get(&path) {
+                Some(c) if c.workflow != workflow => {
+                    let recorded = format!("child run of `{}`", c.workflow);
+                    drop(st);
+                    return Err(self.nondeterminism(
+                        path,
+                        recorded,
+                        format!("child run of `{workflow}`"),
+                    ));
+                }
+                Some(c) => Some(c.clone()),
+                None => None,
+            }
+        };
+        let child = match recorded {
+            Some(c) if c.ok.is_some() => {
+                return self.child_result(&path, &workflow, c.ok == Some(true), c.output, c.error);
+            }
+            Some(c) => c.child,
+            None => {
+                let child = RunId::new();
+                shared
+                    .record(Event::ChildStarted {
+                        path: path.clone(),
+                        child,
+                        workflow: workflow.clone(),
+                    })
+                    .await?;
+                child
+            }
+        };
+        let Some(inner) = shared.engine.upgrade() else {
+            return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+        };
+        let engine = Engine::from_inner(inner);
+        let store_err = |e: EngineError| {
+            shared.set_interrupt(Interrupt::Store {
+                run: shared.run_id,
+                detail: format!("child run {child}: {e}"),
+            })
+        };
+        // Create the child if a crash came between recording its id and creating it.
+        if shared
+            .store
+            .run(child)
+            .await
+            .map_err(|e| store_err(e.into()))?
+            .is_none()
+        {
+            let mut opts = StartOptions::new(&workflow, input);
+            opts.parent = Some(shared.run_id);
+            opts.id = Some(child);
+            match engine.start_with(opts).await {
+                Ok(_handle) => {}
+                Err(e @ (EngineError::BadInput { .. } | EngineError::UnknownWorkflow { .. })) => {
+                    let message = e.to_string();
+                    shared
+                        .record(Event::ChildFinished {
+                            path: path.clone(),
+                            child,
+                            ok: false,
+                            output: Payload::default(),
+                            error: Some(message.clone()),
+                        })
+                        .await?;
+                    return Err(WorkflowError::Step {
+                        path,
+                        name: format!("child {workflow}"),
+                        message,
+                    });
+                }
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+        let finished = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => {
+                let _ = engine.cancel(child, "its parent was cancelled").await;
+                return Err(shared.set_interrupt(Interrupt::Cancelled(shared.run_id)));
+            }
+            _ = shared.shutdown.cancelled() => {
+                return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+            }
+            r = engine.wait_for(child) => r.map_err(store_err)?,
+        };
+        let (ok, output, error) = match finished.status {
+            RunStatus::Completed => (
+                true,
+                Payload::from_value(&finished.output.unwrap_or_default()).unwrap_or_default(),
+                None,
+            ),
+            RunStatus::Running | RunStatus::Pending | RunStatus::Waiting => {
+                // The child stopped without finishing (shutdown, or parked waiting): the parent
+                // waits too and picks it up again on resume.
+                return Err(shared.set_interrupt(Interrupt::Suspend {
+                    run: shared.run_id,
+                    wake_at_us: None,
+                    reason: format!("waiting for child run {child}"),
+                }));
+            }
+            other => (
+                false,
+                Payload::default(),
+                Some(format!(
+                    "child run {child} {other}: {}",
+                    finished.error.unwrap_or_default()
+                )),
+            ),
+        };
+        shared
+            .record(Event::ChildFinished {
+                path: path.clone(),
+                child,
+                ok,
+                output: output.clone(),
+                error: error.clone(),
+            })
+            .await?;
+        self.child_result(&path, &workflow, ok, Some(output), error)
+    }
+
+    fn child_result<O: DeserializeOwned>(
+        &self,
+        path: &StepPath,
+        workflow: &str,
+        ok: bool,
+        output: Option<Payload>,
+        error: Option<String>,
+    ) -> Result<O, WorkflowError> {
+        if !ok {
+            return Err(WorkflowError::Step {
+                path: path.clone(),
+                name: format!("child {workflow}"),
+                message: error.unwrap_or_default(),
+            });
+        }
+        let output = output.unwrap_or_default();
+        let decoded = if output.is_empty() {
+            serde_json::from_str("null")
+        } else {
+            output.to_typed()
+        };
+        decoded.map_err(|e| {
+            self.shared.set_interrupt(Interrupt::RecordedTypeChanged {
+                run: self.shared.run_id,
+                path: path.clone(),
+                name: format!("child {workflow}"),
+                detail: e.to_string(),
+            })
+        })
+    }
+}
