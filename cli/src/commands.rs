@@ -13,6 +13,7 @@ use cairn_engine::{CancelOutcome, Engine, Event, RunHandle, RunOutcome, StartOpt
 use cairn_storage::{EventStore, RedbStore, RunFilter, RunId, RunMeta, RunStatus, Seq};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
+use crate::control;
 use crate::workflows::{self, Progress};
 use crate::{Cli, Command};
 
@@ -90,6 +91,13 @@ fn preview(v: &serde_json::Value, max: usize) -> String {
 
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let path = cli.store.as_path();
+    if !(cli.park_after.is_finite() && cli.park_after >= 0.0) {
+        return Err(usage(format!(
+            "--park-after must be a number of seconds ≥ 0, not {}",
+            cli.park_after
+        )));
+    }
+    PARK_AFTER_MS.store((cli.park_after * 1000.0) as u64, Ordering::Relaxed);
     match cli.command {
         Command::Demo { items, step_ms } => demo(path, items, step_ms).await,
         Command::Start { workflow, input } => start(path, &workflow, &input).await,
@@ -111,18 +119,28 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Resume { run } => resume(path, &run).await,
         Command::Recover => recover(path).await,
         Command::Cancel { run, reason } => cancel(path, &run, &reason).await,
+        Command::Signal { run, name, data } => signal(path, &run, &name, &data).await,
+        Command::Worker => worker(path).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 
+/// `--park-after`, in milliseconds, for every engine this process makes.
+static PARK_AFTER_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(60_000);
+
 fn engine_for(store: RedbStore, progress: Arc<Progress>) -> Engine {
-    Engine::new(store, workflows::registry(progress))
+    let options = cairn_engine::EngineOptions {
+        suspend_after: Duration::from_millis(PARK_AFTER_MS.load(Ordering::Relaxed)),
+        ..Default::default()
+    };
+    Engine::with_options(Arc::new(store), workflows::registry(progress), options)
 }
 
 async fn demo(path: &Path, items: u32, step_ms: u64) -> Result<ExitCode> {
     let store = open_rw(path)?;
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store, Arc::clone(&progress));
+    let _control = control::serve(path, engine.clone());
     let input = serde_json::json!({ "items": items, "step_ms": step_ms });
     let h = engine.start_with(StartOptions::new("demo", input)).await?;
     println!(
@@ -147,9 +165,21 @@ async fn start(path: &Path, workflow: &str, input: &str) -> Result<ExitCode> {
             names.join(", ")
         )));
     }
-    let store = open_rw(path)?;
+    let store = match open_rw(path) {
+        Ok(s) => s,
+        // A worker holds the store: ask it to start the run.
+        Err(e) if is_locked(&e) => {
+            let req = control::Request::Start {
+                workflow: workflow.to_string(),
+                input,
+            };
+            return remote(path, &req, e).await;
+        }
+        Err(e) => return Err(e),
+    };
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store, Arc::clone(&progress));
+    let _control = control::serve(path, engine.clone());
     let h = engine
         .start_with(StartOptions::new(workflow, input))
         .await?;
@@ -170,6 +200,7 @@ async fn resume(path: &Path, run: &str) -> Result<ExitCode> {
         println!("run {id} is already {}; nothing to resume", meta.status);
         return Ok(ExitCode::SUCCESS);
     }
+    let _control = control::serve(path, engine.clone());
     let h = engine.resume(id).await?;
     println!("run {id} resumed from event {}", meta.events);
     let _ = std::io::stdout().flush();
@@ -182,6 +213,7 @@ async fn recover(path: &Path) -> Result<ExitCode> {
     let store = open_existing_rw(path)?;
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store.clone(), Arc::clone(&progress));
+    let _control = control::serve(path, engine.clone());
     let recovered = engine.recover().await?;
     for (id, e) in &recovered.failed {
         eprintln!("run {id} cannot be resumed: {e}");
@@ -347,6 +379,12 @@ fn report(path: &Path, outcomes: &[Result<RunOutcome, cairn_engine::EngineError>
                         o.run_id, o.steps_executed, o.run_id
                     );
                     interrupted = true;
+                }
+                RunStatus::Waiting => {
+                    println!(
+                        "run {} is parked waiting (a timer, a signal or a child run); `cairn --store {store} worker` wakes it when due, `cairn --store {store} signal {} NAME` delivers a signal",
+                        o.run_id, o.run_id
+                    );
                 }
                 other => {
                     println!(
@@ -666,7 +704,17 @@ async fn verify(path: &Path, run: Option<&str>, all: bool) -> Result<ExitCode> {
 
 async fn cancel(path: &Path, run: &str, reason: &str) -> Result<ExitCode> {
     let id = parse_run(run)?;
-    let store = open_existing_rw(path)?;
+    let store = match open_existing_rw(path) {
+        Ok(s) => s,
+        Err(e) if is_locked(&e) => {
+            let req = control::Request::Cancel {
+                run: id.to_string(),
+                reason: reason.to_string(),
+            };
+            return remote(path, &req, e).await;
+        }
+        Err(e) => return Err(e),
+    };
     let engine = engine_for(store, Arc::default());
     match engine.cancel(id, reason).await? {
         CancelOutcome::AlreadyFinished(status) => {
@@ -674,5 +722,103 @@ async fn cancel(path: &Path, run: &str, reason: &str) -> Result<ExitCode> {
         }
         _ => println!("run {id} cancelled"),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether opening the store failed because another process holds it for writing.
+fn is_locked(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<cairn_storage::StoreError>(),
+        Some(cairn_storage::StoreError::AlreadyOpen { .. })
+    )
+}
+
+/// Sends a request to the process holding the store; if there is no socket to talk to,
+/// reports the original lock error.
+async fn remote(path: &Path, req: &control::Request, lock_err: anyhow::Error) -> Result<ExitCode> {
+    match control::send(path, req).await {
+        Ok(reply) if reply.ok => {
+            println!("{}", reply.message.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(reply) => Err(anyhow::anyhow!(reply.error.unwrap_or_default())),
+        Err(_) => Err(lock_err),
+    }
+}
+
+async fn signal(path: &Path, run: &str, name: &str, data: &str) -> Result<ExitCode> {
+    let id = parse_run(run)?;
+    let data: serde_json::Value = serde_json::from_str(data)
+        .map_err(|e| usage(format!("--data is not valid JSON ({e}): `{data}`")))?;
+    let store = match open_existing_rw(path) {
+        Ok(s) => s,
+        Err(e) if is_locked(&e) => {
+            let req = control::Request::Signal {
+                run: id.to_string(),
+                name: name.to_string(),
+                data,
+            };
+            return remote(path, &req, e).await;
+        }
+        Err(e) => return Err(e),
+    };
+    let progress = Arc::new(Progress::default());
+    let engine = engine_for(store, Arc::clone(&progress));
+    match engine.signal(id, name, data).await? {
+        cairn_engine::SignalDelivery::Woken => {
+            // The run was parked waiting: nobody else holds the store, so continue it here.
+            let _control = control::serve(path, engine.clone());
+            println!("signal `{name}` delivered; run {id} resumed");
+            let _ = std::io::stdout().flush();
+            let h = engine.resume(id).await?;
+            let outcomes = drive(&engine, vec![h], None).await?;
+            Ok(report(path, &outcomes))
+        }
+        _ => {
+            println!(
+                "signal `{name}` recorded for run {id}; it sees it when it waits (resume it with `cairn resume {id}` if it is interrupted)"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Serves the store until Ctrl-C: recovers interrupted runs, wakes parked runs on time, and
+/// answers other processes' signal and cancel requests.
+async fn worker(path: &Path) -> Result<ExitCode> {
+    let store = open_rw(path)?;
+    let engine = engine_for(store, Arc::default());
+    let _control = control::serve(path, engine.clone());
+    println!(
+        "worker serving {} (signals and cancels: {}); Ctrl-C to stop",
+        path.display(),
+        control::socket_path(path).display()
+    );
+    let _ = std::io::stdout().flush();
+    let reporter = {
+        let path = path.to_path_buf();
+        move |h: RunHandle| {
+            let path = path.clone();
+            println!("run {} started", h.id);
+            let _ = std::io::stdout().flush();
+            tokio::spawn(async move {
+                let r = h.wait().await;
+                report(&path, &[r]);
+                let _ = std::io::stdout().flush();
+            });
+        }
+    };
+    let serve = engine.serve_timers(reporter, |id, e| {
+        eprintln!("run {id} cannot be resumed: {e}")
+    });
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\ninterrupt: stopping; runs in flight resume on the next start");
+            engine.shutdown();
+        }
+    }
+    engine.wait_idle().await;
     Ok(ExitCode::SUCCESS)
 }

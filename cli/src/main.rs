@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod control;
 mod workflows;
 
 use std::path::PathBuf;
@@ -16,6 +17,10 @@ pub struct Cli {
     /// The store file (created on first write).
     #[arg(long, global = true, env = "CAIRN_STORE", default_value = "cairn.redb")]
     store: PathBuf,
+    /// A run that waits (sleep, signal, child) longer than this many seconds is parked
+    /// (status `waiting`) instead of held in memory; `cairn worker` wakes it.
+    #[arg(long, global = true, default_value_t = 60.0)]
+    park_after: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,7 +92,22 @@ enum Command {
     },
     /// Resume every run a stopped or crashed process left running.
     Recover,
-    /// Cancel a run that is not finished.
+    /// Deliver a signal (e.g. a human approval) to a run waiting for it, or to be kept until it
+    /// waits. Works while another cairn process holds the store (through its control socket).
+    Signal {
+        /// The run id.
+        run: String,
+        /// The signal's name.
+        name: String,
+        /// The signal's data, as JSON.
+        #[arg(long, default_value = "null")]
+        data: String,
+    },
+    /// Serve the store: recover interrupted runs, wake parked runs when their timers fire, and
+    /// take signals and cancels from other cairn processes, until Ctrl-C.
+    Worker,
+    /// Cancel a run that is not finished (with its children). Works while another cairn
+    /// process holds the store (through its control socket).
     Cancel {
         /// The run id.
         run: String,

@@ -191,5 +191,165 @@ pub fn registry(progress: Arc<Progress>) -> Registry {
         }
         Ok::<_, WorkflowError>(json!({ "steps": input.steps, "checksum": checksum }))
     });
+    register_scheduler_workloads(&mut r);
     r
+}
+
+/// The `fanout` workload's input.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FanoutInput {
+    /// How many branches.
+    pub branches: u32,
+    /// How many run at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// A file each branch appends `<index>\n` to when its step executes.
+    #[serde(default)]
+    pub side_effects: Option<String>,
+    /// How long each branch's step works, in milliseconds.
+    #[serde(default)]
+    pub step_ms: u64,
+    /// Branches whose index is a multiple of this fail (0: none).
+    #[serde(default)]
+    pub fail_every: u32,
+    /// At least this many branches must succeed (0: all must).
+    #[serde(default)]
+    pub min_required: u32,
+}
+
+fn default_concurrency() -> usize {
+    32
+}
+
+/// The `flaky` workload's input: one step that fails `failures` times before it succeeds.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlakyInput {
+    /// A file counting attempts (one line per attempt): the step fails while it has fewer
+    /// than `failures` lines.
+    pub attempts_file: String,
+    /// How many attempts fail.
+    pub failures: u32,
+    /// The first retry delay, in milliseconds (doubles each retry, no jitter).
+    pub backoff_ms: u64,
+}
+
+/// The `sleepy` workload's input: a step, a durable sleep, a step.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SleepyInput {
+    /// How long to sleep, in milliseconds.
+    pub sleep_ms: u64,
+}
+
+/// The `approval` workload's input: a step, then a wait for the `approve` signal.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalInput {
+    /// How long to wait for the signal, in milliseconds (none: forever).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+fn append_line(path: &str, line: &str) -> Result<(), StepError> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| StepError::msg(format!("side-effect file {path}: {e}")))?;
+    // One write for the whole line, so a kill cannot leave half of it.
+    f.write_all(format!("{line}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Registers the workloads of the scheduler: fan-out, retries, sleeps and signals.
+fn register_scheduler_workloads(r: &mut Registry) {
+    use cairn_engine::{FanOutOptions, JoinPolicy, RetryPolicy, StepOptions};
+    r.register("fanout", 1, |ctx, input: FanoutInput| async move {
+        let join = if input.min_required > 0 {
+            JoinPolicy::AtLeast(input.min_required)
+        } else {
+            JoinPolicy::All
+        };
+        let side = input.side_effects.clone();
+        let (ms, fail_every) = (input.step_ms, input.fail_every);
+        let fan = ctx
+            .fan_out(
+                "branches",
+                (0..input.branches).collect(),
+                FanOutOptions::new(input.concurrency).join(join),
+                move |b, i: u32| {
+                    let side = side.clone();
+                    async move {
+                        b.step("work", move || async move {
+                            work(ms).await;
+                            if let Some(path) = side {
+                                append_line(&path, &i.to_string())?;
+                            }
+                            if fail_every > 0 && i % fail_every == 0 {
+                                return Err(StepError::msg(format!("item {i} is malformed")));
+                            }
+                            Ok(u64::from(i) * u64::from(i))
+                        })
+                        .await
+                    }
+                },
+            )
+            .await?;
+        let sum: u64 = fan.successes().map(|(_, v)| *v).sum();
+        let failed: Vec<usize> = fan.failures().map(|(i, _)| i).collect();
+        Ok::<_, WorkflowError>(json!({
+            "branches": input.branches,
+            "succeeded": fan.successes().count(),
+            "failed": failed.len(),
+            "sum": sum,
+        }))
+    });
+    r.register("flaky", 1, |ctx, input: FlakyInput| async move {
+        let policy = RetryPolicy::exponential(input.failures + 1)
+            .with_initial_delay(Duration::from_millis(input.backoff_ms))
+            .with_max_delay(Duration::from_secs(3600))
+            .with_jitter(false);
+        let file = input.attempts_file.clone();
+        let failures = input.failures;
+        let attempts: u32 = ctx
+            .step_with("call", StepOptions::retry(policy), move || {
+                let file = file.clone();
+                async move {
+                    append_line(&file, "attempt")?;
+                    let n = std::fs::read_to_string(&file)
+                        .map(|t| t.lines().count() as u32)
+                        .unwrap_or(0);
+                    if n <= failures {
+                        return Err(StepError::retryable(format!(
+                            "503 service unavailable (attempt {n})"
+                        )));
+                    }
+                    Ok(n)
+                }
+            })
+            .await?;
+        Ok::<_, WorkflowError>(json!({ "attempts": attempts }))
+    });
+    r.register("sleepy", 1, |ctx, input: SleepyInput| async move {
+        let before = ctx.now().await?;
+        ctx.step("before", || async { Ok(()) }).await?;
+        ctx.sleep(Duration::from_millis(input.sleep_ms)).await?;
+        let after = ctx.now().await?;
+        Ok::<_, WorkflowError>(json!({
+            "slept_ms": (after - before).num_milliseconds(),
+        }))
+    });
+    r.register("approval", 1, |ctx, input: ApprovalInput| async move {
+        let draft: String = ctx
+            .step("draft", || async {
+                Ok("refund T-1042 for 40 EUR".to_string())
+            })
+            .await?;
+        let decision: Option<serde_json::Value> = ctx
+            .wait_signal("approve", input.timeout_ms.map(Duration::from_millis))
+            .await?;
+        Ok::<_, WorkflowError>(json!({ "draft": draft, "decision": decision }))
+    });
 }
