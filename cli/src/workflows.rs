@@ -287,7 +287,7 @@ fn register_scheduler_workloads(r: &mut Registry) {
                             if let Some(path) = side {
                                 append_line(&path, &i.to_string())?;
                             }
-                            if fail_every > 0 && i % fail_every == 0 {
+                            if fail_every > 0 && i.is_multiple_of(fail_every) {
                                 return Err(StepError::msg(format!("item {i} is malformed")));
                             }
                             Ok(u64::from(i) * u64::from(i))
