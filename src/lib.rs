@@ -24,25 +24,28 @@
 /// The durable event log: stores, run ids, records and the hash chain.
 pub mod storage {
     pub use cairn_storage::{
-        Appended, BadRunId, BoxFuture, Durability, EventStore, FORMAT_VERSION, Hash, NewEvent,
-        NewRun, RedbStore, RunFilter, RunId, RunMeta, RunStatus, Seq, StoreError, StoreOptions,
-        StoredEvent, VerifyReport, WriterStats, genesis_hash, now_micros, record_hash,
-        verify_events,
+        Appended, BadRunId, BoxFuture, Durability, EventStore, FORMAT_VERSION, Guard, Hash,
+        NewEvent, NewRun, RedbStore, RunFilter, RunId, RunMeta, RunStatus, RunUpdate, Seq,
+        StoreError, StoreOptions, StoredEvent, VerifyReport, WriterStats, genesis_hash, now_micros,
+        record_hash, verify_events,
     };
 }
 
 /// Workflows, durable steps, the replayer and the runtime.
 pub mod engine {
     pub use cairn_engine::{
-        CompletedStep, DecodeError, Engine, EngineError, Event, FoldError, Interrupt, Payload,
-        Registry, Replayer, RunHandle, RunOutcome, RunState, StartOptions, StepError, StepPath,
-        StepRecord, StepStatus, WorkflowContext, WorkflowError, fold,
+        BranchOutcome, BranchRecord, CancelOutcome, ChildRecord, CompletedStep, DecodeError,
+        Engine, EngineError, EngineOptions, Event, FAN_OUT_BRANCHES_MAX, FanIn, FanInRecord,
+        FanOutOptions, FanOutRecord, FoldError, Interrupt, JoinPolicy, Payload, Recovered,
+        Registry, Replayer, RetryPolicy, RunHandle, RunOutcome, RunState, SignalDelivery,
+        SignalRecord, StartOptions, StepError, StepOptions, StepPath, StepRecord, StepStatus,
+        TimerRecord, WaitOutcome, WaitRecord, WorkflowContext, WorkflowError, fold,
     };
 }
 
 pub use cairn_engine::{
-    Engine, EngineError, Registry, RunOutcome, StartOptions, StepError, WorkflowContext,
-    WorkflowError,
+    BranchOutcome, Engine, EngineError, EngineOptions, FanIn, FanOutOptions, JoinPolicy, Registry,
+    RetryPolicy, RunOutcome, StartOptions, StepError, StepOptions, WorkflowContext, WorkflowError,
 };
 pub use cairn_storage::{RedbStore, RunId, RunStatus};
 

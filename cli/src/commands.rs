@@ -540,6 +540,25 @@ async fn show(path: &Path, run: &str) -> Result<ExitCode> {
     if let Some(p) = meta.parent {
         writeln!(out, "parent {p}")?;
     }
+    for (path, c) in &state.children {
+        let status = match c.ok {
+            Some(true) => "completed".to_string(),
+            Some(false) => "failed or cancelled".to_string(),
+            None => store
+                .run(c.child)
+                .await?
+                .map(|m| m.status.to_string())
+                .unwrap_or_else(|| "not created yet".into()),
+        };
+        writeln!(
+            out,
+            "child  {} ({}) at step {path}: {status}",
+            c.child, c.workflow
+        )?;
+    }
+    if let Some(t) = meta.wake_at_us {
+        writeln!(out, "wakes  {}", fmt_ts(t))?;
+    }
     writeln!(out, "input  {}", preview(&state.input.to_json(), 200))?;
     if let Some(o) = &state.output {
         writeln!(out, "output {}", preview(&o.to_json(), 200))?;
@@ -657,6 +676,41 @@ fn describe(ev: &Event) -> (String, String, String) {
             }
             d
         }
+        Event::TimerSet { fire_at_us, .. } => format!("sleep until {}", fmt_ts(*fire_at_us)),
+        Event::TimerFired { .. } => "woke up".to_string(),
+        Event::SignalSent { name, data } => {
+            format!("`{name}` delivered: {}", preview(&data.to_json(), 80))
+        }
+        Event::SignalWaitStarted {
+            name, deadline_us, ..
+        } => match deadline_us {
+            Some(t) => format!("waiting for `{name}` until {}", fmt_ts(*t)),
+            None => format!("waiting for `{name}`"),
+        },
+        Event::SignalReceived { name, sent_seq, .. } => {
+            format!("received `{name}` (event {sent_seq})")
+        }
+        Event::SignalTimedOut { name, .. } => format!("no `{name}` before the deadline"),
+        Event::ChildStarted {
+            child, workflow, ..
+        } => format!("child run {child} ({workflow})"),
+        Event::ChildFinished {
+            child,
+            ok,
+            output,
+            error,
+            ..
+        } => {
+            if *ok {
+                format!("child {child} → {}", preview(&output.to_json(), 80))
+            } else {
+                format!("child {child} failed: {}", error.as_deref().unwrap_or(""))
+            }
+        }
+        Event::RunSuspended { wake_at_us, reason } => match wake_at_us {
+            Some(t) => format!("parked ({reason}) until {}", fmt_ts(*t)),
+            None => format!("parked ({reason})"),
+        },
         _ => String::new(),
     };
     (path, ev.kind().to_string(), detail)

@@ -137,7 +137,10 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
                     SignalDelivery::Woken => {
                         // Parked: resume it here, where the store is held.
                         match engine.resume(id).await {
-                            Ok(_) => format!("signal `{name}` delivered; run {id} resumed"),
+                            Ok(h) => {
+                                announce(h);
+                                format!("signal `{name}` delivered; run {id} resumed")
+                            }
                             Err(e) => {
                                 format!("signal `{name}` recorded; run {id} not resumed: {e}")
                             }
@@ -183,6 +186,21 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
             error: Some(format!("{e:#}")),
         },
     }
+}
+
+/// Prints one line when a run started through the socket stops, so the serving process's
+/// output tells what happened to it.
+fn announce(h: cairn_engine::RunHandle) {
+    tokio::spawn(async move {
+        let id = h.id;
+        match h.wait().await {
+            Ok(o) => match &o.error {
+                Some(e) => println!("run {id} {}: {e}", o.status),
+                None => println!("run {id} {}", o.status),
+            },
+            Err(e) => println!("run {id} stopped: {e}"),
+        }
+    });
 }
 
 /// Sends one request to the process holding `store` and returns its reply.

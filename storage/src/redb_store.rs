@@ -43,6 +43,8 @@ pub enum Durability {
     #[default]
     Immediate,
     /// No fsync: faster, but a crash may lose acknowledged events (benchmarks and tests only).
+    /// The file is then opened exclusively (redb refuses unsynced commits on a shared file),
+    /// so other processes cannot read it while it is open.
     None,
 }
 
@@ -244,9 +246,16 @@ impl RedbStore {
                 detail: "it is a directory".into(),
             });
         }
+        // redb refuses non-fsynced commits on a file other processes may read, so a store
+        // without fsync is opened exclusively: no read-only opens while it is written.
+        let mode = if opts.durability == Durability::None && !opts.read_only {
+            ConcurrencyMode::ExclusiveWriter
+        } else {
+            ConcurrencyMode::SingleWriter
+        };
         let mut builder = Database::builder();
         builder
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_concurrency_mode(mode)
             .set_cache_size(opts.cache_bytes);
         if opts.read_only {
             let db = match builder.open_read_only(&path) {
@@ -569,6 +578,12 @@ impl Writer {
                 }
             }
             self.commit_batch(batch);
+        }
+        // The store is closing: make unsynced commits durable with one final fsync.
+        if self.durability == Durability::None
+            && let Ok(txn) = self.db.begin_write()
+        {
+            let _ = txn.commit();
         }
     }
 

@@ -322,3 +322,30 @@ async fn a_guarded_append_refuses_a_finished_run_so_it_never_gets_two_terminal_e
     let meta = store.run(id).await.unwrap().unwrap();
     assert_eq!((meta.status, meta.events), (RunStatus::Completed, 1));
 }
+
+#[tokio::test]
+async fn durability_none_is_exclusive_and_a_clean_close_makes_it_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let id = RunId::new();
+    {
+        let store = RedbStore::open_with(
+            &path,
+            StoreOptions {
+                durability: cairn_storage::Durability::None,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        store.create_run(new_run(id), vec![ev("a")]).await.unwrap();
+        store.append(id, vec![ev("b")], None).await.unwrap();
+        // Opened exclusively: no concurrent reader.
+        assert!(RedbStore::open_read_only(&path).is_err());
+    }
+    let store = RedbStore::open(&path).unwrap();
+    let meta = store.run(id).await.unwrap().unwrap();
+    assert_eq!(
+        meta.events, 2,
+        "closing the store makes its commits durable"
+    );
+}
