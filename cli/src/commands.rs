@@ -100,7 +100,11 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     PARK_AFTER_MS.store((cli.park_after * 1000.0) as u64, Ordering::Relaxed);
     match cli.command {
         Command::Demo { items, step_ms } => demo(path, items, step_ms).await,
-        Command::Start { workflow, input } => start(path, &workflow, &input).await,
+        Command::Start {
+            workflow,
+            input,
+            timeout,
+        } => start(path, &workflow, &input, timeout).await,
         Command::Workflows => {
             for (name, version) in workflows::registry(Arc::default()).names() {
                 println!("{name} v{version}");
@@ -153,7 +157,16 @@ async fn demo(path: &Path, items: u32, step_ms: u64) -> Result<ExitCode> {
     Ok(report(path, &outcomes))
 }
 
-async fn start(path: &Path, workflow: &str, input: &str) -> Result<ExitCode> {
+async fn start(path: &Path, workflow: &str, input: &str, timeout: Option<f64>) -> Result<ExitCode> {
+    let timeout = match timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(usage(format!(
+                "--timeout must be a positive number of seconds, not {t}"
+            )));
+        }
+    };
     let input: serde_json::Value = serde_json::from_str(input)
         .map_err(|e| usage(format!("--input is not valid JSON ({e}): `{input}`")))?;
     // Check the name before creating a store for it.
@@ -172,6 +185,7 @@ async fn start(path: &Path, workflow: &str, input: &str) -> Result<ExitCode> {
             let req = control::Request::Start {
                 workflow: workflow.to_string(),
                 input,
+                timeout_secs: timeout.map(|t| t.as_secs_f64()),
             };
             return remote(path, &req, e).await;
         }
@@ -180,9 +194,9 @@ async fn start(path: &Path, workflow: &str, input: &str) -> Result<ExitCode> {
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store, Arc::clone(&progress));
     let _control = control::serve(path, engine.clone());
-    let h = engine
-        .start_with(StartOptions::new(workflow, input))
-        .await?;
+    let mut opts = StartOptions::new(workflow, input);
+    opts.timeout = timeout;
+    let h = engine.start_with(opts).await?;
     println!("run {} started: {workflow}", h.id);
     let _ = std::io::stdout().flush();
     let show_progress = (workflow == "demo").then_some(progress);
@@ -707,6 +721,7 @@ fn describe(ev: &Event) -> (String, String, String) {
                 format!("child {child} failed: {}", error.as_deref().unwrap_or(""))
             }
         }
+        Event::RunDeadlineSet { deadline_us } => format!("must finish by {}", fmt_ts(*deadline_us)),
         Event::RunSuspended { wake_at_us, reason } => match wake_at_us {
             Some(t) => format!("parked ({reason}) until {}", fmt_ts(*t)),
             None => format!("parked ({reason})"),

@@ -38,6 +38,9 @@ pub enum Request {
         workflow: String,
         /// Its input.
         input: serde_json::Value,
+        /// A per-run timeout in seconds.
+        #[serde(default)]
+        timeout_secs: Option<f64>,
     },
     /// Cancel a run.
     Cancel {
@@ -149,10 +152,14 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
                     _ => format!("signal `{name}` recorded for run {id}; it sees it when it waits"),
                 })
             }
-            Request::Start { workflow, input } => {
-                let h = engine
-                    .start_with(cairn_engine::StartOptions::new(&workflow, input))
-                    .await?;
+            Request::Start {
+                workflow,
+                input,
+                timeout_secs,
+            } => {
+                let mut opts = cairn_engine::StartOptions::new(&workflow, input);
+                opts.timeout = timeout_secs.map(std::time::Duration::from_secs_f64);
+                let h = engine.start_with(opts).await?;
                 let id = h.id;
                 // The serving process reports how it ends.
                 tokio::spawn(async move {

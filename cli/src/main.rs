@@ -44,6 +44,10 @@ enum Command {
         /// The input as JSON.
         #[arg(long, default_value = "null")]
         input: String,
+        /// Fail the run if it has not finished this many seconds after it starts (recorded,
+        /// so it holds across restarts).
+        #[arg(long)]
+        timeout: Option<f64>,
     },
     /// List the built-in workflows.
     Workflows,

@@ -107,6 +107,12 @@ pub enum Interrupt {
         /// What it waits for.
         reason: String,
     },
+    /// The run passed its deadline (a per-run timeout); it fails.
+    #[error("run {run} timed out: its deadline passed")]
+    TimedOut {
+        /// The run.
+        run: RunId,
+    },
     /// The store failed; the run stays as it was and can be resumed.
     #[error("run {run}: the store failed ({detail}); the run can be resumed once the store works")]
     Store {

@@ -359,6 +359,11 @@ pub enum Event {
         /// What it waits for.
         reason: String,
     },
+    /// The run must finish by this time or fail as timed out (a per-run timeout).
+    RunDeadlineSet {
+        /// The deadline (microseconds since the epoch).
+        deadline_us: i64,
+    },
 }
 
 /// The error for bytes that are not an event this binary knows.
@@ -405,6 +410,7 @@ impl Event {
             Event::ChildStarted { .. } => "child_started",
             Event::ChildFinished { .. } => "child_finished",
             Event::RunSuspended { .. } => "run_suspended",
+            Event::RunDeadlineSet { .. } => "run_deadline_set",
         }
     }
 
@@ -542,6 +548,7 @@ impl Event {
             Event::RunSuspended { wake_at_us, reason } => {
                 json!({ "wake_at_us": wake_at_us, "reason": reason })
             }
+            Event::RunDeadlineSet { deadline_us } => json!({ "deadline_us": deadline_us }),
         };
         if let Some(o) = v.as_object_mut() {
             o.insert("kind".into(), self.kind().into());
@@ -657,6 +664,7 @@ mod tests {
                 wake_at_us: None,
                 reason: "signal".into(),
             },
+            Event::RunDeadlineSet { deadline_us: 77 },
         ]
     }
 
@@ -671,7 +679,7 @@ mod tests {
     #[test]
     fn variant_numbering_is_stable() {
         let tags: Vec<u8> = samples().iter().map(|e| e.encode()[0]).collect();
-        assert_eq!(tags, (0..=21).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=22).collect::<Vec<u8>>());
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub struct StartOptions {
     pub parent: Option<RunId>,
     /// The id to create the run with (child runs record it first); `None`: a fresh one.
     pub id: Option<RunId>,
+    /// The run fails as timed out if it has not finished this long after it starts (the
+    /// deadline is recorded, so it holds across restarts).
+    pub timeout: Option<Duration>,
 }
 
 impl StartOptions {
@@ -89,6 +92,7 @@ impl StartOptions {
             labels: BTreeMap::new(),
             parent: None,
             id: None,
+            timeout: None,
         }
     }
 }
@@ -313,12 +317,28 @@ impl Engine {
             parent: opts.parent,
         };
         let ne = NewEvent::now(start.encode());
-        let stored = cairn_storage::StoredEvent {
+        let mut stored = vec![cairn_storage::StoredEvent {
             seq: Seq(0),
             ts_us: ne.ts_us,
             payload: ne.payload.clone(),
             hash: [0; 32],
-        };
+        }];
+        let mut first = vec![ne];
+        if let Some(t) = opts.timeout {
+            let deadline = Event::RunDeadlineSet {
+                deadline_us: first[0]
+                    .ts_us
+                    .saturating_add(i64::try_from(t.as_micros()).unwrap_or(i64::MAX)),
+            };
+            let ne = NewEvent::now(deadline.encode());
+            stored.push(cairn_storage::StoredEvent {
+                seq: Seq(1),
+                ts_us: ne.ts_us,
+                payload: ne.payload.clone(),
+                hash: [0; 32],
+            });
+            first.push(ne);
+        }
         self.inner
             .store
             .create_run(
@@ -335,10 +355,10 @@ impl Engine {
                         RunStatus::Running
                     },
                 },
-                vec![ne],
+                first,
             )
             .await?;
-        let state = crate::state::fold(id, [&stored])?;
+        let state = crate::state::fold(id, &stored)?;
         let claim = self.claim(id)?;
         Ok(self.spawn(claim, state, wf))
     }
@@ -718,7 +738,35 @@ impl Engine {
                 let root = ctx.clone();
                 // The workflow runs in its own task so that a panic in user code is contained
                 // and reported instead of taking the engine down.
-                let result = tokio::spawn((wf.run)(ctx, input)).await;
+                let deadline = lock(&shared.state).run.deadline_us;
+                let mut task = tokio::spawn((wf.run)(ctx, input));
+                let result = match deadline {
+                    None => (&mut task).await,
+                    Some(d) => {
+                        let left = crate::context::from_micros(d - cairn_storage::now_micros());
+                        tokio::select! {
+                            r = &mut task => r,
+                            _ = tokio::time::sleep(left) => {
+                                // Out of time: stop the workflow and everything it runs.
+                                task.abort();
+                                let _ = (&mut task).await;
+                                shared.set_interrupt(Interrupt::TimedOut { run: id });
+                                let children: Vec<RunId> = lock(&shared.state)
+                                    .run
+                                    .children
+                                    .values()
+                                    .filter(|c| c.ok.is_none())
+                                    .map(|c| c.child)
+                                    .collect();
+                                let engine = Engine::from_inner(Arc::clone(&inner));
+                                for c in children {
+                                    let _ = engine.cancel(c, "its parent timed out").await;
+                                }
+                                Ok(Err(WorkflowError::Interrupted(Interrupt::TimedOut { run: id })))
+                            }
+                        }
+                    }
+                };
                 let reason = lock(&active.reason).clone();
                 finish(&shared, &root, result, reason).await
             }
@@ -849,6 +897,12 @@ async fn finish(
                 wake_at_us, reason, ..
             })),
         ) => {
+            // A run with a deadline must also be woken to fail on time.
+            let deadline = lock(&shared.state).run.deadline_us;
+            let wake_at_us = match (wake_at_us, deadline) {
+                (Some(w), Some(d)) => Some(w.min(d)),
+                (w, d) => w.or(d),
+            };
             let ev = Event::RunSuspended { wake_at_us, reason };
             let ne = NewEvent::now(ev.encode());
             let ts = ne.ts_us;
@@ -868,6 +922,13 @@ async fn finish(
             st.run.apply_event(id, a.first.0, ts, ev)?;
             return Ok(outcome_of(id, &st.run, st.replayed, st.executed));
         }
+        (Some(i @ Interrupt::TimedOut { .. }), _)
+        | (None, Err(WorkflowError::Interrupted(i @ Interrupt::TimedOut { .. }))) => (
+            Event::RunFailed {
+                error: i.to_string(),
+            },
+            RunStatus::Failed,
+        ),
         (Some(i), _) | (None, Err(WorkflowError::Interrupted(i))) => {
             return Err(EngineError::Interrupted(i));
         }

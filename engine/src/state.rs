@@ -260,6 +260,8 @@ pub struct RunState {
     pub signals_seen_upto: u64,
     /// How many times the run was resumed.
     pub resumes: u32,
+    /// When the run times out (microseconds since the epoch), if it has a timeout.
+    pub deadline_us: Option<i64>,
     /// Time of the first event (microseconds since the epoch).
     pub started_us: i64,
     /// Time of the last event (microseconds since the epoch).
@@ -333,6 +335,7 @@ impl RunState {
             events: 1,
             signals_seen_upto: 1,
             resumes: 0,
+            deadline_us: None,
             started_us: ev.ts_us,
             updated_us: ev.ts_us,
         })
@@ -381,6 +384,7 @@ impl RunState {
                 }
             }
             Event::RunSuspended { .. } => self.status = RunStatus::Waiting,
+            Event::RunDeadlineSet { deadline_us } => self.deadline_us = Some(deadline_us),
             Event::TimerSet { path, fire_at_us } => {
                 self.timers.insert(
                     path,

@@ -489,3 +489,53 @@ async fn the_step_names_of_waits_cannot_collide_with_steps() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_run_timeout_fails_the_run_on_time_and_cancels_its_children() {
+    let (_d, store) = store();
+    let engine = Engine::with_options(store.clone(), family(Arc::default()), opts(60_000));
+    let mut o = cairn_engine::StartOptions::new("forever", json!(null));
+    o.timeout = Some(Duration::from_millis(300));
+    let t = Instant::now();
+    let out = engine.start_with(o).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Failed);
+    assert!(out.error.unwrap().contains("timed out"));
+    assert!(t.elapsed() < Duration::from_secs(3));
+    let parent: RunId = out.run_id.parse().unwrap();
+    let state = engine.load(parent).await.unwrap();
+    assert!(state.deadline_us.is_some(), "the deadline is recorded");
+    let child = state.children.values().next().unwrap().child;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.run(child).await.unwrap().unwrap().status != RunStatus::Cancelled {
+        assert!(Instant::now() < deadline, "the child was not cancelled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_parked_run_is_woken_at_its_deadline_and_fails() {
+    let (_d, store) = store();
+    let engine = Engine::with_options(store.clone(), approver(), opts(50));
+    let mut o = cairn_engine::StartOptions::new("approve", json!(null));
+    o.timeout = Some(Duration::from_millis(400));
+    let out = engine.start_with(o).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Waiting);
+    let id: RunId = out.run_id.parse().unwrap();
+    let meta = store.run(id).await.unwrap().unwrap();
+    assert!(
+        meta.wake_at_us.is_some(),
+        "parked with its deadline as the wake-up time"
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let woken = engine.wake_due().await.unwrap();
+    let out = woken
+        .handles
+        .into_iter()
+        .next()
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Failed);
+    assert!(out.error.unwrap().contains("timed out"));
+}
