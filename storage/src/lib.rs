@@ -14,6 +14,7 @@ mod ids;
 mod record;
 mod redb_store;
 mod store;
+mod wal;
 
 pub use error::StoreError;
 pub use ids::{BadRunId, RunId, Seq};

@@ -11,9 +11,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{
     ConcurrencyMode, Database, DatabaseError, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
@@ -23,6 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::record::{decode, encode, genesis_hash, now_micros, record_hash};
 use crate::store::{Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunUpdate};
+use crate::wal::{Change, Wal};
 use crate::{Hash, NewEvent, RunId, Seq, StoreError, StoredEvent};
 
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
@@ -30,21 +32,22 @@ const RUNS: TableDefinition<u128, &[u8]> = TableDefinition::new("runs");
 const RUNS_BY_STATUS: TableDefinition<(u8, u128), ()> = TableDefinition::new("runs_by_status");
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 const WAKEUPS: TableDefinition<(i64, u128), ()> = TableDefinition::new("wakeups");
+const WAL_STATE: TableDefinition<&str, u64> = TableDefinition::new("wal_state");
 
 /// The store-level format version: bumped only by a change old binaries cannot read.
 const STORE_FORMAT: u32 = 1;
 /// The version byte in front of each runs-table row.
 const RUN_ROW_VERSION: u8 = 1;
 
-/// How long a commit waits before it is acknowledged.
+/// When a write is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// fsync every group commit: an acknowledged event survives a crash or power loss. Default.
+    /// fdatasync the write-ahead log at every group commit: an acknowledged event survives a
+    /// crash or power loss. Default.
     #[default]
     Immediate,
-    /// No fsync: faster, but a crash may lose acknowledged events (benchmarks and tests only).
-    /// The file is then opened exclusively (redb refuses unsynced commits on a shared file),
-    /// so other processes cannot read it while it is open.
+    /// No fsync of the write-ahead log: faster, but a crash of the machine may lose
+    /// acknowledged events (benchmarks and tests only). Checkpoints are still fsynced.
     None,
 }
 
@@ -115,6 +118,10 @@ enum Op {
     Flush {
         reply: Reply,
     },
+    /// Commit the open transaction so that readers see everything acknowledged.
+    Checkpoint {
+        reply: Reply,
+    },
 }
 
 impl Op {
@@ -123,7 +130,7 @@ impl Op {
             Op::Create { events, .. } | Op::Append { events, .. } => {
                 events.iter().map(|e| e.payload.len() + 48).sum()
             }
-            Op::Flush { .. } => 0,
+            Op::Flush { .. } | Op::Checkpoint { .. } => 0,
         }
     }
 }
@@ -131,12 +138,14 @@ impl Op {
 /// Counters of the group-commit writer since the store was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriterStats {
-    /// Write transactions committed.
+    /// Group commits: batches made durable (one write-ahead-log fdatasync each).
     pub commits: u64,
     /// Events written.
     pub events: u64,
     /// Operations (appends, creates, flushes) served.
     pub ops: u64,
+    /// Checkpoints: commits of logged changes into the redb file.
+    pub checkpoints: u64,
 }
 
 #[derive(Default)]
@@ -144,11 +153,14 @@ struct Counters {
     commits: AtomicU64,
     events: AtomicU64,
     ops: AtomicU64,
+    checkpoints: AtomicU64,
 }
 
 struct Inner {
     path: PathBuf,
     counters: Arc<Counters>,
+    /// Set while acknowledged changes are not yet checkpointed into the redb file.
+    dirty: Arc<AtomicBool>,
     db: Db,
     tx: Option<mpsc::SyncSender<Op>>,
     writer: Option<JoinHandle<()>>,
@@ -246,18 +258,30 @@ impl RedbStore {
                 detail: "it is a directory".into(),
             });
         }
-        // redb refuses non-fsynced commits on a file other processes may read, so a store
-        // without fsync is opened exclusively: no read-only opens while it is written.
-        let mode = if opts.durability == Durability::None && !opts.read_only {
-            ConcurrencyMode::ExclusiveWriter
-        } else {
-            ConcurrencyMode::SingleWriter
-        };
         let mut builder = Database::builder();
         builder
-            .set_concurrency_mode(mode)
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
             .set_cache_size(opts.cache_bytes);
         if opts.read_only {
+            // A writer that died may have left acknowledged changes only in its write-ahead
+            // log. If no writer holds the store now, a short read-write open replays them, so
+            // this reader sees everything that was acknowledged.
+            let wal_len = std::fs::metadata(crate::wal::wal_path(&path)).map(|m| m.len());
+            if wal_len.is_ok_and(|n| n > 0) {
+                match Self::open_with(
+                    &path,
+                    StoreOptions {
+                        create: false,
+                        read_only: false,
+                        ..opts.clone()
+                    },
+                ) {
+                    Ok(s) => drop(s),
+                    // A live writer has them and checkpoints them within moments.
+                    Err(StoreError::AlreadyOpen { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             let db = match builder.open_read_only(&path) {
                 Ok(db) => db,
                 // A writer died mid-commit and the file needs redb's repair, which a read-only
@@ -294,6 +318,7 @@ impl RedbStore {
                 inner: Arc::new(Inner {
                     path,
                     counters: Arc::default(),
+                    dirty: Arc::default(),
                     db: Db::Ro(db),
                     tx: None,
                     writer: None,
@@ -311,15 +336,24 @@ impl RedbStore {
         let durability = opts.durability;
         let counters: Arc<Counters> = Arc::default();
         let writer_counters = Arc::clone(&counters);
-        let writer_path = path.clone();
+        let dirty: Arc<AtomicBool> = Arc::default();
+        // Recovery from the write-ahead log happens here, so its errors surface at open.
+        let w = Writer::open(
+            writer_db,
+            path.clone(),
+            durability,
+            writer_counters,
+            Arc::clone(&dirty),
+        )?;
         let writer = std::thread::Builder::new()
             .name("cairn-writer".into())
-            .spawn(move || Writer::new(writer_db, writer_path, durability, writer_counters).run(rx))
+            .spawn(move || w.run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
                 path,
                 counters,
+                dirty,
                 db: Db::Rw(db),
                 tx: Some(tx),
                 writer: Some(writer),
@@ -340,6 +374,7 @@ impl RedbStore {
             commits: c.commits.load(Ordering::Relaxed),
             events: c.events.load(Ordering::Relaxed),
             ops: c.ops.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
         }
     }
 
@@ -361,6 +396,16 @@ impl RedbStore {
             sent?;
             rx.await.map_err(|_| StoreError::Closed)?
         })
+    }
+
+    /// Before a read: if acknowledged changes are not checkpointed yet, have the writer
+    /// checkpoint them, so that a reader in this process sees everything it was told is durable.
+    fn fresh(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        if !self.inner.dirty.load(Ordering::Acquire) {
+            return Box::pin(async { Ok(()) });
+        }
+        let f = self.send(|reply| Op::Checkpoint { reply });
+        Box::pin(async move { f.await.map(|_| ()) })
     }
 
     fn check_sizes(&self, events: &[NewEvent]) -> Result<(), StoreError> {
@@ -491,7 +536,14 @@ fn check_format(path: &Path, found: Option<u32>) -> Result<(), StoreError> {
 
 fn init_format(path: &Path, db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
-    let ours = ["events", "runs", "runs_by_status", "meta", "wakeups"];
+    let ours = [
+        "events",
+        "runs",
+        "runs_by_status",
+        "meta",
+        "wakeups",
+        "wal_state",
+    ];
     let foreign = txn.list_tables()?.any(|t| !ours.contains(&t.name()));
     {
         let mut meta = txn.open_table(META)?;
@@ -508,6 +560,7 @@ fn init_format(path: &Path, db: &Database) -> Result<(), StoreError> {
         txn.open_table(RUNS)?;
         txn.open_table(RUNS_BY_STATUS)?;
         txn.open_table(WAKEUPS)?;
+        txn.open_table(WAL_STATE)?;
     }
     txn.commit()?;
     Ok(())
@@ -539,33 +592,110 @@ fn decode_run(path: &Path, bytes: &[u8]) -> Result<RunMeta, StoreError> {
 }
 
 /// The group-commit writer: owns all writes to the file.
+///
+/// Each batch is applied to an open redb write transaction, logged to the write-ahead log
+/// (one fdatasync), and acknowledged. The transaction is committed as a checkpoint every
+/// [`CHECKPOINT_INTERVAL`], when a reader in this process asks, or when the log is full.
 struct Writer {
     db: Arc<Database>,
     path: PathBuf,
-    durability: Durability,
     /// Cached run rows, so an append does not read the row back first.
     runs: HashMap<u128, RunMeta>,
     counters: Arc<Counters>,
+    wal: Wal,
+    /// The open transaction holding everything logged since the last checkpoint.
+    txn: Option<redb::WriteTransaction>,
+    /// The last log sequence number written.
+    lsn: u64,
+    /// When the oldest change not yet checkpointed was made.
+    dirty_since: Option<Instant>,
+    /// Set while changes are not checkpointed, so same-process readers ask for a checkpoint.
+    dirty: Arc<AtomicBool>,
+    /// Set after a failure the writer cannot recover from; every later write gets it.
+    failed: Option<String>,
 }
 
+/// How long logged changes may wait before they are checkpointed into redb (readers in other
+/// processes see them then).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+/// The log is checkpointed and restarted once it holds this many bytes.
+const WAL_BYTES_MAX: u64 = 32 * 1024 * 1024;
+
 impl Writer {
-    fn new(
+    /// A writer over `db`, after replaying whatever the log holds past the last checkpoint.
+    fn open(
         db: Arc<Database>,
         path: PathBuf,
         durability: Durability,
         counters: Arc<Counters>,
-    ) -> Self {
-        Writer {
+        dirty: Arc<AtomicBool>,
+    ) -> Result<Self, StoreError> {
+        let wal = Wal::open(&path, durability == Durability::Immediate)?;
+        let mut w = Writer {
             db,
             path,
-            durability,
             runs: HashMap::new(),
             counters,
+            wal,
+            txn: None,
+            lsn: 0,
+            dirty_since: None,
+            dirty,
+            failed: None,
+        };
+        w.recover()?;
+        Ok(w)
+    }
+
+    /// Replays the log after the last checkpoint into a fresh transaction and checkpoints it.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        self.txn = None;
+        self.runs.clear();
+        let txn = self.db.begin_write()?;
+        let checkpoint = {
+            let t = txn.open_table(WAL_STATE)?;
+            t.get("checkpoint_lsn")?.map(|v| v.value()).unwrap_or(0)
+        };
+        let records = self.wal.scan(checkpoint)?;
+        if let Some((first, _)) = records.first()
+            && *first != checkpoint + 1
+        {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: format!(
+                    "the write-ahead log starts at record {first} but the store's checkpoint is {checkpoint}"
+                ),
+            });
         }
+        self.lsn = checkpoint;
+        for (lsn, changes) in &records {
+            apply(&txn, changes)?;
+            self.lsn = *lsn;
+        }
+        self.txn = Some(txn);
+        self.checkpoint()
     }
 
     fn run(mut self, rx: mpsc::Receiver<Op>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match self.dirty_since {
+                Some(since) => {
+                    let wait =
+                        (since + CHECKPOINT_INTERVAL).saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(wait) {
+                        Ok(op) => op,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.checkpoint_or_fail();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => break,
+                },
+            };
             let mut bytes = first.bytes();
             let mut batch = vec![first];
             while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
@@ -579,17 +709,50 @@ impl Writer {
             }
             self.commit_batch(batch);
         }
-        // The store is closing: make unsynced commits durable with one final fsync.
-        if self.durability == Durability::None
-            && let Ok(txn) = self.db.begin_write()
+        // Closing: checkpoint everything and empty the log.
+        if self.failed.is_none() && self.checkpoint().is_ok() {
+            let _ = self.wal.truncate();
+        }
+    }
+
+    /// Commits the open transaction (with redb's fsyncs) and restarts the log.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let Some(txn) = self.txn.take() else {
+            return Ok(());
+        };
         {
-            let _ = txn.commit();
+            let mut t = txn.open_table(WAL_STATE)?;
+            t.insert("checkpoint_lsn", self.lsn)?;
+        }
+        txn.commit()?;
+        self.wal.reset();
+        self.dirty_since = None;
+        self.dirty.store(false, Ordering::Release);
+        self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn checkpoint_or_fail(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            self.fail(e);
+        }
+    }
+
+    /// After a failure mid-batch: drop the open transaction and rebuild it from the log; if
+    /// even that fails, refuse every later write (reopening the store recovers).
+    fn fail(&mut self, e: StoreError) {
+        self.txn = None;
+        if let Err(again) = self.recover() {
+            self.failed = Some(format!(
+                "{e}; recovery from the write-ahead log failed: {again}"
+            ));
         }
     }
 
     fn commit_batch(&mut self, batch: Vec<Op>) {
         let mut replies = Vec::with_capacity(batch.len());
         let mut work = Vec::with_capacity(batch.len());
+        let mut want_checkpoint = false;
         for op in batch {
             match op {
                 Op::Create { run, events, reply } => {
@@ -609,7 +772,19 @@ impl Writer {
                     replies.push(reply);
                     work.push(Work::Flush);
                 }
+                Op::Checkpoint { reply } => {
+                    want_checkpoint = true;
+                    replies.push(reply);
+                    work.push(Work::Flush);
+                }
             }
+        }
+        if let Some(f) = &self.failed {
+            let msg = format!("the store's writer stopped after a failure ({f}); reopen the store");
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Backend(msg.clone())));
+            }
+            return;
         }
         let ops = work.len() as u64;
         let events: u64 = work
@@ -619,7 +794,14 @@ impl Writer {
                 Work::Flush => 0,
             })
             .sum();
-        match self.write_batch(work) {
+        let outcome = self.write_batch(work).and_then(|(results, changes)| {
+            self.log(&changes)?;
+            if want_checkpoint {
+                self.checkpoint()?;
+            }
+            Ok(results)
+        });
+        match outcome {
             Ok(results) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.counters.ops.fetch_add(ops, Ordering::Relaxed);
@@ -629,9 +811,9 @@ impl Writer {
                 }
             }
             Err(e) => {
-                // Nothing of this batch was written, but the cache may hold its effects.
-                self.runs.clear();
+                // Nothing of this batch is durable; rebuild the open transaction from the log.
                 let msg = e.to_string();
+                self.fail(e);
                 for reply in replies {
                     let _ = reply.send(Err(StoreError::Backend(msg.clone())));
                 }
@@ -642,25 +824,59 @@ impl Writer {
         }
     }
 
-    /// Writes a batch in one transaction. An `Err` means nothing was written; per-op logical
-    /// errors (unknown run, duplicate id) are returned in the per-op results instead.
+    /// Makes a batch's changes durable: one log record and one fdatasync; or, for a batch too
+    /// large for the log, a checkpoint.
+    fn log(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.lsn += 1;
+        let size: u64 = changes
+            .iter()
+            .map(|c| match c {
+                Change::Event { bytes, .. } => bytes.len() as u64 + 24,
+                Change::Run { row, .. } => row.len() as u64 + 24,
+                _ => 32,
+            })
+            .sum();
+        if size > WAL_BYTES_MAX / 2 {
+            // Too large for the log: make it durable in redb directly.
+            return self.checkpoint();
+        }
+        if self.wal.len() + size > WAL_BYTES_MAX {
+            // The log is full: checkpoint what it holds and start over. The new changes are in
+            // the open transaction, so the checkpoint covers them too.
+            return self.checkpoint();
+        }
+        self.wal.append(self.lsn, changes)?;
+        if self.dirty_since.is_none() {
+            self.dirty_since = Some(Instant::now());
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Applies a batch to the open transaction and returns the per-op results and the changes
+    /// made. An `Err` means the open transaction may hold part of the batch (the caller
+    /// rebuilds it from the log); per-op logical errors (unknown run, duplicate id, finished
+    /// run) are returned in the results and change nothing.
+    #[allow(clippy::type_complexity)]
     fn write_batch(
         &mut self,
         work: Vec<Work>,
-    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        if self.durability == Durability::None {
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
+    ) -> Result<(Vec<Result<Appended, StoreError>>, Vec<Change>), StoreError> {
+        if self.txn.is_none() {
+            self.txn = Some(self.db.begin_write()?);
         }
+        let Some(txn) = self.txn.as_ref() else {
+            return Err(StoreError::Closed);
+        };
         let mut results = Vec::with_capacity(work.len());
+        let mut changes = Vec::new();
+        let mut touched: Vec<u128> = Vec::new();
+        let now = now_micros();
         {
-            let mut events = txn.open_table(EVENTS)?;
-            let mut runs = txn.open_table(RUNS)?;
-            let mut by_status = txn.open_table(RUNS_BY_STATUS)?;
-            let mut wakeups = txn.open_table(WAKEUPS)?;
-            let mut touched: Vec<u128> = Vec::new();
-            let now = now_micros();
+            let runs = txn.open_table(RUNS)?;
             for w in work {
                 match w {
                     Work::Flush => results.push(Ok(Appended {
@@ -687,8 +903,12 @@ impl Writer {
                             head: genesis_hash(run.id),
                             wake_at_us: None,
                         };
-                        by_status.insert((meta.status.code(), id), ())?;
-                        let a = append_events(&mut events, &mut meta, &evs)?;
+                        changes.push(Change::Status {
+                            code: meta.status.code(),
+                            run: id,
+                            present: true,
+                        });
+                        let a = append_events(&mut changes, &mut meta, &evs)?;
                         self.runs.insert(id, meta);
                         touched.push(id);
                         results.push(Ok(a));
@@ -712,22 +932,38 @@ impl Writer {
                             }));
                             continue;
                         }
-                        let a = append_events(&mut events, meta, &evs)?;
+                        let a = append_events(&mut changes, meta, &evs)?;
                         if let Some(s) = update.status
                             && s != meta.status
                         {
-                            by_status.remove((meta.status.code(), id))?;
-                            by_status.insert((s.code(), id), ())?;
+                            changes.push(Change::Status {
+                                code: meta.status.code(),
+                                run: id,
+                                present: false,
+                            });
+                            changes.push(Change::Status {
+                                code: s.code(),
+                                run: id,
+                                present: true,
+                            });
                             meta.status = s;
                         }
                         if let Some(wake) = update.wake_at_us
                             && wake != meta.wake_at_us
                         {
                             if let Some(old) = meta.wake_at_us {
-                                wakeups.remove((old, id))?;
+                                changes.push(Change::Wake {
+                                    at_us: old,
+                                    run: id,
+                                    present: false,
+                                });
                             }
                             if let Some(new) = wake {
-                                wakeups.insert((new, id), ())?;
+                                changes.push(Change::Wake {
+                                    at_us: new,
+                                    run: id,
+                                    present: true,
+                                });
                             }
                             meta.wake_at_us = wake;
                         }
@@ -737,17 +973,57 @@ impl Writer {
                     }
                 }
             }
-            touched.sort_unstable();
-            touched.dedup();
-            for id in touched {
-                if let Some(meta) = self.runs.get(&id) {
-                    runs.insert(id, encode_run(meta)?.as_slice())?;
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for id in touched {
+            if let Some(meta) = self.runs.get(&id) {
+                changes.push(Change::Run {
+                    run: id,
+                    row: encode_run(meta)?,
+                });
+            }
+        }
+        apply(txn, &changes)?;
+        Ok((results, changes))
+    }
+}
+
+/// Applies logged changes to a transaction, in order (the live path and recovery share it).
+fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), StoreError> {
+    let mut events = txn.open_table(EVENTS)?;
+    let mut runs = txn.open_table(RUNS)?;
+    let mut by_status = txn.open_table(RUNS_BY_STATUS)?;
+    let mut wakeups = txn.open_table(WAKEUPS)?;
+    for c in changes {
+        match c {
+            Change::Event { run, seq, bytes } => {
+                events.insert((*run, *seq), bytes.as_slice())?;
+            }
+            Change::Run { run, row } => {
+                runs.insert(*run, row.as_slice())?;
+            }
+            Change::Status { code, run, present } => {
+                if *present {
+                    by_status.insert((*code, *run), ())?;
+                } else {
+                    by_status.remove((*code, *run))?;
+                }
+            }
+            Change::Wake {
+                at_us,
+                run,
+                present,
+            } => {
+                if *present {
+                    wakeups.insert((*at_us, *run), ())?;
+                } else {
+                    wakeups.remove((*at_us, *run))?;
                 }
             }
         }
-        txn.commit()?;
-        Ok(results)
     }
+    Ok(())
 }
 
 enum Work {
@@ -757,7 +1033,7 @@ enum Work {
 }
 
 fn append_events(
-    table: &mut redb::Table<'_, (u128, u64), &[u8]>,
+    changes: &mut Vec<Change>,
     meta: &mut RunMeta,
     events: &[NewEvent],
 ) -> Result<Appended, StoreError> {
@@ -768,7 +1044,11 @@ fn append_events(
     for e in events {
         head = record_hash(&head, Seq(seq), e.ts_us, &e.payload);
         let bytes = encode(e.ts_us, &head, &e.payload)?;
-        table.insert((id, seq), bytes.as_slice())?;
+        changes.push(Change::Event {
+            run: id,
+            seq,
+            bytes,
+        });
         seq += 1;
     }
     meta.events = seq;
@@ -809,34 +1089,45 @@ impl EventStore for RedbStore {
         })
     }
 
-    fn due_wakeups(
-        &self,
-        now_us: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<(RunId, i64)>, StoreError>> {
-        let r = self.read_wakeups(Some(now_us), limit);
-        Box::pin(async move { r })
-    }
-
-    fn next_wakeup(&self) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
-        let r = self
-            .read_wakeups(None, 1)
-            .map(|v| v.first().map(|(_, t)| *t));
-        Box::pin(async move { r })
-    }
-
     fn max_payload_bytes(&self) -> usize {
         self.inner.max_payload_bytes
     }
 
     fn run(&self, id: RunId) -> BoxFuture<'_, Result<Option<RunMeta>, StoreError>> {
-        let r = self.read_run(id);
-        Box::pin(async move { r })
+        let fresh = self.fresh();
+        Box::pin(async move {
+            fresh.await?;
+            self.read_run(id)
+        })
     }
 
     fn list_runs(&self, filter: RunFilter) -> BoxFuture<'_, Result<Vec<RunMeta>, StoreError>> {
-        let r = self.read_runs(&filter);
-        Box::pin(async move { r })
+        let fresh = self.fresh();
+        Box::pin(async move {
+            fresh.await?;
+            self.read_runs(&filter)
+        })
+    }
+
+    fn due_wakeups(
+        &self,
+        now_us: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(RunId, i64)>, StoreError>> {
+        let fresh = self.fresh();
+        Box::pin(async move {
+            fresh.await?;
+            self.read_wakeups(Some(now_us), limit)
+        })
+    }
+
+    fn next_wakeup(&self) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
+        let fresh = self.fresh();
+        Box::pin(async move {
+            fresh.await?;
+            self.read_wakeups(None, 1)
+                .map(|v| v.first().map(|(_, t)| *t))
+        })
     }
 
     fn read(
@@ -845,8 +1136,11 @@ impl EventStore for RedbStore {
         from: Seq,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>> {
-        let r = self.read_events(run, from, limit);
-        Box::pin(async move { r })
+        let fresh = self.fresh();
+        Box::pin(async move {
+            fresh.await?;
+            self.read_events(run, from, limit)
+        })
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StoreError>> {
