@@ -228,7 +228,11 @@ async fn recover(path: &Path) -> Result<ExitCode> {
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store.clone(), Arc::clone(&progress));
     let _control = control::serve(path, engine.clone());
-    let recovered = engine.recover().await?;
+    let mut recovered = engine.recover().await?;
+    // Parked runs whose timer is due are as overdue as interrupted ones.
+    let due = engine.wake_due().await?;
+    recovered.handles.extend(due.handles);
+    recovered.failed.extend(due.failed);
     for (id, e) in &recovered.failed {
         eprintln!("run {id} cannot be resumed: {e}");
     }
