@@ -387,3 +387,143 @@ pub fn sum_counts(v: &Value) -> u64 {
         .map(|c| c.as_u64().expect("a count"))
         .sum()
 }
+
+/// splitmix64: a small deterministic generator, so a printed seed reproduces a test's choices.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo).max(1)
+    }
+}
+
+/// `CAIRN_TEST_SEED` if set, else a fresh seed from the clock.
+pub fn test_seed() -> u64 {
+    match std::env::var("CAIRN_TEST_SEED") {
+        Ok(s) => s.trim().parse().expect("CAIRN_TEST_SEED must be a u64"),
+        Err(_) => now_us() as u64,
+    }
+}
+
+/// Wall-clock microseconds since the epoch (the clock the store stamps events with).
+pub fn now_us() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(d.as_micros()).expect("µs fit in i64")
+}
+
+/// Sleeps until the wall-clock time `t_us` (returns at once if it has passed).
+pub fn sleep_until_us(t_us: i64) {
+    let left = t_us - now_us();
+    if left > 0 {
+        std::thread::sleep(Duration::from_micros(left as u64));
+    }
+}
+
+/// The events of `kind`, in log order.
+pub fn events_of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+/// The only event of `kind`; panics unless there is exactly one.
+pub fn the_event<'a>(events: &'a [Value], kind: &str) -> &'a Value {
+    let found = events_of(events, kind);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one `{kind}` event, found {}: {found:?}",
+        found.len()
+    );
+    found[0]
+}
+
+/// The lines of a text file (none if it does not exist).
+pub fn file_lines(path: &Path) -> Vec<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => t.lines().map(str::to_string).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("read {}: {e}", path.display()),
+    }
+}
+
+impl Env {
+    /// `events <id>`, parsed, if the store can be read and has the run.
+    pub fn try_events_json(&self, id: &str) -> Option<Vec<Value>> {
+        let out = self.run(&["events", id]);
+        out.success().then(|| json_lines(&out.stdout))
+    }
+
+    /// Waits until run `id` has an event of `kind` in its log; returns the log as then read
+    /// and the first such event.
+    pub fn wait_event(&self, id: &str, kind: &str) -> (Vec<Value>, Value) {
+        wait_for(
+            WAIT_TIMEOUT,
+            &format!("run {id} to record a `{kind}` event"),
+            || {
+                let events = self.try_events_json(id)?;
+                let e = events.iter().find(|e| e["kind"] == kind)?.clone();
+                Some((events, e))
+            },
+        )
+    }
+
+    /// Waits until `runs --json` lists run `id` with `status`; returns that entry.
+    pub fn wait_status(&self, id: &str, status: &str) -> Value {
+        wait_for(WAIT_TIMEOUT, &format!("run {id} to be {status}"), || {
+            self.try_run_meta(id).filter(|m| m["status"] == status)
+        })
+    }
+}
+
+impl Proc {
+    /// Waits (polling every `poll`) until the child's stdout has a line containing `needle`,
+    /// and returns that line; panics if the child exits first or after [`WAIT_TIMEOUT`].
+    pub fn wait_stdout_line(&mut self, needle: &str, poll: Duration) -> String {
+        let start = Instant::now();
+        let mut exited_at: Option<Instant> = None;
+        loop {
+            let out = self.stdout();
+            if let Some(l) = out.lines().find(|l| l.contains(needle)) {
+                // Only a complete line counts.
+                if out.contains(&format!("{l}\n")) {
+                    return l.to_string();
+                }
+            }
+            // After an exit, give the readers a moment to collect the last output.
+            if let Some(s) = self.try_status() {
+                let exited = *exited_at.get_or_insert_with(Instant::now);
+                if exited.elapsed() > Duration::from_secs(2) {
+                    panic!(
+                        "cairn {:?} exited ({s}) without printing {needle:?}\nstdout: {out}\nstderr: {}",
+                        self.args,
+                        self.stderr()
+                    );
+                }
+            }
+            assert!(
+                start.elapsed() <= WAIT_TIMEOUT,
+                "cairn {:?} did not print {needle:?} within {WAIT_TIMEOUT:?}\nstdout: {out}\nstderr: {}",
+                self.args,
+                self.stderr()
+            );
+            std::thread::sleep(poll);
+        }
+    }
+}
+
+/// The control socket of the process holding `store` (`<store>.sock`).
+pub fn control_socket(store: &Path) -> PathBuf {
+    let mut s = store.as_os_str().to_owned();
+    s.push(".sock");
+    PathBuf::from(s)
+}
