@@ -98,6 +98,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         )));
     }
     PARK_AFTER_MS.store((cli.park_after * 1000.0) as u64, Ordering::Relaxed);
+    if cli.max_running == Some(0) {
+        return Err(usage("--max-running must be at least 1"));
+    }
+    MAX_RUNNING.store(cli.max_running.unwrap_or(0), Ordering::Relaxed);
     match cli.command {
         Command::Demo { items, step_ms } => demo(path, items, step_ms).await,
         Command::Start {
@@ -132,10 +136,14 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
 /// `--park-after`, in milliseconds, for every engine this process makes.
 static PARK_AFTER_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(60_000);
 
+/// `--max-running` for every engine this process makes (0: no limit).
+static MAX_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn engine_for(store: RedbStore, progress: Arc<Progress>) -> Engine {
+    let max = MAX_RUNNING.load(Ordering::Relaxed);
     let options = cairn_engine::EngineOptions {
         suspend_after: Duration::from_millis(PARK_AFTER_MS.load(Ordering::Relaxed)),
-        ..Default::default()
+        max_running: (max > 0).then_some(max),
     };
     Engine::with_options(Arc::new(store), workflows::registry(progress), options)
 }

@@ -21,6 +21,10 @@ pub struct Cli {
     /// (status `waiting`) instead of held in memory; `cairn worker` wakes it.
     #[arg(long, global = true, default_value_t = 60.0)]
     park_after: f64,
+    /// At most this many runs execute at once in this process; more wait durably as
+    /// `pending` and start in the order they were created.
+    #[arg(long, global = true)]
+    max_running: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }

@@ -360,7 +360,7 @@ impl Engine {
             .await?;
         let state = crate::state::fold(id, &stored)?;
         let claim = self.claim(id)?;
-        Ok(self.spawn(claim, state, wf))
+        Ok(self.spawn(claim, state, wf, self.inner.slots.is_some()))
     }
 
     /// Marks `id` as executing in this process; fails if it already is. Taken before any
@@ -438,7 +438,7 @@ impl Engine {
             )
             .await?;
         state.apply_event(id, a.first.0, ts, resumed)?;
-        Ok(self.spawn(claim, state, wf))
+        Ok(self.spawn(claim, state, wf, pending))
     }
 
     /// Resumes every run that is `running` or `pending` but not executing in this process —
@@ -676,13 +676,21 @@ impl Engine {
         lock(&self.inner.active).keys().copied().collect()
     }
 
-    fn spawn(&self, mut claim: Claim<'_>, state: RunState, wf: Registered) -> RunHandle {
+    /// Executes a claimed run on its own task. `pending`: the run's row says `pending` (it was
+    /// queued for a run slot), which the fold of its events cannot know.
+    fn spawn(
+        &self,
+        mut claim: Claim<'_>,
+        state: RunState,
+        wf: Registered,
+        pending: bool,
+    ) -> RunHandle {
         let id = claim.id;
         // The task takes over the claim and releases it when the run stops.
         let active = claim.active.take().unwrap_or_default();
         drop(claim);
         let input = state.input.clone();
-        let queued = state.status == RunStatus::Pending || self.inner.slots.is_some();
+        let queued = pending || self.inner.slots.is_some();
         let shared = Arc::new(RunShared {
             run_id: id,
             store: Arc::clone(&self.inner.store),
@@ -726,13 +734,11 @@ impl Engine {
                         permit
                     }
                 };
-                let was_pending = lock(&shared.state).run.status == RunStatus::Pending;
-                if was_pending {
+                if pending {
                     shared
                         .store
                         .write(id, Vec::new(), RunUpdate::status(RunStatus::Running))
                         .await?;
-                    lock(&shared.state).run.status = RunStatus::Running;
                 }
                 let ctx = WorkflowContext::root(Arc::clone(&shared));
                 let root = ctx.clone();

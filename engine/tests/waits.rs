@@ -450,6 +450,26 @@ async fn the_running_limit_queues_runs_durably_and_starts_them_in_order() {
         "queued runs are recorded as pending: {}",
         pending.len()
     );
+    // A run that got its slot is recorded as running (regression: its row stayed `pending`).
+    let t = Instant::now();
+    loop {
+        let running = store
+            .list_runs(RunFilter {
+                status: Some(RunStatus::Running),
+                limit: None,
+            })
+            .await
+            .unwrap();
+        if !running.is_empty() {
+            assert!(running.len() <= 2);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no run was ever recorded as running"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     for h in handles {
         assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
     }
