@@ -17,8 +17,8 @@ pub struct Cli {
     /// The store file (created on first write).
     #[arg(long, global = true, env = "CAIRN_STORE", default_value = "cairn.redb")]
     store: PathBuf,
-    /// A run that waits (sleep, signal, child) longer than this many seconds is parked
-    /// (status `waiting`) instead of held in memory; `cairn worker` wakes it.
+    /// A sleep longer than this many seconds, or a signal wait unanswered for this long, parks
+    /// the run (status `waiting`) instead of holding it in memory; `cairn worker` wakes it.
     #[arg(long, global = true, default_value_t = 60.0)]
     park_after: f64,
     /// At most this many runs execute at once in this process; more wait durably as
@@ -57,7 +57,7 @@ enum Command {
     Workflows,
     /// List runs, newest first.
     Runs {
-        /// Only runs with this status (pending, running, completed, failed, cancelled).
+        /// Only runs with this status (pending, running, waiting, completed, failed, cancelled).
         #[arg(long)]
         status: Option<String>,
         /// At most this many runs.

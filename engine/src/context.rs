@@ -306,9 +306,11 @@ impl WorkflowContext {
         G: FnOnce() -> GFut + Send + 'a,
         GFut: Future<Output = Result<T, StepError>> + Send + 'a,
     {
+        let reserved = reserved_name(name);
         let path = self.next_path();
         let name = name.to_string();
         async move {
+            reserved?;
             match self
                 .run_step(path.clone(), name.clone(), &opts, primary)
                 .await
@@ -580,8 +582,18 @@ impl WorkflowContext {
     ) -> impl Future<Output = Result<(), WorkflowError>> + Send + '_ {
         let path = self.next_path();
         let key = key.to_string();
+        let max_bytes = self.shared.store.max_payload_bytes();
         let value = Payload::from_value(value)
-            .map_err(|e| WorkflowError::msg(format!("metadata `{key}` cannot be encoded: {e}")));
+            .map_err(|e| WorkflowError::msg(format!("metadata `{key}` cannot be encoded: {e}")))
+            .and_then(|v| {
+                if v.len() + key.len() + 64 > max_bytes {
+                    return Err(WorkflowError::msg(format!(
+                        "metadata `{key}` is {} bytes, over the store's payload limit of {max_bytes} bytes",
+                        v.len()
+                    )));
+                }
+                Ok(v)
+            });
         async move { self.record_metadata(path, key, value?).await }
     }
 

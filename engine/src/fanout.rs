@@ -312,8 +312,18 @@ impl WorkflowContext {
                 in_flight.insert(i);
                 set.spawn(async move {
                     let r = f(ctx, item).await;
+                    let max_bytes = sh.store.max_payload_bytes();
                     let ev = match r {
                         Ok(o) => match Payload::from_value(&o) {
+                            // An output over the store's limit fails the branch, not the run.
+                            Ok(output) if output.len() + 64 > max_bytes => Event::BranchFailed {
+                                path: fan_path,
+                                index: i,
+                                error: format!(
+                                    "the branch's output is {} bytes, over the store's payload limit of {max_bytes} bytes; return a reference to large data instead",
+                                    output.len()
+                                ),
+                            },
                             Ok(output) => Event::BranchCompleted {
                                 path: fan_path,
                                 index: i,

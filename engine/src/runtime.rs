@@ -348,8 +348,10 @@ impl Engine {
                     version: wf.version,
                     parent: opts.parent,
                     labels: opts.labels,
-                    // With a limit on running runs, a new run waits for a slot durably.
-                    status: if self.inner.slots.is_some() {
+                    // With a limit on running runs, a new run waits for a slot durably. A
+                    // child run uses its parent's slot: queuing it behind parents that wait
+                    // for their children could deadlock.
+                    status: if self.inner.slots.is_some() && opts.parent.is_none() {
                         RunStatus::Pending
                     } else {
                         RunStatus::Running
@@ -360,7 +362,8 @@ impl Engine {
             .await?;
         let state = crate::state::fold(id, &stored)?;
         let claim = self.claim(id)?;
-        Ok(self.spawn(claim, state, wf, self.inner.slots.is_some()))
+        let queued = self.inner.slots.is_some() && state.parent.is_none();
+        Ok(self.spawn(claim, state, wf, queued))
     }
 
     /// Marks `id` as executing in this process; fails if it already is. Taken before any
@@ -494,11 +497,15 @@ impl Engine {
         let r = self
             .inner
             .store
-            .append_guarded(
+            .write(
                 id,
                 vec![NewEvent::now(ev.encode())],
-                Some(RunStatus::Cancelled),
-                Guard::NotFinished,
+                RunUpdate {
+                    status: Some(RunStatus::Cancelled),
+                    guard: Guard::NotFinished,
+                    // A parked run leaves the wake-up index: nothing is left to wake.
+                    wake_at_us: Some(None),
+                },
             )
             .await;
         match r {
@@ -508,6 +515,8 @@ impl Engine {
                 for c in state.children.values().filter(|c| c.ok.is_none()) {
                     Box::pin(self.cancel(c.child, "its parent was cancelled")).await?;
                 }
+                // A parent parked waiting for this run learns that it ended.
+                wake_parent(&self.inner, id).await;
                 Ok(CancelOutcome::Cancelled)
             }
             Err(StoreError::RunFinished { status, .. }) => {
@@ -607,6 +616,23 @@ impl Engine {
             failed: Vec::new(),
         };
         for (id, _) in due {
+            // Defensive: a finished run has nothing to wake; drop its stale index entry.
+            if let Some(meta) = self.inner.store.run(id).await?
+                && meta.status.is_terminal()
+            {
+                self.inner
+                    .store
+                    .write(
+                        id,
+                        Vec::new(),
+                        RunUpdate {
+                            wake_at_us: Some(None),
+                            ..RunUpdate::default()
+                        },
+                    )
+                    .await?;
+                continue;
+            }
             match self.resume(id).await {
                 Ok(h) => out.handles.push(h),
                 Err(EngineError::AlreadyActive(_)) => {}
@@ -616,19 +642,22 @@ impl Engine {
         Ok(out)
     }
 
-    /// The timer service: until shutdown, wakes parked runs when their time comes and resumes
-    /// runs that a signal made `running` while nobody executed them. Errors of single runs are
-    /// passed to `on_failed`; handles of the runs it starts are passed to `on_started`.
+    /// The timer service: recovers interrupted runs once, then until shutdown wakes parked runs
+    /// when their time comes. Errors of single runs are passed to `on_failed`; handles of the
+    /// runs it starts are passed to `on_started`.
     pub async fn serve_timers(
         &self,
         on_started: impl Fn(RunHandle),
         on_failed: impl Fn(RunId, EngineError),
     ) -> Result<(), EngineError> {
         const POLL: Duration = Duration::from_millis(500);
+        // Interrupted runs are recovered once, at start. Afterwards only due timers wake runs
+        // (signals to parked runs come through this engine and resume them directly), so a
+        // run that stops on non-determinism is not resumed over and over.
+        let mut first = Some(self.recover().await?);
         while !self.inner.shutdown.is_cancelled() {
             let woken = self.wake_due().await?;
-            let recovered = self.recover().await?;
-            for r in [woken, recovered] {
+            for r in first.take().into_iter().chain([woken]) {
                 for (id, e) in r.failed {
                     on_failed(id, e);
                 }
@@ -690,7 +719,7 @@ impl Engine {
         let active = claim.active.take().unwrap_or_default();
         drop(claim);
         let input = state.input.clone();
-        let queued = pending || self.inner.slots.is_some();
+        let queued = pending || (self.inner.slots.is_some() && state.parent.is_none());
         let shared = Arc::new(RunShared {
             run_id: id,
             store: Arc::clone(&self.inner.store),

@@ -65,6 +65,10 @@ fn ser_payload_opt<S: serde::Serializer>(p: &Option<Payload>, s: S) -> Result<S:
     }
 }
 
+fn ser_run_id<S: serde::Serializer>(id: &RunId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
 fn ser_payload<S: serde::Serializer>(p: &Payload, s: S) -> Result<S::Ok, S::Error> {
     p.to_json().serialize(s)
 }
@@ -182,6 +186,7 @@ pub struct SignalRecord {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ChildRecord {
     /// The child run's id.
+    #[serde(serialize_with = "ser_run_id")]
     pub child: RunId,
     /// The child's workflow.
     pub workflow: String,
@@ -494,6 +499,7 @@ impl RunState {
                 name,
                 attempt,
             } => {
+                let path_text = path.to_string();
                 let rec = self.steps.entry(path).or_insert_with(|| StepRecord {
                     name: name.clone(),
                     status: StepStatus::Running,
@@ -507,8 +513,8 @@ impl RunState {
                 });
                 if rec.name != name {
                     return Err(inconsistent(format!(
-                        "step {} is `{}` but was started as `{name}`",
-                        seq, rec.name
+                        "step {path_text} is `{}` but was started as `{name}`",
+                        rec.name
                     )));
                 }
                 rec.status = StepStatus::Running;

@@ -404,3 +404,44 @@ async fn cancelling_a_run_stops_its_running_branches() {
         "no new branch started after cancel"
     );
 }
+
+#[tokio::test]
+async fn a_branch_output_over_the_payload_limit_fails_the_branch_not_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open_with(
+        dir.path().join("t.redb"),
+        cairn_storage::StoreOptions {
+            max_payload_bytes: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut r = Registry::new();
+    r.register("big", 1, |ctx, _: ()| async move {
+        let fan = ctx
+            .fan_out(
+                "b",
+                vec![10usize, 10_000],
+                FanOutOptions::new(2).join(JoinPolicy::AllSettled),
+                |_b, n| async move { Ok("x".repeat(n)) },
+            )
+            .await?;
+        Ok((
+            fan.successes().count(),
+            fan.failures()
+                .map(|(_, e)| e.to_string())
+                .collect::<Vec<_>>(),
+        ))
+    });
+    let out = Engine::new(s, r)
+        .start("big", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+    let (ok, errs): (usize, Vec<String>) = serde_json::from_value(out.output.unwrap()).unwrap();
+    assert_eq!(ok, 1);
+    assert!(errs[0].contains("payload limit"), "{errs:?}");
+}

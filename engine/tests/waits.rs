@@ -559,3 +559,89 @@ async fn a_parked_run_is_woken_at_its_deadline_and_fails() {
     assert_eq!(out.status, RunStatus::Failed);
     assert!(out.error.unwrap().contains("timed out"));
 }
+
+#[tokio::test]
+async fn cancelling_a_parked_run_removes_it_from_the_wakeup_index() {
+    let (_d, store) = store();
+    let engine = Engine::with_options(store.clone(), sleeper(), opts(50));
+    let out = engine
+        .start("sleeper", &300u64)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Waiting);
+    let id: RunId = out.run_id.parse().unwrap();
+    assert!(store.next_wakeup().await.unwrap().is_some());
+    assert_eq!(
+        engine.cancel(id, "no").await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(
+        store.next_wakeup().await.unwrap(),
+        None,
+        "regression: a cancelled run stayed in the index"
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(engine.wake_due().await.unwrap().handles.is_empty());
+}
+
+#[tokio::test]
+async fn a_child_does_not_wait_for_a_run_slot_its_parent_holds() {
+    let (_d, store) = store();
+    let engine = Engine::with_options(
+        store.clone(),
+        family(Arc::default()),
+        EngineOptions {
+            max_running: Some(1),
+            ..opts(60_000)
+        },
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.start("parent", &5u32).await.unwrap().wait(),
+    )
+    .await
+    .expect("regression: the child queued behind its own parent's slot")
+    .unwrap();
+    assert_eq!(out.output, Some(json!({"doubled": 10, "failed": true})));
+}
+
+#[tokio::test]
+async fn cancelling_a_parked_child_wakes_its_parked_parent() {
+    let (_d, store) = store();
+    let engine = Engine::with_options(store.clone(), family(Arc::default()), opts(50));
+    let out = engine
+        .start("forever", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Waiting);
+    let parent: RunId = out.run_id.parse().unwrap();
+    let child = engine
+        .load(parent)
+        .await
+        .unwrap()
+        .children
+        .values()
+        .next()
+        .unwrap()
+        .child;
+    assert_eq!(
+        engine.cancel(child, "not needed").await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let t = Instant::now();
+    while store.run(parent).await.unwrap().unwrap().status != RunStatus::Failed {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the parent was not woken"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let state = engine.load(parent).await.unwrap();
+    assert!(state.error.unwrap().contains("cancelled"));
+}

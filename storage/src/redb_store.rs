@@ -1,12 +1,17 @@
-//! The embedded default backend: one redb file, written by a single group-commit thread.
+//! The embedded default backend: one redb file, written by a single group-commit thread
+//! through a write-ahead log.
 //!
 //! All appends, from every run and fan-out branch, go through one channel to one writer thread.
-//! The thread takes everything queued, writes it in one redb write transaction (one fsync with
-//! [`Durability::Immediate`]), and only then tells each caller its events are durable. So
-//! throughput grows with concurrency instead of being capped at one fsync per event.
+//! The thread takes everything queued, applies it to an open redb write transaction, appends
+//! the batch's changes to the write-ahead log (`<store>.wal`, one fdatasync with
+//! [`Durability::Immediate`]), and only then tells each caller its events are durable. So a
+//! batch costs one small fdatasync, and throughput grows with concurrency. The transaction is
+//! committed into the redb file (a checkpoint) every 50 ms, when a reader in this process
+//! asks, or when the log is full; opening the store replays the log past the last checkpoint.
 //!
 //! The file is opened in redb's `SingleWriter` mode: one process writes, and any number of
-//! processes may open it read-only at the same time (`cairn runs` while a batch runs).
+//! processes may open it read-only at the same time (`cairn runs` while a batch runs); they
+//! see what the writer has checkpointed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -708,6 +713,14 @@ impl Writer {
                 }
             }
             self.commit_batch(batch);
+            // Under steady load no receive times out: checkpoint on schedule anyway, so readers
+            // in other processes lag by one interval, not by a full log.
+            if self
+                .dirty_since
+                .is_some_and(|since| since.elapsed() >= CHECKPOINT_INTERVAL)
+            {
+                self.checkpoint_or_fail();
+            }
         }
         // Closing: checkpoint everything and empty the log.
         if self.failed.is_none() && self.checkpoint().is_ok() {
@@ -753,6 +766,7 @@ impl Writer {
         let mut replies = Vec::with_capacity(batch.len());
         let mut work = Vec::with_capacity(batch.len());
         let mut want_checkpoint = false;
+        let mut checkpoint_ops: Vec<usize> = Vec::new();
         for op in batch {
             match op {
                 Op::Create { run, events, reply } => {
@@ -774,6 +788,7 @@ impl Writer {
                 }
                 Op::Checkpoint { reply } => {
                     want_checkpoint = true;
+                    checkpoint_ops.push(replies.len());
                     replies.push(reply);
                     work.push(Work::Flush);
                 }
@@ -796,16 +811,24 @@ impl Writer {
             .sum();
         let outcome = self.write_batch(work).and_then(|(results, changes)| {
             self.log(&changes)?;
-            if want_checkpoint {
-                self.checkpoint()?;
-            }
             Ok(results)
         });
         match outcome {
-            Ok(results) => {
+            Ok(mut results) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.counters.ops.fetch_add(ops, Ordering::Relaxed);
                 self.counters.events.fetch_add(events, Ordering::Relaxed);
+                // The batch is durable in the log; a failed checkpoint only fails the readers
+                // that asked for it (their read would not see everything).
+                if want_checkpoint && let Err(e) = self.checkpoint() {
+                    let msg = e.to_string();
+                    self.fail(e);
+                    for (i, r) in results.iter_mut().enumerate() {
+                        if checkpoint_ops.contains(&i) {
+                            *r = Err(StoreError::Backend(msg.clone()));
+                        }
+                    }
+                }
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
                 }

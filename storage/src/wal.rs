@@ -130,6 +130,16 @@ impl Wal {
             let magic = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
             let body_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
             let lsn = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+            // A record of a later log format ("CAW" and a higher digit) is refused, not taken
+            // for the end of the log.
+            let [m0, m1, m2, m3] = magic.to_le_bytes();
+            if magic != MAGIC && [m3, m2, m1] == *b"CAW" && m0 > MAGIC.to_le_bytes()[0] {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: "the write-ahead log was written by a newer cairn; upgrade cairn"
+                        .into(),
+                });
+            }
             if magic != MAGIC || at + HEADER_BYTES + body_len > buf.len() {
                 break;
             }
