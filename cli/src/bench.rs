@@ -1,16 +1,20 @@
 //! `cairn bench`: workloads that measure this machine's limits and the engine against them.
 //!
-//! Five workloads, each on a fresh store in a directory created under `--dir` and removed at
+//! Eight workloads, each on a fresh store in a directory created under `--dir` and removed at
 //! the end: `fsync` (the disk's commit limit: 4 KiB write + fdatasync), `seq` (one workflow of
 //! sequential durable steps), `many` (many workflows at once, sharing group commits), `replay`
-//! (folding a recorded history of 100,000 events) and `recovery` (a child process SIGKILLed
-//! mid-run, then resumed here). The targets are judged on ratios measured in the same run, so
-//! they say how close the engine gets to this disk rather than quoting absolute numbers.
+//! (folding a recorded history of 100,000 events), `recovery` (a child process SIGKILLed
+//! mid-run, then resumed here), `fanout` (one workflow fanning out to thousands of one-step
+//! branches), `fanout-large` (100,000 branches in a child process, for its peak RSS and the
+//! load time of the finished run) and `fanout-resume` (a 100,000-branch fan-out SIGKILLed at
+//! ~50% and resumed here). The targets are judged on ratios measured in the same run, so they
+//! say how close the engine gets to this disk rather than quoting absolute numbers.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -24,7 +28,7 @@ use cairn_storage::{
 };
 use clap::ValueEnum;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::workflows;
@@ -32,7 +36,8 @@ use crate::workflows;
 /// Arguments of `cairn bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Workloads to run (default: all, in the order fsync, seq, many, replay, recovery).
+    /// Workloads to run (default: all, in the order fsync, seq, many, replay, recovery, fanout,
+    /// fanout-large, fanout-resume).
     #[arg(value_enum)]
     pub workloads: Vec<Workload>,
     /// Print JSON instead of a table.
@@ -57,6 +62,29 @@ pub struct BenchArgs {
     /// Steps of the workflow `recovery` kills and resumes.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(10..))]
     pub recovery_steps: u32,
+    /// Branches of the `fanout` workflow.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub branches: u32,
+    /// Branches `fanout` runs at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// Branches of the `fanout-large` workflow.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub large_branches: u32,
+    /// Branches of the fan-out `fanout-resume` kills and resumes.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(10..))]
+    pub resume_branches: u32,
+    /// Branches `fanout-large` and `fanout-resume` run at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub large_concurrency: u32,
+    /// Internal, for `fanout-large`: instead of benchmarking, run `cairn CHILD_ARGS…` as a child
+    /// process, reap it with `wait4` and write its exit status, wall time, peak RSS and CPU
+    /// time to this file as JSON.
+    #[arg(long, hide = true, value_name = "FILE", requires = "child_args")]
+    pub rusage_report: Option<PathBuf>,
+    /// The arguments of the child `--rusage-report` runs, after `--`.
+    #[arg(last = true, hide = true, value_name = "CHILD_ARGS")]
+    pub child_args: Vec<OsString>,
 }
 
 /// One benchmark workload.
@@ -73,6 +101,12 @@ pub enum Workload {
     Replay,
     /// A run SIGKILLed at about 40% and resumed.
     Recovery,
+    /// One workflow fanning out to B one-step branches, C at a time.
+    Fanout,
+    /// A 100,000-branch fan-out in a child process: its peak RSS, then loading the finished run.
+    FanoutLarge,
+    /// A 100,000-branch fan-out SIGKILLed at about 50% of its branches and resumed.
+    FanoutResume,
 }
 
 /// Size of one write of the `fsync` workload.
@@ -103,6 +137,16 @@ const SEQ_TARGET_RATIO: f64 = 0.70;
 const MANY_TARGET_RATIO: f64 = 20.0;
 /// The `recovery` target: steps executed more than once.
 const RECOVERY_TARGET_REEXECUTED: u64 = 1;
+/// The `fanout` target: multiple of the `fsync` commits/s, in branches/s.
+const FANOUT_TARGET_RATIO: f64 = 10.0;
+/// The `fanout-large` target: peak RSS of the process running the fan-out, in MiB.
+const FANOUT_LARGE_TARGET_RSS_MIB: f64 = 300.0;
+/// How long a `fanout-large` or `fanout-resume` child may run before the bench gives up.
+const FANOUT_CHILD_TIMEOUT: Duration = Duration::from_secs(900);
+/// How often `fanout-resume` looks for new side-effect lines while the child runs.
+const FANOUT_POLL: Duration = Duration::from_millis(1);
+/// One MiB, for RSS figures.
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// What the `fsync` workload measured.
 #[derive(Debug, Serialize)]
@@ -211,6 +255,91 @@ struct RecoveryResult {
     steps_reexecuted: u64,
 }
 
+/// What the `fanout` workload measured.
+#[derive(Debug, Serialize)]
+struct FanoutResult {
+    /// Branches of the fan-out (one durable step each).
+    branches: u32,
+    /// Branches run at once.
+    concurrency: u32,
+    /// From start to completion (fan-in and run output included), in seconds.
+    secs: f64,
+    /// Branches per second.
+    branches_per_sec: f64,
+    /// Group commits written during the run.
+    commits: u64,
+    /// Group commits per second.
+    commits_per_sec: f64,
+    /// Events written during the run.
+    events: u64,
+    /// Events per group commit.
+    events_per_commit: f64,
+    /// Checkpoints (redb commits of the logged changes) during the run.
+    checkpoints: u64,
+    /// CPU time of the whole bench process during the run (user + system), in seconds.
+    cpu_secs: f64,
+    /// CPU time of the store's `cairn-writer` thread during the run, in seconds.
+    writer_cpu_secs: f64,
+}
+
+/// What the `fanout-large` workload measured.
+#[derive(Debug, Serialize)]
+struct FanoutLargeResult {
+    /// Branches of the fan-out.
+    branches: u32,
+    /// Branches run at once.
+    concurrency: u32,
+    /// From spawning the child `cairn start fanout` until it exited, in seconds.
+    secs: f64,
+    /// Branches per second over `secs`.
+    branches_per_sec: f64,
+    /// The child's peak resident set size (`ru_maxrss` from `wait4`), in bytes.
+    peak_rss_bytes: u64,
+    /// The child's CPU time (user + system, from `wait4`), in seconds.
+    child_cpu_secs: f64,
+    /// Events of the finished run.
+    events: u64,
+    /// `Engine::load` of the finished run (median of several), in seconds.
+    load_secs: f64,
+    /// Events per second of that load.
+    load_events_per_sec: f64,
+    /// Size of the store file after the run.
+    file_bytes: u64,
+}
+
+/// What the `fanout-resume` workload measured.
+#[derive(Debug, Serialize)]
+struct FanoutResumeResult {
+    /// Branches of the fan-out.
+    branches: u32,
+    /// Branches run at once.
+    concurrency: u32,
+    /// From spawning the child until the SIGKILL, in seconds.
+    secs_to_kill: f64,
+    /// Side-effect lines (branch step executions) when the child was killed.
+    executed_at_kill: u64,
+    /// Branches with a recorded outcome at the kill (answered from the log after the restart).
+    outcomes_recorded_at_kill: u64,
+    /// Branches whose step was recorded but whose outcome was not, at the kill.
+    steps_pending_at_kill: u64,
+    /// Branches in flight at the kill with their side effect done: side-effect lines minus
+    /// recorded outcomes. Of these, those without a recorded step run again.
+    in_flight_at_kill: u64,
+    /// Opening the store after the kill (includes redb's repair), in seconds.
+    open_secs: f64,
+    /// A diagnostic `Engine::load` of the killed run, in seconds (not part of `total_secs`).
+    load_secs: f64,
+    /// From the store open until `Engine::resume` returned (load diagnostic excluded), in
+    /// seconds.
+    resumed_secs: f64,
+    /// From the store open until the run completed (load diagnostic excluded), in seconds.
+    total_secs: f64,
+    /// Branch steps executed after the restart.
+    steps_executed_after_restart: u64,
+    /// Branch indices that appear more than once in the side-effect file.
+    branches_rerun: u64,
+}
+
 /// A target and whether this run met it.
 #[derive(Debug, Serialize)]
 struct Target {
@@ -244,6 +373,15 @@ struct Results {
     /// The `recovery` figures.
     #[serde(skip_serializing_if = "Option::is_none")]
     recovery: Option<RecoveryResult>,
+    /// The `fanout` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fanout: Option<FanoutResult>,
+    /// The `fanout-large` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fanout_large: Option<FanoutLargeResult>,
+    /// The `fanout-resume` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fanout_resume: Option<FanoutResumeResult>,
     /// The targets, judged on this run's figures.
     targets: Vec<Target>,
 }
@@ -285,6 +423,10 @@ impl Drop for BenchDir {
 
 /// Runs the selected benchmarks.
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+    if let Some(report) = &args.rusage_report {
+        measure_child(report, &args.child_args).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let selected: Vec<Workload> = Workload::value_variants()
         .iter()
         .copied()
@@ -330,6 +472,36 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
                     fmt_int(args.recovery_steps)
                 ));
                 res.recovery = Some(bench_recovery(&dir.path, args.recovery_steps).await?);
+            }
+            Workload::Fanout => {
+                say(format!(
+                    "fanout ({} branches, {} at a time)",
+                    fmt_int(args.branches),
+                    fmt_int(args.concurrency)
+                ));
+                res.fanout = Some(bench_fanout(&dir.path, args.branches, args.concurrency).await?);
+            }
+            Workload::FanoutLarge => {
+                say(format!(
+                    "fanout-large ({} branches, {} at a time, in a child process)",
+                    fmt_int(args.large_branches),
+                    fmt_int(args.large_concurrency)
+                ));
+                res.fanout_large = Some(
+                    bench_fanout_large(&dir.path, args.large_branches, args.large_concurrency)
+                        .await?,
+                );
+            }
+            Workload::FanoutResume => {
+                say(format!(
+                    "fanout-resume ({} branches, {} at a time, SIGKILL at ~50%)",
+                    fmt_int(args.resume_branches),
+                    fmt_int(args.large_concurrency)
+                ));
+                res.fanout_resume = Some(
+                    bench_fanout_resume(&dir.path, args.resume_branches, args.large_concurrency)
+                        .await?,
+                );
             }
         }
     }
@@ -857,6 +1029,684 @@ async fn bench_recovery(dir: &Path, steps: u32) -> Result<RecoveryResult> {
     })
 }
 
+/// Σ i² for i in 0..n: the `sum` a `fanout` run reports when every branch succeeds, or `None`
+/// if it does not fit a `u64` (over about 3.8 million branches).
+fn sum_of_squares(n: u32) -> Option<u64> {
+    let n = u128::from(n);
+    let s = if n == 0 {
+        0
+    } else {
+        (n - 1) * n * (2 * n - 1) / 6
+    };
+    u64::try_from(s).ok()
+}
+
+/// Fails unless a `fanout` run's output says every branch succeeded and `sum` = Σ i².
+fn check_fanout_output(
+    what: &str,
+    output: Option<&serde_json::Value>,
+    branches: u32,
+) -> Result<()> {
+    let Some(v) = output else {
+        bail!("the {what} run completed without an output");
+    };
+    let expect = sum_of_squares(branches)
+        .with_context(|| format!("Σ i² over {branches} branches does not fit a u64"))?;
+    let field = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+    if field("sum") != Some(expect)
+        || field("succeeded") != Some(u64::from(branches))
+        || field("failed") != Some(0)
+    {
+        bail!(
+            "the {what} run's output {v} is wrong: expected {branches} branches succeeded, \
+             0 failed and sum {expect} (Σ i² for i < {branches})"
+        );
+    }
+    Ok(())
+}
+
+/// Seconds in a `timeval`.
+fn timeval_secs(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// CPU time (user + system) of this process so far, in seconds (0 if `getrusage` fails).
+fn process_cpu_secs() -> f64 {
+    // SAFETY: `rusage` is plain data, for which all zero bytes is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) writes one `rusage` through a pointer valid for writes.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    if rc != 0 {
+        return 0.0;
+    }
+    timeval_secs(ru.ru_utime) + timeval_secs(ru.ru_stime)
+}
+
+/// CPU time of each `cairn-writer` thread of this process, in seconds, by thread id.
+///
+/// Reads the thread's CPU clock (`clock_gettime` on the clock id Linux derives from a thread
+/// id, nanosecond resolution) and falls back to `/proc/self/task/<tid>/stat` (clock ticks).
+fn writer_threads_cpu() -> HashMap<i32, f64> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let p = e.path();
+        match std::fs::read_to_string(p.join("comm")) {
+            Ok(comm) if comm.trim() == "cairn-writer" => {}
+            _ => continue,
+        }
+        // Linux's MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED): per-thread, scheduler time.
+        let clock: libc::clockid_t = (!tid << 3) | 6;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime(2) writes one `timespec` through a pointer valid for writes; an
+        // unknown clock id (a thread that has exited) is reported as an error, not UB.
+        let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+        let secs = if rc == 0 {
+            ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+        } else {
+            let Ok(stat) = std::fs::read_to_string(p.join("stat")) else {
+                continue;
+            };
+            // The fields after the `(comm)` one: state is field 3, utime 14 and stime 15.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // SAFETY: sysconf(3) only reads a configuration value.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            f.iter().sum::<f64>() / hz
+        };
+        out.insert(tid, secs);
+    }
+    out
+}
+
+/// The CPU time `cairn-writer` threads used between two [`writer_threads_cpu`] snapshots.
+fn writer_cpu_delta(before: &HashMap<i32, f64>, after: &HashMap<i32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(tid, s)| s - before.get(tid).copied().unwrap_or(0.0))
+        .filter(|d| *d > 0.0)
+        .sum()
+}
+
+/// `fanout`: one `fanout` workflow of `branches` one-step branches, `concurrency` at a time,
+/// in this process; checks the fan-in sum.
+async fn bench_fanout(dir: &Path, branches: u32, concurrency: u32) -> Result<FanoutResult> {
+    let path = dir.join("fanout.redb");
+    let store = open_store(&path, Durability::Immediate)?;
+    let engine = Engine::new(store.clone(), workflows::registry(Arc::default()));
+    let input = json!({ "branches": branches, "concurrency": concurrency });
+    let before = store.writer_stats();
+    let writer_before = writer_threads_cpu();
+    let cpu_before = process_cpu_secs();
+    let started = Instant::now();
+    let h = engine
+        .start_with(StartOptions::new("fanout", input))
+        .await
+        .context("cannot start the fanout workflow")?;
+    let out = h
+        .wait()
+        .await
+        .context("the fanout workflow did not finish")?;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu_secs = process_cpu_secs() - cpu_before;
+    let writer_cpu_secs = writer_cpu_delta(&writer_before, &writer_threads_cpu());
+    let after = store.writer_stats();
+    check_completed("fanout", &out)?;
+    check_fanout_output("fanout", out.output.as_ref(), branches)?;
+    drop(engine);
+    drop(store);
+    let _ = std::fs::remove_file(&path);
+    let commits = after.commits - before.commits;
+    let events = after.events - before.events;
+    Ok(FanoutResult {
+        branches,
+        concurrency,
+        secs,
+        branches_per_sec: rate(f64::from(branches), secs),
+        commits,
+        commits_per_sec: rate(commits as f64, secs),
+        events,
+        events_per_commit: per_commit(events, commits),
+        checkpoints: after.checkpoints - before.checkpoints,
+        cpu_secs,
+        writer_cpu_secs,
+    })
+}
+
+/// `cairn --store <store> <rest…>` as arguments.
+fn store_args(store: &Path, rest: &[&str]) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec!["--store".into(), store.into()];
+    v.extend(rest.iter().map(OsString::from));
+    v
+}
+
+/// Starts this same binary with `args`, its stdout and stderr going to the files `out` and
+/// `err`.
+fn spawn_cairn(args: &[OsString], out: &Path, err: &Path) -> Result<ChildGuard> {
+    let exe = std::env::current_exe().context("cannot find the cairn executable for the child")?;
+    let file = |p: &Path| {
+        std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))
+    };
+    let child = Command::new(&exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file(out)?)
+        .stderr(file(err)?)
+        .spawn()
+        .with_context(|| format!("cannot start the child {}", exe.display()))?;
+    Ok(ChildGuard { child: Some(child) })
+}
+
+/// How a child process ended, as `wait4` reported it.
+struct ChildExit {
+    /// The wait status.
+    status: libc::c_int,
+    /// Its peak resident set size (`ru_maxrss`), in bytes.
+    peak_rss_bytes: u64,
+    /// Its CPU time (user + system), in seconds.
+    cpu_secs: f64,
+}
+
+/// Reading the wait status.
+impl ChildExit {
+    /// Whether the child exited with status 0.
+    fn success(&self) -> bool {
+        libc::WIFEXITED(self.status) && libc::WEXITSTATUS(self.status) == 0
+    }
+
+    /// The signal that killed the child, if one did.
+    fn signal(&self) -> Option<libc::c_int> {
+        libc::WIFSIGNALED(self.status).then(|| libc::WTERMSIG(self.status))
+    }
+
+    /// The status for messages.
+    fn describe(&self) -> String {
+        match self.signal() {
+            Some(s) => format!("killed by signal {s}"),
+            None if libc::WIFEXITED(self.status) => {
+                format!("exit status {}", libc::WEXITSTATUS(self.status))
+            }
+            None => format!("wait status {:#x}", self.status),
+        }
+    }
+}
+
+/// Waits (polling `wait4` with `WNOHANG`) until the guarded child exits, reaps it and returns
+/// its status and resource usage. Fails after `timeout`; the guard then kills the child.
+async fn wait_child(guard: &mut ChildGuard, timeout: Duration, what: &str) -> Result<ChildExit> {
+    let Some(child) = guard.child.as_ref() else {
+        bail!("the {what} child is gone");
+    };
+    let pid = libc::pid_t::try_from(child.id()).context("the child's pid does not fit pid_t")?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `rusage` is plain data, for which all zero bytes is a valid value.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4(2) on the pid of a child we spawned and have not reaped, with pointers
+        // to a status and a rusage that are valid for writes.
+        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if rc == pid {
+            // Reaped: the guard must not kill or wait for this pid again.
+            guard.child = None;
+            let kib = u64::try_from(ru.ru_maxrss).unwrap_or_default();
+            return Ok(ChildExit {
+                status,
+                peak_rss_bytes: kib * 1024,
+                cpu_secs: timeval_secs(ru.ru_utime) + timeval_secs(ru.ru_stime),
+            });
+        }
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e).with_context(|| format!("cannot wait for the {what} child"));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the {what} child did not finish in {}s", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The end of a child's stderr file, for error messages.
+fn stderr_tail(err: &Path) -> String {
+    let text = std::fs::read_to_string(err).unwrap_or_default();
+    let text = text.trim();
+    let start = text
+        .char_indices()
+        .rev()
+        .nth(999)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    text[start..].replace('\n', " | ")
+}
+
+/// The run id a child `cairn start` printed (`run <id> started: …`).
+fn started_run_id(stdout: &str) -> Result<RunId> {
+    stdout
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("run ")?;
+            let (id, tail) = rest.split_once(' ')?;
+            tail.starts_with("started")
+                .then(|| id.parse::<RunId>().ok())?
+        })
+        .with_context(|| format!("the child printed no `run <id> started` line: {stdout:?}"))
+}
+
+/// The run output a child `cairn start` or `resume` printed (`output: <json>`).
+fn printed_output(stdout: &str) -> Result<serde_json::Value> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("output: "))
+        .with_context(|| format!("the child printed no `output:` line: {stdout:?}"))?;
+    serde_json::from_str(line).with_context(|| format!("the child's output is not JSON: {line}"))
+}
+
+/// What the `--rusage-report` helper writes about the child it ran.
+#[derive(Debug, Serialize, Deserialize)]
+struct ChildReport {
+    /// The wait status from `wait4`.
+    status: libc::c_int,
+    /// From spawning the child until reaping it, in seconds.
+    secs: f64,
+    /// The child's `ru_maxrss`, in bytes.
+    peak_rss_bytes: u64,
+    /// The helper's own peak RSS (`VmHWM`) when it spawned the child, in bytes. Linux counts it
+    /// in the child's `ru_maxrss`, so that is the child's own peak only when it is larger.
+    floor_bytes: u64,
+    /// The child's CPU time (user + system), in seconds.
+    cpu_secs: f64,
+}
+
+/// This process's peak resident set size (`VmHWM` in `/proc/self/status`), in bytes (0 if it
+/// cannot be read).
+fn own_peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The `--rusage-report` helper: runs `cairn <args…>` as a child (sharing this process's stdin,
+/// stdout and stderr, and SIGKILLed if this process dies), reaps it with `wait4` and writes a
+/// [`ChildReport`] to `report`.
+async fn measure_child(report: &Path, args: &[OsString]) -> Result<()> {
+    let floor_bytes = own_peak_rss_bytes();
+    let exe = std::env::current_exe().context("cannot find the cairn executable for the child")?;
+    let mut cmd = Command::new(&exe);
+    cmd.args(args);
+    let parent = libc::pid_t::try_from(std::process::id()).context("our pid does not fit pid_t")?;
+    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2) and
+    // getppid(2), which are async-signal-safe, and allocates nothing (raw OS errors only).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The helper died before the prctl took effect: do not run unsupervised.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start the child {}", exe.display()))?;
+    let mut guard = ChildGuard { child: Some(child) };
+    let exit = wait_child(&mut guard, FANOUT_CHILD_TIMEOUT, "measured").await?;
+    let r = ChildReport {
+        status: exit.status,
+        secs: started.elapsed().as_secs_f64(),
+        peak_rss_bytes: exit.peak_rss_bytes,
+        floor_bytes,
+        cpu_secs: exit.cpu_secs,
+    };
+    std::fs::write(report, serde_json::to_vec(&r)?)
+        .with_context(|| format!("cannot write {}", report.display()))
+}
+
+/// `fanout-large`: a `fanout` workflow of `branches` branches run to completion by a child
+/// `cairn start fanout`, which a `cairn bench --rusage-report` helper spawns and reaps with
+/// `wait4` for its peak RSS; then `Engine::load` of the finished run, here.
+async fn bench_fanout_large(
+    dir: &Path,
+    branches: u32,
+    concurrency: u32,
+) -> Result<FanoutLargeResult> {
+    let store_path = dir.join("fanout-large.redb");
+    let (out_path, err_path) = (dir.join("fanout-large.out"), dir.join("fanout-large.err"));
+    let input = json!({ "branches": branches, "concurrency": concurrency }).to_string();
+    // Through a fresh `cairn bench --rusage-report` helper: Linux carries the peak RSS of the
+    // process a child was spawned from into the child's `ru_maxrss`, and this process is large
+    // by now (the `replay` history), while the helper is small.
+    let report_path = dir.join("fanout-large.rusage.json");
+    let mut args: Vec<OsString> = vec![
+        "bench".into(),
+        "--rusage-report".into(),
+        report_path.clone().into(),
+        "--".into(),
+    ];
+    args.extend(store_args(
+        &store_path,
+        &["start", "fanout", "--input", &input],
+    ));
+    let mut guard = spawn_cairn(&args, &out_path, &err_path)?;
+    let helper = wait_child(
+        &mut guard,
+        FANOUT_CHILD_TIMEOUT + Duration::from_secs(60),
+        "fanout-large helper",
+    )
+    .await?;
+    if !helper.success() {
+        bail!(
+            "the fanout-large helper ended ({}): {}",
+            helper.describe(),
+            stderr_tail(&err_path)
+        );
+    }
+    let report: ChildReport = serde_json::from_slice(
+        &std::fs::read(&report_path)
+            .with_context(|| format!("cannot read {}", report_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a child report", report_path.display()))?;
+    let exit = ChildExit {
+        status: report.status,
+        peak_rss_bytes: report.peak_rss_bytes,
+        cpu_secs: report.cpu_secs,
+    };
+    if !exit.success() {
+        bail!(
+            "the fanout-large child ended ({}): {}",
+            exit.describe(),
+            stderr_tail(&err_path)
+        );
+    }
+    if report.peak_rss_bytes <= report.floor_bytes {
+        bail!(
+            "the fanout-large child's peak RSS ({} bytes) is not above the {} bytes it was \
+             spawned with, so it cannot be told apart from its parent's",
+            report.peak_rss_bytes,
+            report.floor_bytes
+        );
+    }
+    let secs = report.secs;
+    let stdout = std::fs::read_to_string(&out_path)
+        .with_context(|| format!("cannot read {}", out_path.display()))?;
+    let id = started_run_id(&stdout)?;
+    check_fanout_output("fanout-large", Some(&printed_output(&stdout)?), branches)?;
+
+    let store = open_store(&store_path, Durability::Immediate)?;
+    let engine = Engine::new(store.clone(), Registry::new());
+    let mut loads = Vec::with_capacity(REPLAY_REPS);
+    let mut events = 0;
+    for _ in 0..REPLAY_REPS {
+        let t = Instant::now();
+        let state = engine
+            .load(id)
+            .await
+            .context("cannot load the fanout-large run")?;
+        loads.push(t.elapsed());
+        let fo = state.fanouts.values().next();
+        if state.status != RunStatus::Completed
+            || state.fanouts.len() != 1
+            || fo.is_none_or(|f| f.succeeded != branches)
+            || !state.steps.is_empty()
+        {
+            bail!(
+                "the loaded fanout-large run is {} with {} fan-out(s), {} succeeded branches and \
+                 {} remembered steps; expected completed, 1, {branches} and 0",
+                state.status,
+                state.fanouts.len(),
+                fo.map_or(0, |f| f.succeeded),
+                state.steps.len()
+            );
+        }
+        events = state.events;
+        drop(std::hint::black_box(state));
+    }
+    drop(engine);
+    drop(store);
+    let file_bytes = file_len(&store_path)?;
+    for p in [&store_path, &out_path, &err_path, &report_path] {
+        let _ = std::fs::remove_file(p);
+    }
+    let load_secs = median_secs(loads);
+    Ok(FanoutLargeResult {
+        branches,
+        concurrency,
+        secs,
+        branches_per_sec: rate(f64::from(branches), secs),
+        peak_rss_bytes: exit.peak_rss_bytes,
+        child_cpu_secs: exit.cpu_secs,
+        events,
+        load_secs,
+        load_events_per_sec: rate(events as f64, load_secs),
+        file_bytes,
+    })
+}
+
+/// Counts the lines of a file another process appends to, reading only what is new each time.
+struct LineCounter {
+    /// The file.
+    path: PathBuf,
+    /// The open file, once it exists.
+    file: Option<std::fs::File>,
+    /// Lines counted so far.
+    lines: u64,
+    /// The read buffer.
+    buf: Vec<u8>,
+}
+
+/// Polling the file.
+impl LineCounter {
+    /// A counter for `path` (which need not exist yet).
+    fn new(path: &Path) -> Self {
+        LineCounter {
+            path: path.to_path_buf(),
+            file: None,
+            lines: 0,
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
+    /// Reads what was appended since the last call and returns the lines so far.
+    fn poll(&mut self) -> Result<u64> {
+        use std::io::Read;
+        if self.file.is_none() {
+            match std::fs::File::open(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot open {}", self.path.display()));
+                }
+            }
+        }
+        if let Some(f) = self.file.as_mut() {
+            loop {
+                let n = f
+                    .read(&mut self.buf)
+                    .with_context(|| format!("cannot read {}", self.path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                self.lines += self.buf[..n].iter().filter(|&&c| c == b'\n').count() as u64;
+            }
+        }
+        Ok(self.lines)
+    }
+}
+
+/// `fanout-resume`: a `fanout` workflow of `branches` branches with a side-effect file, run by
+/// a child `cairn start fanout`, SIGKILLed once half the branches have run their step, then
+/// resumed here with `Engine::resume`; counts the branches whose step ran twice.
+async fn bench_fanout_resume(
+    dir: &Path,
+    branches: u32,
+    concurrency: u32,
+) -> Result<FanoutResumeResult> {
+    let store_path = dir.join("fanout-resume.redb");
+    let side = dir.join("fanout-resume.side");
+    let (out_path, err_path) = (dir.join("fanout-resume.out"), dir.join("fanout-resume.err"));
+    let side_str = side
+        .to_str()
+        .with_context(|| format!("the bench dir {} is not valid UTF-8", dir.display()))?;
+    let input = json!({
+        "branches": branches,
+        "concurrency": concurrency,
+        "side_effects": side_str,
+    })
+    .to_string();
+    let started = Instant::now();
+    let mut guard = spawn_cairn(
+        &store_args(&store_path, &["start", "fanout", "--input", &input]),
+        &out_path,
+        &err_path,
+    )?;
+    let kill_at = u64::from(branches).div_ceil(2);
+    let deadline = started + FANOUT_CHILD_TIMEOUT;
+    let mut lines = LineCounter::new(&side);
+    loop {
+        let n = lines.poll()?;
+        if n >= kill_at {
+            break;
+        }
+        let Some(child) = guard.child.as_mut() else {
+            bail!("the fanout-resume child is gone");
+        };
+        if let Some(status) = child
+            .try_wait()
+            .context("cannot poll the fanout-resume child")?
+        {
+            guard.child = None;
+            bail!(
+                "the fanout-resume child exited ({status}) after {n} of {branches} branches, \
+                 before the kill at {kill_at}: {}",
+                stderr_tail(&err_path)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the fanout-resume child ran only {n} of {branches} branches in {}s",
+                FANOUT_CHILD_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(FANOUT_POLL).await;
+    }
+    let Some(child) = guard.child.as_ref() else {
+        bail!("the fanout-resume child is gone");
+    };
+    let pid = libc::pid_t::try_from(child.id()).context("the child's pid does not fit pid_t")?;
+    // SAFETY: kill(2) with the pid of a child we spawned and have not reaped, so the pid cannot
+    // have been reused by another process.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("cannot SIGKILL the fanout-resume child");
+    }
+    let exit = wait_child(&mut guard, FANOUT_CHILD_TIMEOUT, "fanout-resume").await?;
+    let secs_to_kill = started.elapsed().as_secs_f64();
+    if exit.signal() != Some(libc::SIGKILL) {
+        bail!(
+            "the fanout-resume child ended ({}) before the SIGKILL landed",
+            exit.describe()
+        );
+    }
+    let executed_at_kill = lines.poll()?;
+    let stdout = std::fs::read_to_string(&out_path)
+        .with_context(|| format!("cannot read {}", out_path.display()))?;
+    let id = started_run_id(&stdout)?;
+
+    // The restart: open the store, look at what was recorded (timed apart), resume, finish.
+    let t0 = Instant::now();
+    let store = open_store(&store_path, Durability::Immediate)?;
+    let open_secs = t0.elapsed().as_secs_f64();
+    let engine = Engine::new(store.clone(), workflows::registry(Arc::default()));
+    let tl = Instant::now();
+    let state = engine
+        .load(id)
+        .await
+        .context("cannot load the killed fanout-resume run")?;
+    let load = tl.elapsed();
+    let load_secs = load.as_secs_f64();
+    let outcomes_recorded_at_kill = state
+        .fanouts
+        .values()
+        .map(|f| u64::from(f.succeeded + f.failed))
+        .sum();
+    let steps_pending_at_kill = state.steps.len() as u64;
+    drop(state);
+    let h = engine
+        .resume(id)
+        .await
+        .context("cannot resume the killed fanout-resume run")?;
+    let resumed_secs = (t0.elapsed() - load).as_secs_f64();
+    let out = h
+        .wait()
+        .await
+        .context("the resumed fanout-resume run did not finish")?;
+    let total_secs = (t0.elapsed() - load).as_secs_f64();
+    check_completed("fanout-resume", &out)?;
+    check_fanout_output("fanout-resume", out.output.as_ref(), branches)?;
+    drop(engine);
+    drop(store);
+
+    let text = std::fs::read_to_string(&side)
+        .with_context(|| format!("cannot read {}", side.display()))?;
+    let mut seen = vec![0u32; branches as usize];
+    for line in text.lines() {
+        let i: usize = line
+            .trim()
+            .parse()
+            .with_context(|| format!("bad line `{line}` in {}", side.display()))?;
+        let Some(c) = seen.get_mut(i) else {
+            bail!("branch {i} in {} is out of range", side.display());
+        };
+        *c += 1;
+    }
+    if let Some(missing) = seen.iter().position(|&c| c == 0) {
+        bail!("branch {missing} never ran its step in the fanout-resume run");
+    }
+    let branches_rerun = seen.iter().filter(|&&c| c > 1).count() as u64;
+    for p in [&store_path, &side, &out_path, &err_path] {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(FanoutResumeResult {
+        branches,
+        concurrency,
+        secs_to_kill,
+        executed_at_kill,
+        outcomes_recorded_at_kill,
+        steps_pending_at_kill,
+        in_flight_at_kill: executed_at_kill.saturating_sub(outcomes_recorded_at_kill),
+        open_secs,
+        load_secs,
+        resumed_secs,
+        total_secs,
+        steps_executed_after_restart: out.steps_executed,
+        branches_rerun,
+    })
+}
+
 /// Judges the targets on the figures of this run.
 fn targets(r: &Results) -> Vec<Target> {
     let mut out = Vec::new();
@@ -956,6 +1806,68 @@ fn targets(r: &Results) -> Vec<Target> {
             ),
         },
         None => not_measured("recovery", goal, "recovery"),
+    });
+    let goal =
+        format!("fanout branches/s ≥ {FANOUT_TARGET_RATIO:.0}× fsync commits/s (group commit)");
+    out.push(match (&r.fanout, &r.fsync) {
+        (Some(f), Some(d)) => {
+            let ratio = rate(f.branches_per_sec, d.commits_per_sec);
+            Target {
+                name: "fanout_vs_fsync",
+                goal,
+                met: Some(ratio >= FANOUT_TARGET_RATIO),
+                detail: format!(
+                    "fanout {} branches/s is {ratio:.1}× fsync {} commits/s ({:.1} events per \
+                     commit, {} commits/s)",
+                    fmt_rate(f.branches_per_sec),
+                    fmt_rate(d.commits_per_sec),
+                    f.events_per_commit,
+                    fmt_rate(f.commits_per_sec)
+                ),
+            }
+        }
+        _ => not_measured("fanout_vs_fsync", goal, "fsync and fanout"),
+    });
+    let goal = format!("fanout-large peak RSS < {FANOUT_LARGE_TARGET_RSS_MIB:.0} MiB");
+    out.push(match &r.fanout_large {
+        Some(l) => {
+            let mib = l.peak_rss_bytes as f64 / MIB;
+            Target {
+                name: "fanout_large_rss",
+                goal,
+                met: Some(mib < FANOUT_LARGE_TARGET_RSS_MIB),
+                detail: format!(
+                    "peak RSS {mib:.1} MiB for {} branches, {} at a time",
+                    fmt_int(l.branches),
+                    fmt_int(l.concurrency)
+                ),
+            }
+        }
+        None => not_measured("fanout_large_rss", goal, "fanout-large"),
+    });
+    out.push(match &r.fanout_resume {
+        Some(x) => Target {
+            name: "fanout_resume",
+            goal: format!(
+                "fanout-resume re-runs ≤ {} branches (the concurrency: those in flight at the kill)",
+                fmt_int(x.concurrency)
+            ),
+            met: Some(x.branches_rerun <= u64::from(x.concurrency)),
+            detail: format!(
+                "{} branch(es) re-run of {} in flight at a SIGKILL after {} of {} branches' side \
+                 effects ({} outcomes recorded)",
+                fmt_int(x.branches_rerun),
+                fmt_int(x.in_flight_at_kill),
+                fmt_int(x.executed_at_kill),
+                fmt_int(x.branches),
+                fmt_int(x.outcomes_recorded_at_kill)
+            ),
+        },
+        None => not_measured(
+            "fanout_resume",
+            "fanout-resume re-runs ≤ the concurrency (the branches in flight at the kill)".into(),
+            "fanout-resume",
+        ),
     });
     out
 }
@@ -1062,6 +1974,74 @@ fn print_human(r: &Results) {
             ),
         ]);
     }
+    if let Some(f) = &r.fanout {
+        t.add_row([
+            "fanout".to_string(),
+            format!("{} branches/s", fmt_rate(f.branches_per_sec)),
+            format!(
+                "{} one-step branches, {} at a time, in {:.2} s · sum checked\n{} events in {} \
+                 commits = {:.1} events/commit · {} commits/s · {} checkpoints\nCPU {:.2} s \
+                 ({:.0}% of one core) · writer thread {:.2} s",
+                fmt_int(f.branches),
+                fmt_int(f.concurrency),
+                f.secs,
+                fmt_int(f.events),
+                fmt_int(f.commits),
+                f.events_per_commit,
+                fmt_rate(f.commits_per_sec),
+                fmt_int(f.checkpoints),
+                f.cpu_secs,
+                rate(f.cpu_secs, f.secs) * 100.0,
+                f.writer_cpu_secs
+            ),
+        ]);
+    }
+    if let Some(l) = &r.fanout_large {
+        t.add_row([
+            "fanout-large".to_string(),
+            format!(
+                "{} branches/s\npeak RSS {:.1} MiB",
+                fmt_rate(l.branches_per_sec),
+                l.peak_rss_bytes as f64 / MIB
+            ),
+            format!(
+                "{} branches, {} at a time, child process: {:.2} s (CPU {:.2} s) · sum \
+                 checked\nEngine::load of the finished run: {} events ({} on disk) in {:.1} ms \
+                 = {} events/s",
+                fmt_int(l.branches),
+                fmt_int(l.concurrency),
+                l.secs,
+                l.child_cpu_secs,
+                fmt_int(l.events),
+                fmt_bytes(l.file_bytes),
+                l.load_secs * 1000.0,
+                fmt_rate(l.load_events_per_sec)
+            ),
+        ]);
+    }
+    if let Some(x) = &r.fanout_resume {
+        t.add_row([
+            "fanout-resume".to_string(),
+            format!(
+                "{:.2} s to completion\n{} branch(es) re-run",
+                x.total_secs,
+                fmt_int(x.branches_rerun)
+            ),
+            format!(
+                "SIGKILL after {:.2} s at {} of {} side effects ({} outcomes + {} steps \
+                 recorded)\nstore open {:.1} ms · resumed after {:.1} ms · {} steps executed \
+                 after restart · sum checked",
+                x.secs_to_kill,
+                fmt_int(x.executed_at_kill),
+                fmt_int(x.branches),
+                fmt_int(x.outcomes_recorded_at_kill),
+                fmt_int(x.steps_pending_at_kill),
+                x.open_secs * 1000.0,
+                x.resumed_secs * 1000.0,
+                fmt_int(x.steps_executed_after_restart)
+            ),
+        ]);
+    }
     println!("stores in {}", r.dir);
     println!("{t}");
     println!();
@@ -1133,5 +2113,37 @@ mod tests {
         assert_eq!(percentile_ms(&v, 99.0), 99.0);
         assert_eq!(percentile_ms(&v, 100.0), 100.0);
         assert_eq!(percentile_ms(&[], 50.0), 0.0);
+    }
+
+    /// The closed form of Σ i² matches the loop, and overflow is reported, not wrapped.
+    #[test]
+    fn sum_of_squares_matches_the_loop() {
+        for n in [0u32, 1, 2, 3, 10, 2000, 100_000] {
+            let expect: u64 = (0..u64::from(n)).map(|i| i * i).sum();
+            assert_eq!(sum_of_squares(n), Some(expect), "n = {n}");
+        }
+        assert_eq!(sum_of_squares(u32::MAX), None);
+    }
+
+    /// The fanout output check accepts the right sum and rejects a wrong one.
+    #[test]
+    fn checks_fanout_output() {
+        let ok = json!({"branches": 4, "succeeded": 4, "failed": 0, "sum": 14});
+        assert!(check_fanout_output("t", Some(&ok), 4).is_ok());
+        let bad = json!({"branches": 4, "succeeded": 4, "failed": 0, "sum": 13});
+        assert!(check_fanout_output("t", Some(&bad), 4).is_err());
+        assert!(check_fanout_output("t", None, 4).is_err());
+    }
+
+    /// A child's printed run id and output are found among its other lines.
+    #[test]
+    fn parses_child_stdout() {
+        let id = RunId::new();
+        let text = format!(
+            "run {id} started: fanout\nrun {id} completed (1 steps executed, 0 answered from the log)\noutput: {{\"sum\":1}}\n"
+        );
+        assert_eq!(started_run_id(&text).ok(), Some(id));
+        assert_eq!(printed_output(&text).ok(), Some(json!({"sum": 1})));
+        assert!(started_run_id("nothing").is_err());
     }
 }
