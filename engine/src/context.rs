@@ -98,6 +98,32 @@ impl RunShared {
         Ok(())
     }
 
+    /// Appends one event and folds it into the live state at once, returning a future that
+    /// resolves when the event is durable. Writes are ordered when issued, so anything appended
+    /// later and awaited implies this one is durable too.
+    pub(crate) fn record_pipelined(
+        &self,
+        event: Event,
+    ) -> Result<
+        BoxFuture<'static, Result<cairn_storage::Appended, cairn_storage::StoreError>>,
+        WorkflowError,
+    > {
+        let ne = NewEvent::now(event.encode());
+        let ts = ne.ts_us;
+        let durable = self.store.append(self.run_id, vec![ne], None);
+        let run = self.run_id;
+        lock(&self.state)
+            .run
+            .apply_unsequenced(run, ts, event)
+            .map_err(|e| {
+                self.set_interrupt(Interrupt::Store {
+                    run,
+                    detail: e.to_string(),
+                })
+            })?;
+        Ok(durable)
+    }
+
     /// Appends one event, waits until it is durable, and folds it into the live state.
     pub(crate) async fn record(&self, event: Event) -> Result<(), WorkflowError> {
         let ne = NewEvent::now(event.encode());

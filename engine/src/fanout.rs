@@ -178,8 +178,12 @@ impl<O> FanIn<O> {
     }
 }
 
+/// The durability of a branch outcome, awaited before the fan-in is recorded.
+type Durable =
+    cairn_storage::BoxFuture<'static, Result<cairn_storage::Appended, cairn_storage::StoreError>>;
+
 /// What a branch task reports to the coordinator.
-type BranchResult = Result<u32, WorkflowError>;
+type BranchResult = Result<Durable, WorkflowError>;
 
 impl WorkflowContext {
     /// Runs `f` once per item as durable branches, at most `opts.concurrency` at a time, and
@@ -295,6 +299,7 @@ impl WorkflowContext {
         let mut todo = todo.into_iter();
         let mut set: JoinSet<(u32, BranchResult)> = JoinSet::new();
         let mut in_flight: BTreeSet<u32> = BTreeSet::new();
+        let mut outcomes_written: Vec<Durable> = Vec::new();
         let decision = loop {
             let (ok, failed) = counts(&shared);
             if let Some(d) = opts.join.decide(total, ok, failed) {
@@ -346,7 +351,10 @@ impl WorkflowContext {
                             error: e.to_string(),
                         },
                     };
-                    (i, sh.record(ev).await.map(|()| i))
+                    // The branch's steps are durable already; its outcome need not be
+                    // awaited before the next branch starts (a crash only re-runs the branch's
+                    // closure, whose steps are answered from the log). The fan-in waits for it.
+                    (i, sh.record_pipelined(ev))
                 });
             }
             if set.is_empty() {
@@ -369,8 +377,12 @@ impl WorkflowContext {
                         Ok(()) => shared.set_interrupt(Interrupt::Shutdown(shared.run_id)),
                     });
                 }
-                Some(Ok((i, Ok(_)))) => {
+                Some(Ok((i, Ok(durable)))) => {
                     in_flight.remove(&i);
+                    outcomes_written.push(durable);
+                    if outcomes_written.len() >= 4096 {
+                        await_durable(&shared, &mut outcomes_written).await?;
+                    }
                 }
                 Some(Ok((_, Err(e)))) => {
                     stop_all(&mut set).await;
@@ -406,6 +418,8 @@ impl WorkflowContext {
         };
         let (succeeded, failed) = counts(&shared);
         let error = decision.err();
+        // Every recorded outcome must be durable before the fan-in that counts it.
+        await_durable(&shared, &mut outcomes_written).await?;
         shared
             .record(Event::FanInCompleted {
                 path: path.clone(),
@@ -470,6 +484,23 @@ impl WorkflowContext {
         }
         Ok(FanIn { outcomes })
     }
+}
+
+/// Waits until the branch outcomes written so far are durable; a failure stops the run as a
+/// store failure (the outcomes are in the live state but may not be in the log).
+async fn await_durable(
+    shared: &crate::context::RunShared,
+    pending: &mut Vec<Durable>,
+) -> Result<(), WorkflowError> {
+    for d in pending.drain(..) {
+        d.await.map_err(|e| {
+            shared.set_interrupt(Interrupt::Store {
+                run: shared.run_id,
+                detail: e.to_string(),
+            })
+        })?;
+    }
+    Ok(())
 }
 
 /// Aborts every branch task and waits until they have all stopped.

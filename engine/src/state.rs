@@ -359,12 +359,30 @@ impl RunState {
         ts: i64,
         e: Event,
     ) -> Result<(), FoldError> {
-        self.events += 1;
-        self.updated_us = ts;
-        if seq + 1 > self.signals_seen_upto && self.events == seq + 1 {
+        if seq.saturating_add(1) > self.signals_seen_upto
+            && self.events + 1 == seq.saturating_add(1)
+        {
             // Folding the log in order: everything up to here has been seen.
             self.signals_seen_upto = seq + 1;
         }
+        self.apply_inner(run, seq, ts, e)
+    }
+
+    /// Folds an event whose position in the log is not known yet (written but not yet
+    /// acknowledged); it must not be a `signal_sent`, which is keyed by position.
+    pub(crate) fn apply_unsequenced(
+        &mut self,
+        run: RunId,
+        ts: i64,
+        e: Event,
+    ) -> Result<(), FoldError> {
+        let seq = self.events;
+        self.apply_inner(run, seq, ts, e)
+    }
+
+    fn apply_inner(&mut self, run: RunId, seq: u64, ts: i64, e: Event) -> Result<(), FoldError> {
+        self.events += 1;
+        self.updated_us = ts;
         let inconsistent = |detail: String| FoldError::Inconsistent { run, seq, detail };
         match e {
             Event::RunStarted { .. } => {

@@ -67,6 +67,9 @@ pub(crate) struct Wal {
     file: File,
     path: PathBuf,
     offset: u64,
+    /// Bytes of the file already written (with zeros or records): appends below this only
+    /// overwrite data blocks, so their fdatasync does not also flush a new file size.
+    allocated: u64,
     /// Whether appends are fdatasynced (off only with `Durability::None`).
     sync: bool,
 }
@@ -102,10 +105,15 @@ impl Wal {
             .truncate(false)
             .open(&path)
             .map_err(|e| io(&path, "cannot open the write-ahead log", e))?;
+        let allocated = file
+            .metadata()
+            .map_err(|e| io(&path, "cannot read the write-ahead log", e))?
+            .len();
         Ok(Wal {
             file,
             path,
             offset: 0,
+            allocated,
             sync,
         })
     }
@@ -183,6 +191,7 @@ impl Wal {
         rec.extend_from_slice(&lsn.to_le_bytes());
         rec.extend_from_slice(&checksum(lsn, &body));
         rec.extend_from_slice(&body);
+        self.reserve(self.offset + rec.len() as u64)?;
         self.file
             .write_all_at(&rec, self.offset)
             .map_err(|e| io(&self.path, "cannot write the write-ahead log", e))?;
@@ -195,6 +204,27 @@ impl Wal {
         Ok(())
     }
 
+    /// Makes sure the file's first `end` bytes exist, writing zeros in 4 MiB steps (zeros read
+    /// as the end of the log) and syncing the new size once per step.
+    fn reserve(&mut self, end: u64) -> Result<(), StoreError> {
+        const STEP: u64 = 4 * 1024 * 1024;
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let new_len = end.div_ceil(STEP) * STEP;
+        let zeros = vec![0u8; usize::try_from(new_len - self.allocated).unwrap_or(0)];
+        self.file
+            .write_all_at(&zeros, self.allocated)
+            .map_err(|e| io(&self.path, "cannot extend the write-ahead log", e))?;
+        if self.sync {
+            self.file
+                .sync_all()
+                .map_err(|e| io(&self.path, "cannot fsync the write-ahead log", e))?;
+        }
+        self.allocated = new_len;
+        Ok(())
+    }
+
     /// Starts the next cycle at the beginning of the file (after a checkpoint). The old
     /// records stay until overwritten; their sequence numbers keep a scan from using them.
     pub(crate) fn reset(&mut self) {
@@ -204,6 +234,7 @@ impl Wal {
     /// Empties the file (on a clean close, after a final checkpoint).
     pub(crate) fn truncate(&mut self) -> Result<(), StoreError> {
         self.offset = 0;
+        self.allocated = 0;
         self.file
             .set_len(0)
             .map_err(|e| io(&self.path, "cannot truncate the write-ahead log", e))
@@ -250,7 +281,8 @@ mod tests {
         let mut w = Wal::open(&store, true).unwrap();
         w.append(1, &[change(1)]).unwrap();
         w.append(2, &[change(2)]).unwrap();
-        let full = std::fs::metadata(wal_path(&store)).unwrap().len();
+        // Cut into the second record (the file beyond the records is zeros).
+        let full = w.len();
         let f = OpenOptions::new()
             .write(true)
             .open(wal_path(&store))

@@ -1,0 +1,16 @@
+//! cairn-agents: durable LLM agents on top of the engine.
+//!
+//! Model providers ([`Model`]: Anthropic Messages, OpenAI-compatible chat completions, scripted
+//! answers), tools with JSON-schema inputs, and the agent loop (call the model; while it asks
+//! for tools, run them and send back the results; stop at end of turn). Every model call and
+//! tool call is a durable step: a resumed run answers recorded calls from the log, so a
+//! completed model call is never sent, nor paid for, again.
+//!
+//! Architecture invariant: the engine does not know what a model is; agents use its steps.
+
+mod model;
+
+pub use model::{
+    Block, Message, Model, ModelError, ModelErrorKind, ModelRequest, ModelResponse, Role,
+    StopReason, ToolChoice, ToolSpec, Usage, classify_status, parse_retry_after,
+};
