@@ -180,9 +180,11 @@ pub struct Usage {
     pub cache_read_input_tokens: u64,
 }
 
-impl Usage {
-    /// The sum of two usages.
-    pub fn add(self, o: Usage) -> Usage {
+impl std::ops::Add for Usage {
+    type Output = Usage;
+
+    /// The sum of two usages (per agent, per run).
+    fn add(self, o: Usage) -> Usage {
         Usage {
             input_tokens: self.input_tokens + o.input_tokens,
             output_tokens: self.output_tokens + o.output_tokens,
