@@ -350,6 +350,26 @@ impl WorkflowContext {
         }
     }
 
+    /// Takes the next position for a named group of operations (an agent's model and tool
+    /// calls, say) and returns a context whose operations sit below it (`<path>.0`, …). The
+    /// group is recorded, so replay checks that the same group is at the same position.
+    pub fn scope(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<WorkflowContext, WorkflowError>> + Send + '_ {
+        let reserved = reserved_name(name);
+        let path = self.next_path();
+        let marker = format!("cairn.scope:{name}");
+        async move {
+            reserved?;
+            let once =
+                || -> BoxFuture<'static, Result<(), StepError>> { Box::pin(async { Ok(()) }) };
+            self.run_step(path.clone(), marker, &StepOptions::default(), once)
+                .await?;
+            Ok(self.scope_at(path))
+        }
+    }
+
     /// A context whose steps sit below `path` (`path.0`, `path.1`, …).
     pub(crate) fn scope_at(&self, path: StepPath) -> WorkflowContext {
         WorkflowContext {
@@ -500,6 +520,8 @@ impl WorkflowContext {
                     let retry_at_us = retryable
                         .then(|| opts.retry.delay_after(attempt))
                         .flatten()
+                        // Honour a server's `retry-after` when it asks for longer.
+                        .map(|d| d.max(e.retry_after().unwrap_or_default()))
                         .map(|d| now.saturating_add(micros(d)))
                         .filter(|t| deadline_us.is_none_or(|dl| *t < dl));
                     shared

@@ -13,6 +13,7 @@ use crate::state::FoldError;
 pub struct StepError {
     message: String,
     retryable: bool,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl StepError {
@@ -21,6 +22,7 @@ impl StepError {
         StepError {
             message: message.to_string(),
             retryable: false,
+            retry_after: None,
         }
     }
 
@@ -29,7 +31,23 @@ impl StepError {
         StepError {
             message: message.to_string(),
             retryable: true,
+            retry_after: None,
         }
+    }
+
+    /// A transient failure whose source asked to be retried no sooner than `after` (an HTTP
+    /// `retry-after`); the retry waits at least that long, and longer if the policy says so.
+    pub fn retryable_after(message: impl fmt::Display, after: std::time::Duration) -> Self {
+        StepError {
+            message: message.to_string(),
+            retryable: true,
+            retry_after: Some(after),
+        }
+    }
+
+    /// The wait the failure's source asked for, if any.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     /// The failure's description.

@@ -298,3 +298,92 @@ async fn a_restart_during_backoff_waits_only_the_remaining_time() {
         started - retry_at
     );
 }
+
+#[tokio::test]
+async fn a_retry_after_from_the_source_lengthens_the_backoff() {
+    let (_d, store) = store();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let mut r = Registry::new();
+    r.register("polite", 1, move |ctx, _: ()| {
+        let c = c.clone();
+        async move {
+            ctx.step_with("call", StepOptions::retry(fast(2)), || {
+                let c = c.clone();
+                async move {
+                    if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(StepError::retryable_after(
+                            "429 rate limited",
+                            Duration::from_millis(700),
+                        ));
+                    }
+                    Ok(1u32)
+                }
+            })
+            .await
+        }
+    });
+    let engine = Engine::with_store(store.clone(), r);
+    let out = engine
+        .start("polite", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+    let evs = events(&store, &out.run_id).await;
+    let Event::StepFailed {
+        started_us,
+        retry_at_us: Some(retry_at),
+        ..
+    } = &evs[1]
+    else {
+        panic!("{evs:?}")
+    };
+    assert!(
+        retry_at - started_us >= 700_000,
+        "the server's 700 ms wins over the policy's 10 ms"
+    );
+}
+
+#[tokio::test]
+async fn scopes_group_steps_below_a_recorded_position() {
+    let (_d, store) = store();
+    let mut r = Registry::new();
+    r.register("scoped", 1, |ctx, _: ()| async move {
+        let a = ctx.scope("agent:a").await?;
+        a.step("model", || async { Ok(1u32) }).await?;
+        a.step("tool", || async { Ok(2u32) }).await?;
+        let b = ctx.scope("agent:b").await?;
+        b.step("model", || async { Ok(3u32) }).await
+    });
+    let engine = Engine::with_store(store.clone(), r);
+    let out = engine
+        .start("scoped", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.output, Some(serde_json::json!(3)));
+    let paths: Vec<(String, String)> = events(&store, &out.run_id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::StepCompleted { path, name, .. } => Some((path.to_string(), name)),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("0", "cairn.scope:agent:a"),
+        ("0.0", "model"),
+        ("0.1", "tool"),
+        ("1", "cairn.scope:agent:b"),
+        ("1.0", "model"),
+    ]
+    .iter()
+    .map(|(p, n)| (p.to_string(), n.to_string()))
+    .collect();
+    assert_eq!(paths, want);
+}
