@@ -8,9 +8,16 @@
 //!
 //! Architecture invariant: the engine does not know what a model is; agents use its steps.
 
+mod agent;
+mod join;
 mod model;
+mod scripted;
+mod tools;
 
+pub use agent::{Agent, AgentRun, MAX_TURNS_DEFAULT, ModelCall, Price, ToolCall};
 pub use model::{
     Block, Message, Model, ModelError, ModelErrorKind, ModelRequest, ModelResponse, Role,
     StopReason, ToolChoice, ToolSpec, Usage, classify_status, parse_retry_after,
 };
+pub use scripted::ScriptedModel;
+pub use tools::{FnTool, Tool, ToolError, ToolRegistry, tool};

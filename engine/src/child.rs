@@ -25,7 +25,7 @@ impl WorkflowContext {
         &self,
         workflow: &str,
         input: &I,
-    ) -> impl Future<Output = Result<O, WorkflowError>> + Send + '_
+    ) -> impl Future<Output = Result<O, WorkflowError>> + Send + use<'_, I, O>
     where
         I: Serialize,
         O: DeserializeOwned + Send + 'static,

@@ -250,7 +250,7 @@ impl WorkflowContext {
         &'a self,
         name: &str,
         f: F,
-    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + 'a
+    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + use<'a, T, F, Fut>
     where
         T: Serialize + DeserializeOwned + Send + 'a,
         F: FnOnce() -> Fut + Send + 'a,
@@ -269,7 +269,7 @@ impl WorkflowContext {
         &'a self,
         name: &str,
         f: F,
-    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + 'a
+    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + use<'a, T, F, Fut>
     where
         T: Serialize + DeserializeOwned + Send + 'a,
         F: FnOnce() -> Fut + Send + 'a,
@@ -299,7 +299,7 @@ impl WorkflowContext {
         name: &str,
         opts: StepOptions,
         f: F,
-    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + 'a
+    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + use<'a, T, F, Fut>
     where
         T: Serialize + DeserializeOwned + Send + 'a,
         F: FnMut() -> Fut + Send + 'a,
@@ -324,7 +324,7 @@ impl WorkflowContext {
         opts: StepOptions,
         primary: F,
         fallback: G,
-    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + 'a
+    ) -> impl Future<Output = Result<T, WorkflowError>> + Send + use<'a, T, F, Fut, G, GFut>
     where
         T: Serialize + DeserializeOwned + Send + 'a,
         F: FnMut() -> Fut + Send + 'a,
@@ -356,7 +356,7 @@ impl WorkflowContext {
     pub fn scope(
         &self,
         name: &str,
-    ) -> impl Future<Output = Result<WorkflowContext, WorkflowError>> + Send + '_ {
+    ) -> impl Future<Output = Result<WorkflowContext, WorkflowError>> + Send + use<'_> {
         let reserved = reserved_name(name);
         let path = self.next_path();
         let marker = format!("cairn.scope:{name}");
@@ -627,7 +627,7 @@ impl WorkflowContext {
         &self,
         key: &str,
         value: &V,
-    ) -> impl Future<Output = Result<(), WorkflowError>> + Send + '_ {
+    ) -> impl Future<Output = Result<(), WorkflowError>> + Send + use<'_, V> {
         let path = self.next_path();
         let key = key.to_string();
         let max_bytes = self.shared.store.max_payload_bytes();

@@ -196,7 +196,7 @@ impl WorkflowContext {
         items: Vec<I>,
         opts: FanOutOptions,
         f: F,
-    ) -> impl Future<Output = Result<FanIn<O>, WorkflowError>> + Send + 'a
+    ) -> impl Future<Output = Result<FanIn<O>, WorkflowError>> + Send + use<'a, I, O, F, Fut>
     where
         I: Send + 'static,
         O: Serialize + DeserializeOwned + Send + 'static,

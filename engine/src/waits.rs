@@ -87,7 +87,7 @@ impl WorkflowContext {
         &self,
         name: &str,
         timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<Option<T>, WorkflowError>> + Send + '_ {
+    ) -> impl Future<Output = Result<Option<T>, WorkflowError>> + Send + use<'_, T> {
         let path = self.next_path();
         let name = name.to_string();
         async move {

@@ -1,0 +1,341 @@
+//! The agent: a model, a system prompt and tools, run as the tool-use loop, durably.
+//!
+//! Call the model; while it stops for `tool_use`, run the requested tools (concurrently, each
+//! its own durable step) and send the results back; stop at the end of its turn. Each model
+//! call is a durable step (`model`) whose recorded output is the whole exchange (request hash,
+//! request, response, usage, latency, cost), so a resumed run answers it from the log and
+//! never sends it, nor pays for it, again. Each tool call is a step (`tool:<name>`). Both sit
+//! in a scope named `agent:<name>`, so a run's log shows which agent made which call.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_engine::{RetryPolicy, StepError, StepOptions, WorkflowContext, WorkflowError};
+use serde::{Deserialize, Serialize};
+
+use crate::join::join_all;
+use crate::model::{
+    Block, Message, Model, ModelRequest, ModelResponse, Role, StopReason, ToolChoice, Usage,
+};
+use crate::tools::ToolRegistry;
+
+/// Prices of a model in US dollars per million tokens, for cost accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Price {
+    /// Input tokens.
+    pub input_per_mtok: f64,
+    /// Output tokens.
+    pub output_per_mtok: f64,
+    /// Input tokens written to the prompt cache.
+    pub cache_write_per_mtok: f64,
+    /// Input tokens read from the prompt cache.
+    pub cache_read_per_mtok: f64,
+}
+
+impl Price {
+    /// The cost of `usage` at these prices.
+    pub fn cost(&self, u: &Usage) -> f64 {
+        (u.input_tokens as f64 * self.input_per_mtok
+            + u.output_tokens as f64 * self.output_per_mtok
+            + u.cache_creation_input_tokens as f64 * self.cache_write_per_mtok
+            + u.cache_read_input_tokens as f64 * self.cache_read_per_mtok)
+            / 1_000_000.0
+    }
+}
+
+/// One model call as recorded in the log (the output of a `model` step).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelCall {
+    /// The agent that made it.
+    pub agent: String,
+    /// The provider (`anthropic`, `openai`, `scripted`).
+    pub provider: String,
+    /// blake3 of the request's JSON.
+    pub request_hash: String,
+    /// The request sent.
+    pub request: ModelRequest,
+    /// The answer.
+    pub response: ModelResponse,
+    /// Wall time of the successful attempt.
+    pub latency_ms: u64,
+    /// The call's cost, if the agent has a price.
+    pub cost_usd: Option<f64>,
+}
+
+/// One tool call as recorded in the log (the output of a `tool:<name>` step).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The `tool_use` id.
+    pub id: String,
+    /// The tool's name.
+    pub tool: String,
+    /// The arguments.
+    pub input: serde_json::Value,
+    /// The result, when it succeeded.
+    pub output: Option<serde_json::Value>,
+    /// The error sent back to the model, when it did not.
+    pub error: Option<String>,
+    /// Wall time of the call.
+    pub latency_ms: u64,
+}
+
+/// What an agent's run produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentRun {
+    /// The agent.
+    pub agent: String,
+    /// The final answer's text.
+    pub text: String,
+    /// The whole conversation, ending with the final answer.
+    pub messages: Vec<Message>,
+    /// Why the model stopped the last time.
+    pub stop_reason: StopReason,
+    /// Model calls made.
+    pub turns: u32,
+    /// Tool calls made.
+    pub tool_calls: u32,
+    /// Tool calls that failed (reported to the model).
+    pub tool_errors: u32,
+    /// Tokens used by all calls.
+    pub usage: Usage,
+    /// Cost of all calls, if the agent has a price.
+    pub cost_usd: Option<f64>,
+}
+
+/// The most turns an agent runs by default before it gives up.
+pub const MAX_TURNS_DEFAULT: u32 = 16;
+
+/// A named agent: a model, its id, a system prompt, tools, and limits.
+#[derive(Clone)]
+pub struct Agent {
+    name: String,
+    model: Arc<dyn Model>,
+    model_id: String,
+    system: Option<String>,
+    tools: ToolRegistry,
+    max_turns: u32,
+    max_tokens: u32,
+    temperature: Option<f32>,
+    retry: RetryPolicy,
+    price: Option<Price>,
+}
+
+impl Agent {
+    /// An agent named `name` calling `model_id` through `model`.
+    pub fn new(name: &str, model: Arc<dyn Model>, model_id: &str) -> Self {
+        Agent {
+            name: name.to_string(),
+            model,
+            model_id: model_id.to_string(),
+            system: None,
+            tools: ToolRegistry::new(),
+            max_turns: MAX_TURNS_DEFAULT,
+            max_tokens: 1024,
+            temperature: None,
+            retry: RetryPolicy::exponential(5)
+                .with_initial_delay(Duration::from_secs(1))
+                .with_max_delay(Duration::from_secs(60)),
+            price: None,
+        }
+    }
+
+    /// The same agent with a system prompt.
+    pub fn system(mut self, prompt: &str) -> Self {
+        self.system = Some(prompt.to_string());
+        self
+    }
+
+    /// The same agent with these tools.
+    pub fn tools(mut self, tools: ToolRegistry) -> Self {
+        self.tools = tools;
+        self
+    }
+
+    /// The same agent with another turn limit (model calls per run).
+    pub fn max_turns(mut self, n: u32) -> Self {
+        self.max_turns = n.max(1);
+        self
+    }
+
+    /// The same agent with another output token limit per call.
+    pub fn max_tokens(mut self, n: u32) -> Self {
+        self.max_tokens = n;
+        self
+    }
+
+    /// The same agent with a sampling temperature.
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = Some(t);
+        self
+    }
+
+    /// The same agent with another retry policy for model calls (429, 529, 5xx, timeouts).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The same agent with a price table, so calls record their cost.
+    pub fn price(mut self, price: Price) -> Self {
+        self.price = Some(price);
+        self
+    }
+
+    /// The agent's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs the agent on `task` (one user message) until it answers.
+    pub async fn run(&self, ctx: &WorkflowContext, task: &str) -> Result<AgentRun, WorkflowError> {
+        self.run_conversation(ctx, vec![Message::user(task)]).await
+    }
+
+    /// Runs the agent on a conversation (e.g. one handed over by another agent) until it
+    /// answers.
+    pub async fn run_conversation(
+        &self,
+        ctx: &WorkflowContext,
+        mut messages: Vec<Message>,
+    ) -> Result<AgentRun, WorkflowError> {
+        let scope = ctx.scope(&format!("agent:{}", self.name)).await?;
+        let mut usage = Usage::default();
+        let mut cost: Option<f64> = None;
+        let (mut tool_calls, mut tool_errors) = (0u32, 0u32);
+        let opts = StepOptions::retry(self.retry.clone());
+        for turn in 1..=self.max_turns {
+            let request = ModelRequest {
+                model: self.model_id.clone(),
+                system: self.system.clone(),
+                messages: messages.clone(),
+                tools: self.tools.specs(),
+                tool_choice: (!self.tools.is_empty()).then_some(ToolChoice::Auto),
+                max_tokens: self.max_tokens,
+                temperature: self.temperature,
+            };
+            let call: ModelCall = scope
+                .step_with("model", opts.clone(), || self.call_model(request.clone()))
+                .await?;
+            usage = usage + call.response.usage;
+            if let Some(c) = call.cost_usd {
+                cost = Some(cost.unwrap_or(0.0) + c);
+            }
+            let response = call.response;
+            messages.push(Message {
+                role: Role::Assistant,
+                content: response.content.clone(),
+            });
+            let uses: Vec<(String, String, serde_json::Value)> = response
+                .tool_uses()
+                .map(|(id, name, input)| (id.to_string(), name.to_string(), input.clone()))
+                .collect();
+            if response.stop_reason != StopReason::ToolUse || uses.is_empty() {
+                return Ok(AgentRun {
+                    agent: self.name.clone(),
+                    text: response.text(),
+                    messages,
+                    stop_reason: response.stop_reason,
+                    turns: turn,
+                    tool_calls,
+                    tool_errors,
+                    usage,
+                    cost_usd: cost,
+                });
+            }
+            // Positions are taken in the order of the model's blocks, then the calls run
+            // concurrently: replay stays deterministic.
+            let calls: Vec<_> = uses
+                .into_iter()
+                .map(|(id, name, input)| {
+                    let tools = self.tools.clone();
+                    scope.step(&format!("tool:{name}"), move || {
+                        run_tool(tools, id, name, input)
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for r in join_all(calls).await {
+                let call: ToolCall = r?;
+                tool_calls += 1;
+                let (content, is_error) = match (&call.output, &call.error) {
+                    (_, Some(e)) => {
+                        tool_errors += 1;
+                        (e.clone(), true)
+                    }
+                    (Some(v), None) => (
+                        match v {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        },
+                        false,
+                    ),
+                    (None, None) => ("null".to_string(), false),
+                };
+                results.push(Block::ToolResult {
+                    tool_use_id: call.id,
+                    content,
+                    is_error,
+                });
+            }
+            messages.push(Message {
+                role: Role::User,
+                content: results,
+            });
+        }
+        Err(WorkflowError::msg(format!(
+            "agent `{}` used all {} turns without finishing; raise max_turns or check its tools",
+            self.name, self.max_turns
+        )))
+    }
+
+    async fn call_model(&self, request: ModelRequest) -> Result<ModelCall, StepError> {
+        let started = Instant::now();
+        let request_hash = request.hash();
+        match self.model.call(request.clone()).await {
+            Ok(response) => Ok(ModelCall {
+                agent: self.name.clone(),
+                provider: self.model.provider().to_string(),
+                request_hash,
+                cost_usd: self.price.map(|p| p.cost(&response.usage)),
+                request,
+                response,
+                latency_ms: started.elapsed().as_millis() as u64,
+            }),
+            Err(e) if e.is_retryable() => Err(match e.retry_after() {
+                Some(d) => StepError::retryable_after(e.to_string(), d),
+                None => StepError::retryable(e.to_string()),
+            }),
+            Err(e) => Err(StepError::msg(e.to_string())),
+        }
+    }
+}
+
+/// Runs one tool call; any failure becomes an error result for the model, not a failed step.
+async fn run_tool(
+    tools: ToolRegistry,
+    id: String,
+    name: String,
+    input: serde_json::Value,
+) -> Result<ToolCall, StepError> {
+    let started = Instant::now();
+    let result = match tools.get(&name) {
+        None => Err(format!(
+            "unknown tool `{name}`; the available tools are: {}",
+            tools.names().join(", ")
+        )),
+        Some(t) => t.call(input.clone()).await.map_err(|e| e.0),
+    };
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let (output, error) = match result {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(e)),
+    };
+    Ok(ToolCall {
+        id,
+        tool: name,
+        input,
+        output,
+        error,
+        latency_ms,
+    })
+}

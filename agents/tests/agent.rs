@@ -1,0 +1,324 @@
+//! The durable agent loop over a real redb file with a scripted model: tool use, error
+//! results, retries of model calls, limits, and resume without repeating recorded calls.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use cairn_agents::{
+    Agent, AgentRun, Block, ModelError, ModelErrorKind, ModelResponse, Price, ScriptedModel,
+    StopReason, ToolError, ToolRegistry, Usage, tool,
+};
+use cairn_engine::{Engine, Event, Registry, RetryPolicy, WorkflowError};
+use cairn_storage::{EventStore, RedbStore, RunId, RunStatus, Seq};
+use tokio::sync::Notify;
+
+fn store() -> (tempfile::TempDir, Arc<dyn EventStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(dir.path().join("t.redb")).unwrap();
+    (dir, Arc::new(s))
+}
+
+fn usage(i: u64, o: u64) -> Usage {
+    Usage {
+        input_tokens: i,
+        output_tokens: o,
+        ..Usage::default()
+    }
+}
+
+/// Turn 1 asks for two tools (one unknown), turn 2 answers.
+fn script() -> Vec<ModelResponse> {
+    vec![
+        ModelResponse {
+            id: "m1".into(),
+            model: "scripted-1".into(),
+            content: vec![
+                Block::Text {
+                    text: "Let me look.".into(),
+                },
+                Block::ToolUse {
+                    id: "t1".into(),
+                    name: "lookup".into(),
+                    input: serde_json::json!({"id": "T-7"}),
+                },
+                Block::ToolUse {
+                    id: "t2".into(),
+                    name: "weather".into(),
+                    input: serde_json::json!({}),
+                },
+            ],
+            stop_reason: StopReason::ToolUse,
+            usage: usage(100, 20),
+        },
+        ModelResponse {
+            id: "m2".into(),
+            model: "scripted-1".into(),
+            content: vec![Block::Text {
+                text: "T-7 is a billing question.".into(),
+            }],
+            stop_reason: StopReason::EndTurn,
+            usage: usage(150, 10),
+        },
+    ]
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct Lookup {
+    id: String,
+}
+
+fn tools(calls: Arc<AtomicU32>) -> ToolRegistry {
+    ToolRegistry::new().with(tool("lookup", "Find a ticket by id", move |i: Lookup| {
+        let calls = Arc::clone(&calls);
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ToolError>(serde_json::json!({"id": i.id, "subject": "charged twice"}))
+        }
+    }))
+}
+
+fn registry(
+    model: Arc<ScriptedModel>,
+    tool_calls: Arc<AtomicU32>,
+    gate: Option<Arc<Notify>>,
+) -> Registry {
+    let mut r = Registry::new();
+    r.register("triage", 1, move |ctx, task: String| {
+        let agent = Agent::new("triage", model.clone(), "scripted-1")
+            .system("You triage support tickets.")
+            .tools(tools(tool_calls.clone()))
+            .price(Price {
+                input_per_mtok: 1.0,
+                output_per_mtok: 5.0,
+                ..Price::default()
+            });
+        let gate = gate.clone();
+        async move {
+            let run = agent.run(&ctx, &task).await?;
+            ctx.step("after", move || async move {
+                if let Some(g) = gate {
+                    g.notified().await;
+                }
+                Ok(())
+            })
+            .await?;
+            Ok::<_, WorkflowError>(run)
+        }
+    });
+    r
+}
+
+#[tokio::test]
+async fn the_tool_loop_runs_tools_reports_errors_and_records_every_call() {
+    let (_d, store) = store();
+    let model = Arc::new(ScriptedModel::by_turn(script()));
+    let tool_calls = Arc::new(AtomicU32::new(0));
+    let engine = Engine::with_store(
+        store.clone(),
+        registry(model.clone(), tool_calls.clone(), None),
+    );
+    let out = engine
+        .start("triage", &"Look at T-7")
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+    let run: AgentRun = serde_json::from_value(out.output.unwrap()).unwrap();
+    assert_eq!(run.text, "T-7 is a billing question.");
+    assert_eq!((run.turns, run.tool_calls, run.tool_errors), (2, 2, 1));
+    assert_eq!(run.usage, usage(250, 30));
+    assert!((run.cost_usd.unwrap() - (250.0 * 1.0 + 30.0 * 5.0) / 1e6).abs() < 1e-12);
+    // The conversation: user, assistant (tool uses), user (tool results), assistant.
+    assert_eq!(run.messages.len(), 4);
+    let Block::ToolResult {
+        content, is_error, ..
+    } = &run.messages[2].content[1]
+    else {
+        panic!("{:?}", run.messages[2])
+    };
+    assert!(*is_error && content.contains("unknown tool `weather`") && content.contains("lookup"));
+    assert_eq!(model.calls(), 2);
+    assert_eq!(tool_calls.load(Ordering::SeqCst), 1);
+    // The log: a scope, model, two tool calls, model, in order of position.
+    let id: RunId = out.run_id.parse().unwrap();
+    let steps: Vec<(String, String)> = store
+        .read(id, Seq(0), 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| match Event::decode(&e.payload).unwrap() {
+            Event::StepCompleted { path, name, .. } => Some((path.to_string(), name)),
+            _ => None,
+        })
+        .collect();
+    let mut sorted = steps.clone();
+    sorted.sort();
+    let names: Vec<&str> = sorted.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "cairn.scope:agent:triage",
+            "model",
+            "tool:lookup",
+            "tool:weather",
+            "model",
+            "after"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_agent_sends_no_recorded_model_or_tool_call_again() {
+    let (_d, store) = store();
+    let model = Arc::new(ScriptedModel::by_turn(script()));
+    let tool_calls = Arc::new(AtomicU32::new(0));
+    let gate = Arc::new(Notify::new());
+    let engine = Engine::with_store(
+        store.clone(),
+        registry(model.clone(), tool_calls.clone(), Some(gate.clone())),
+    );
+    let h = engine.start("triage", &"Look at T-7").await.unwrap();
+    let id = h.id;
+    while model.calls() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    engine.shutdown();
+    assert_eq!(h.wait().await.unwrap().status, RunStatus::Running);
+
+    let model2 = Arc::new(ScriptedModel::by_turn(script()));
+    let tool_calls2 = Arc::new(AtomicU32::new(0));
+    let engine2 = Engine::with_store(
+        store.clone(),
+        registry(model2.clone(), tool_calls2.clone(), None),
+    );
+    let out = engine2.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(
+        model2.calls(),
+        0,
+        "recorded model calls are answered from the log"
+    );
+    assert_eq!(
+        tool_calls2.load(Ordering::SeqCst),
+        0,
+        "recorded tool calls too"
+    );
+}
+
+#[tokio::test]
+async fn retryable_model_errors_are_retried_with_the_servers_wait_and_terminal_ones_fail() {
+    let (_d, store) = store();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let a = attempts.clone();
+    let model = Arc::new(ScriptedModel::from_fn(move |_req| {
+        match a.fetch_add(1, Ordering::SeqCst) {
+            0 => Err(ModelError {
+                kind: ModelErrorKind::RateLimited,
+                status: Some(429),
+                message: "slow down".into(),
+                retry_after_ms: Some(300),
+            }),
+            1 => Err(ModelError::new(ModelErrorKind::Overloaded, "overloaded")),
+            _ => Ok(script()[1].clone()),
+        }
+    }));
+    let m = model.clone();
+    let mut r = Registry::new();
+    r.register("retrying", 1, move |ctx, _: ()| {
+        let agent = Agent::new("a", m.clone(), "x").retry(
+            RetryPolicy::exponential(4)
+                .with_initial_delay(Duration::from_millis(10))
+                .with_jitter(false),
+        );
+        async move { agent.run(&ctx, "hi").await.map(|r| r.text) }
+    });
+    let engine = Engine::with_store(store.clone(), r);
+    let t = std::time::Instant::now();
+    let out = engine
+        .start("retrying", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.output,
+        Some(serde_json::json!("T-7 is a billing question."))
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "the 429's retry-after was honoured"
+    );
+    let id: RunId = out.run_id.parse().unwrap();
+    let failed: Vec<String> = store
+        .read(id, Seq(0), 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| match Event::decode(&e.payload).unwrap() {
+            Event::StepFailed { error, .. } => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 2, "every failed attempt is recorded");
+    assert!(failed[0].contains("HTTP 429"));
+
+    let m2 = Arc::new(ScriptedModel::from_fn(|_| {
+        Err(ModelError::new(ModelErrorKind::Auth, "invalid x-api-key"))
+    }));
+    let mut r = Registry::new();
+    let mm = m2.clone();
+    r.register("denied", 1, move |ctx, _: ()| {
+        let agent = Agent::new("a", mm.clone(), "x");
+        async move { agent.run(&ctx, "hi").await.map(|r| r.text) }
+    });
+    let out = Engine::with_store(store, r)
+        .start("denied", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Failed);
+    assert!(out.error.unwrap().contains("check the API key"));
+    assert_eq!(m2.calls(), 1, "an auth error is not retried");
+}
+
+#[tokio::test]
+async fn an_agent_that_never_finishes_stops_at_its_turn_limit() {
+    let (_d, store) = store();
+    let looping = ModelResponse {
+        id: "x".into(),
+        model: "x".into(),
+        content: vec![Block::ToolUse {
+            id: "t".into(),
+            name: "lookup".into(),
+            input: serde_json::json!({"id": "again"}),
+        }],
+        stop_reason: StopReason::ToolUse,
+        usage: Usage::default(),
+    };
+    let model = Arc::new(ScriptedModel::from_fn(move |_| Ok(looping.clone())));
+    let m = model.clone();
+    let mut r = Registry::new();
+    r.register("loop", 1, move |ctx, _: ()| {
+        let agent = Agent::new("looper", m.clone(), "x")
+            .tools(tools(Arc::default()))
+            .max_turns(3);
+        async move { agent.run(&ctx, "go").await.map(|r| r.text) }
+    });
+    let out = Engine::with_store(store, r)
+        .start("loop", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Failed);
+    assert!(out.error.unwrap().contains("all 3 turns"));
+    assert_eq!(model.calls(), 3);
+}
