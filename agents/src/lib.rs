@@ -11,6 +11,7 @@
 mod agent;
 mod join;
 mod model;
+mod orchestration;
 mod scripted;
 mod tools;
 
@@ -19,5 +20,15 @@ pub use model::{
     Block, Message, Model, ModelError, ModelErrorKind, ModelRequest, ModelResponse, Role,
     StopReason, ToolChoice, ToolSpec, Usage, classify_status, parse_retry_after,
 };
+pub use orchestration::{HandoffMode, HandoffRecord, Routed, Router, handoff};
 pub use scripted::ScriptedModel;
 pub use tools::{FnTool, Tool, ToolError, ToolRegistry, tool};
+
+// providers (helper) begin
+mod anthropic;
+mod http;
+mod openai;
+
+pub use anthropic::AnthropicModel;
+pub use openai::OpenAiModel;
+// providers (helper) end

@@ -1,0 +1,221 @@
+//! Router and handoffs over a real redb file with scripted models: the decisions and the
+//! exact context passed on are recorded.
+
+use std::sync::{Arc, Mutex};
+
+use cairn_agents::{
+    Agent, Block, HandoffMode, ModelRequest, ModelResponse, Role, Routed, Router, ScriptedModel,
+    StopReason, Usage, handoff,
+};
+use cairn_engine::{Engine, Event, Registry, WorkflowError};
+use cairn_storage::{EventStore, RedbStore, RunId, RunStatus, Seq};
+
+fn store() -> (tempfile::TempDir, Arc<dyn EventStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(dir.path().join("t.redb")).unwrap();
+    (dir, Arc::new(s))
+}
+
+fn say(text: &str) -> ModelResponse {
+    ModelResponse {
+        id: String::new(),
+        model: "scripted".into(),
+        content: vec![Block::Text { text: text.into() }],
+        stop_reason: StopReason::EndTurn,
+        usage: Usage {
+            input_tokens: 10,
+            output_tokens: 2,
+            ..Usage::default()
+        },
+    }
+}
+
+fn answering(text: &'static str) -> Arc<ScriptedModel> {
+    Arc::new(ScriptedModel::from_fn(move |_| Ok(say(text))))
+}
+
+fn router(with_fallback: bool) -> Router {
+    let classifier = Arc::new(ScriptedModel::from_fn(|req: &ModelRequest| {
+        let task = req.messages[0].text();
+        Ok(say(if task.contains("refund") {
+            " Billing.\n"
+        } else if task.contains("crash") {
+            "bug"
+        } else {
+            "poetry"
+        }))
+    }));
+    let r = Router::new("triage", classifier, "cheap-model")
+        .route(
+            "billing",
+            "payments, refunds, invoices",
+            Agent::new("billing", answering("refund issued"), "big"),
+        )
+        .route(
+            "bug",
+            "crashes and errors",
+            Agent::new("bugs", answering("bug filed"), "big"),
+        );
+    if with_fallback {
+        r.fallback(Agent::new("general", answering("general answer"), "big"))
+    } else {
+        r
+    }
+}
+
+async fn route_once(
+    with_fallback: bool,
+    task: &str,
+) -> (
+    Arc<dyn EventStore>,
+    cairn_engine::RunOutcome,
+    tempfile::TempDir,
+) {
+    let (d, store) = store();
+    let mut reg = Registry::new();
+    reg.register("route", 1, move |ctx, task: String| {
+        let r = router(with_fallback);
+        async move { r.run(&ctx, &task).await }
+    });
+    let out = Engine::with_store(store.clone(), reg)
+        .start("route", &task)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    (store, out, d)
+}
+
+#[tokio::test]
+async fn the_router_dispatches_by_the_cheap_models_answer_and_records_the_decision() {
+    let (store, out, _d) = route_once(true, "I want a refund").await;
+    let routed: Routed = serde_json::from_value(out.output.unwrap()).unwrap();
+    assert_eq!(
+        (routed.category.as_str(), routed.agent.as_str()),
+        ("billing", "billing")
+    );
+    assert!(!routed.fallback);
+    assert_eq!(routed.run.text, "refund issued");
+    // The classifier got the categories and a one-word instruction, with a small token limit.
+    let id: RunId = out.run_id.parse().unwrap();
+    let evs = store.read(id, Seq(0), 100).await.unwrap();
+    let mut route = None;
+    let mut classifier_request = None;
+    for e in &evs {
+        if let Event::StepCompleted { name, output, .. } = Event::decode(&e.payload).unwrap() {
+            if name == "route" {
+                route = Some(output.to_json());
+            }
+            if name == "model" && classifier_request.is_none() {
+                classifier_request = Some(output.to_json()["request"].clone());
+            }
+        }
+    }
+    assert_eq!(route.unwrap()["agent"], "billing");
+    let req = classifier_request.unwrap();
+    assert_eq!(req["max_tokens"], 16);
+    let system = req["system"].as_str().unwrap();
+    assert!(system.contains("billing: payments") && system.contains("ONLY the category"));
+
+    let (_s, out, _d) = route_once(true, "the app crashes").await;
+    let routed: Routed = serde_json::from_value(out.output.unwrap()).unwrap();
+    assert_eq!(routed.run.text, "bug filed");
+}
+
+#[tokio::test]
+async fn an_unknown_category_goes_to_the_fallback_or_fails_clearly() {
+    let (_s, out, _d) = route_once(true, "write me a poem").await;
+    let routed: Routed = serde_json::from_value(out.output.unwrap()).unwrap();
+    assert!(routed.fallback);
+    assert_eq!(routed.agent, "general");
+    assert_eq!(routed.run.text, "general answer");
+
+    let (_s, out, _d) = route_once(false, "write me a poem").await;
+    assert_eq!(out.status, RunStatus::Failed);
+    let e = out.error.unwrap();
+    assert!(
+        e.contains("`poetry`") && e.contains("billing, bug") && e.contains("fallback"),
+        "{e}"
+    );
+}
+
+fn capture(requests: Arc<Mutex<Vec<ModelRequest>>>, text: &'static str) -> Arc<ScriptedModel> {
+    Arc::new(ScriptedModel::from_fn(move |req| {
+        requests.lock().unwrap().push(req.clone());
+        Ok(say(text))
+    }))
+}
+
+#[tokio::test]
+async fn handoffs_pass_the_full_history_or_a_summary_and_record_the_exact_context() {
+    for summary in [false, true] {
+        let (_d, store) = store();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let summarizer_seen = Arc::new(Mutex::new(Vec::new()));
+        let (s2, ss2) = (seen.clone(), summarizer_seen.clone());
+        let mut reg = Registry::new();
+        reg.register("handoff", 1, move |ctx, _: ()| {
+            let researcher = Agent::new("researcher", answering("found 3 duplicates"), "big");
+            let writer = Agent::new("writer", capture(s2.clone(), "report written"), "big");
+            let mode = if summary {
+                HandoffMode::Summary {
+                    model: capture(ss2.clone(), "3 duplicate charges found"),
+                    model_id: "cheap".into(),
+                    max_tokens: 200,
+                }
+            } else {
+                HandoffMode::Full
+            };
+            async move {
+                let first = researcher.run(&ctx, "check the charges").await?;
+                let (record, run) = handoff(&ctx, &first, &writer, mode, "write it up").await?;
+                Ok::<_, WorkflowError>((record, run.text))
+            }
+        });
+        let out = Engine::with_store(store.clone(), reg)
+            .start("handoff", &())
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
+        let (record, text): (cairn_agents::HandoffRecord, String) =
+            serde_json::from_value(out.output.unwrap()).unwrap();
+        assert_eq!(text, "report written");
+        assert_eq!(
+            (record.from.as_str(), record.to.as_str()),
+            ("researcher", "writer")
+        );
+        assert_eq!(record.reason, "write it up");
+        let got = seen.lock().unwrap()[0].messages.clone();
+        assert_eq!(
+            got, record.context,
+            "the recorded context is exactly what the next agent got"
+        );
+        if summary {
+            assert_eq!(record.mode, "summary");
+            assert_eq!(got.len(), 1);
+            assert!(got[0].text().contains("3 duplicate charges found"));
+            let s = summarizer_seen.lock().unwrap()[0].clone();
+            assert_eq!(s.max_tokens, 200);
+            assert!(
+                s.messages[0]
+                    .text()
+                    .contains("assistant: found 3 duplicates")
+            );
+        } else {
+            assert_eq!(record.mode, "full");
+            // user task, researcher's answer, the takeover note.
+            assert_eq!(got.len(), 3);
+            assert_eq!(got[1].role, Role::Assistant);
+            assert_eq!(got[1].text(), "found 3 duplicates");
+            assert!(
+                got[2]
+                    .text()
+                    .contains("taking over from agent `researcher`")
+            );
+        }
+    }
+}
