@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use cairn_engine::{RetryPolicy, StepError, StepOptions, WorkflowContext, WorkflowError};
 use serde::{Deserialize, Serialize};
 
+use crate::budget::Budget;
 use crate::join::join_all;
 use crate::model::{
     Block, Message, Model, ModelRequest, ModelResponse, Role, StopReason, ToolChoice, Usage,
@@ -118,6 +119,7 @@ pub struct Agent {
     temperature: Option<f32>,
     retry: RetryPolicy,
     price: Option<Price>,
+    budget: Option<Arc<Budget>>,
 }
 
 impl Agent {
@@ -136,6 +138,7 @@ impl Agent {
                 .with_initial_delay(Duration::from_secs(1))
                 .with_max_delay(Duration::from_secs(60)),
             price: None,
+            budget: None,
         }
     }
 
@@ -181,6 +184,12 @@ impl Agent {
         self
     }
 
+    /// The same agent drawing on a run budget (share one budget between a run's agents).
+    pub fn budget(mut self, budget: Arc<Budget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
     /// The agent's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -213,9 +222,15 @@ impl Agent {
                 max_tokens: self.max_tokens,
                 temperature: self.temperature,
             };
+            if let Some(b) = &self.budget {
+                b.check(&scope).await?;
+            }
             let call: ModelCall = scope
                 .step_with("model", opts.clone(), || self.call_model(request.clone()))
                 .await?;
+            if let Some(b) = &self.budget {
+                b.add(&call.response.usage, call.cost_usd);
+            }
             usage = usage + call.response.usage;
             if let Some(c) = call.cost_usd {
                 cost = Some(cost.unwrap_or(0.0) + c);

@@ -9,6 +9,7 @@
 //! Architecture invariant: the engine does not know what a model is; agents use its steps.
 
 mod agent;
+mod budget;
 mod join;
 mod model;
 mod orchestration;
@@ -16,6 +17,7 @@ mod scripted;
 mod tools;
 
 pub use agent::{Agent, AgentRun, MAX_TURNS_DEFAULT, ModelCall, Price, ToolCall};
+pub use budget::{Budget, BudgetExhausted, BudgetLimits};
 pub use model::{
     Block, Message, Model, ModelError, ModelErrorKind, ModelRequest, ModelResponse, Role,
     StopReason, ToolChoice, ToolSpec, Usage, classify_status, parse_retry_after,

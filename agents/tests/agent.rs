@@ -322,3 +322,71 @@ async fn an_agent_that_never_finishes_stops_at_its_turn_limit() {
     assert!(out.error.unwrap().contains("all 3 turns"));
     assert_eq!(model.calls(), 3);
 }
+
+#[tokio::test]
+async fn crossing_the_run_budget_parks_the_run_until_the_budget_is_raised() {
+    use cairn_agents::{Budget, BudgetLimits};
+    let (_d, store) = store();
+    let model = Arc::new(ScriptedModel::by_turn(script()));
+    let m = model.clone();
+    let mut r = Registry::new();
+    r.register("budgeted", 1, move |ctx, _: ()| {
+        // 100 + 20 tokens after the first call: the second call would start over 100.
+        let budget = Arc::new(Budget::new(BudgetLimits {
+            max_tokens: Some(100),
+            max_cost_usd: None,
+        }));
+        let agent = Agent::new("triage", m.clone(), "x")
+            .tools(tools(Arc::default()))
+            .budget(budget);
+        async move { agent.run(&ctx, "T-7").await.map(|r| r.text) }
+    });
+    let engine = cairn_engine::Engine::with_options(
+        store.clone(),
+        r,
+        cairn_engine::EngineOptions {
+            suspend_after: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    let out = engine
+        .start("budgeted", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status,
+        RunStatus::Waiting,
+        "stopped cleanly, not failed"
+    );
+    assert_eq!(model.calls(), 1);
+    let id: RunId = out.run_id.parse().unwrap();
+    let exhausted = store
+        .read(id, Seq(0), 100)
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|e| match Event::decode(&e.payload).unwrap() {
+            Event::StepCompleted { name, output, .. } if name == "budget_exhausted" => {
+                Some(output.to_json())
+            }
+            _ => None,
+        })
+        .expect("the reason is recorded");
+    assert_eq!(exhausted["spent_tokens"], 120);
+    assert_eq!(exhausted["limits"]["max_tokens"], 100);
+    // Raise it: the run continues where it stopped and finishes.
+    engine
+        .signal(id, "budget", serde_json::json!({"max_tokens": 1000}))
+        .await
+        .unwrap();
+    let out = engine.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(
+        out.output,
+        Some(serde_json::json!("T-7 is a billing question."))
+    );
+    assert_eq!(model.calls(), 2, "the first call was not made again");
+}
