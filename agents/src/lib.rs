@@ -10,6 +10,7 @@
 
 mod agent;
 mod budget;
+mod choreography;
 mod join;
 mod model;
 mod orchestration;
@@ -18,6 +19,7 @@ mod tools;
 
 pub use agent::{Agent, AgentRun, MAX_TURNS_DEFAULT, ModelCall, Price, ToolCall};
 pub use budget::{Budget, BudgetExhausted, BudgetLimits};
+pub use choreography::{ChoreoEvent, Choreography};
 pub use model::{
     Block, Message, Model, ModelError, ModelErrorKind, ModelRequest, ModelResponse, Role,
     StopReason, ToolChoice, ToolSpec, Usage, classify_status, parse_retry_after,

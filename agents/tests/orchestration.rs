@@ -219,3 +219,88 @@ async fn handoffs_pass_the_full_history_or_a_summary_and_record_the_exact_contex
         }
     }
 }
+
+#[tokio::test]
+async fn choreography_starts_each_subscriber_once_and_the_chain_is_in_the_log() {
+    use cairn_agents::{ChoreoEvent, Choreography};
+    use cairn_storage::RunFilter;
+    use std::time::Duration;
+    let (_d, store) = store();
+    let choreo = Choreography::new()
+        .subscribe("ticket.classified", "notify")
+        .subscribe("ticket.classified", "escalate")
+        .subscribe("ticket.escalated", "page");
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let mut reg = Registry::new();
+    let (c1, g1) = (choreo.clone(), gate.clone());
+    reg.register("intake", 1, move |ctx, ticket: String| {
+        let (c, g) = (c1.clone(), g1.clone());
+        async move {
+            let started = c
+                .emit(
+                    &ctx,
+                    "ticket.classified",
+                    &serde_json::json!({"ticket": ticket}),
+                )
+                .await?;
+            ctx.step("wait", move || async move {
+                g.notified().await;
+                Ok(())
+            })
+            .await?;
+            Ok::<_, WorkflowError>(started.len())
+        }
+    });
+    reg.register("notify", 1, |ctx, e: ChoreoEvent| async move {
+        ctx.step("send", move || async move {
+            Ok(format!("notified about {}", e.payload["ticket"]))
+        })
+        .await
+    });
+    let c2 = choreo.clone();
+    reg.register("escalate", 1, move |ctx, e: ChoreoEvent| {
+        let c = c2.clone();
+        async move {
+            c.emit(&ctx, "ticket.escalated", &e.payload).await?;
+            Ok::<_, WorkflowError>("escalated")
+        }
+    });
+    reg.register("page", 1, |ctx, e: ChoreoEvent| async move {
+        ctx.step("page", move || async move {
+            Ok(format!("paged for {}", e.payload["ticket"]))
+        })
+        .await
+    });
+    let engine = Engine::with_store(store.clone(), reg.clone());
+    let h = engine.start("intake", &"T-9").await.unwrap();
+    let intake = h.id;
+    // Let the subscribers start, then stop and resume the emitter: nobody starts twice.
+    let t = std::time::Instant::now();
+    while store.list_runs(RunFilter::default()).await.unwrap().len() < 4 {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.shutdown();
+    h.wait().await.unwrap();
+    engine.wait_idle().await;
+    let engine2 = Engine::with_store(store.clone(), reg);
+    gate.notify_one();
+    let rec = engine2.recover().await.unwrap();
+    for h in rec.handles {
+        h.wait().await.unwrap();
+    }
+    let t = std::time::Instant::now();
+    loop {
+        let runs = store.list_runs(RunFilter::default()).await.unwrap();
+        if runs.iter().all(|m| m.status == RunStatus::Completed) {
+            assert_eq!(runs.len(), 4, "intake, notify, escalate, page: each once");
+            let by_name = |n: &str| runs.iter().find(|m| m.workflow == n).unwrap().clone();
+            assert_eq!(by_name("notify").parent, Some(intake));
+            assert_eq!(by_name("escalate").parent, Some(intake));
+            assert_eq!(by_name("page").parent, Some(by_name("escalate").id));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{runs:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -40,6 +40,108 @@ impl WorkflowContext {
         async move { self.run_child(path, workflow, input?).await }
     }
 
+    /// Starts workflow `workflow` as a child run with `input` without waiting for it (a
+    /// detached child, e.g. a subscriber reacting to an event). Its id is recorded first, so
+    /// the child is created exactly once, even if this run is resumed; returns its id.
+    pub fn start_child<I: Serialize>(
+        &self,
+        workflow: &str,
+        input: &I,
+    ) -> impl Future<Output = Result<RunId, WorkflowError>> + Send + use<'_, I> {
+        let path = self.next_path();
+        let workflow = workflow.to_string();
+        let input = serde_json::to_value(input).map_err(|e| {
+            WorkflowError::msg(format!(
+                "the input of child `{workflow}` cannot be encoded: {e}"
+            ))
+        });
+        async move {
+            let input = input?;
+            let (child, _) = self.ensure_child(path, &workflow, input).await?;
+            Ok(child)
+        }
+    }
+
+    /// Records (or finds recorded) the child at `path` and makes sure the run exists. Returns
+    /// its id and, if the parent already recorded how it finished, that record.
+    async fn ensure_child(
+        &self,
+        path: StepPath,
+        workflow: &str,
+        input: serde_json::Value,
+    ) -> Result<(RunId, Option<crate::state::ChildRecord>), WorkflowError> {
+        let shared = &self.shared;
+        shared.check()?;
+        let recorded = {
+            let st = lock(&shared.state);
+            if let Some(other) = st.run.other_kind_at(&path, Kind::Child) {
+                drop(st);
+                return Err(self.nondeterminism(path, other, format!("child run of `{workflow}`")));
+            }
+            match st.run.children.get(&path) {
+                Some(c) if c.workflow != workflow => {
+                    let recorded = format!("child run of `{}`", c.workflow);
+                    drop(st);
+                    return Err(self.nondeterminism(
+                        path,
+                        recorded,
+                        format!("child run of `{workflow}`"),
+                    ));
+                }
+                Some(c) => Some(c.clone()),
+                None => None,
+            }
+        };
+        let child = match &recorded {
+            Some(c) if c.ok.is_some() => return Ok((c.child, recorded)),
+            Some(c) => c.child,
+            None => {
+                let child = RunId::new();
+                shared
+                    .record(Event::ChildStarted {
+                        path: path.clone(),
+                        child,
+                        workflow: workflow.to_string(),
+                    })
+                    .await?;
+                child
+            }
+        };
+        let Some(inner) = shared.engine.upgrade() else {
+            return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+        };
+        let engine = Engine::from_inner(inner);
+        let exists = shared.store.run(child).await.map_err(|e| {
+            shared.set_interrupt(Interrupt::Store {
+                run: shared.run_id,
+                detail: format!("child run {child}: {e}"),
+            })
+        })?;
+        if exists.is_none() {
+            let mut opts = StartOptions::new(workflow, input);
+            opts.parent = Some(shared.run_id);
+            opts.id = Some(child);
+            if let Err(e) = engine.start_with(opts).await {
+                let message = e.to_string();
+                if matches!(
+                    e,
+                    EngineError::BadInput { .. } | EngineError::UnknownWorkflow { .. }
+                ) {
+                    return Err(WorkflowError::Step {
+                        path,
+                        name: format!("child {workflow}"),
+                        message,
+                    });
+                }
+                return Err(shared.set_interrupt(Interrupt::Store {
+                    run: shared.run_id,
+                    detail: format!("child run {child}: {message}"),
+                }));
+            }
+        }
+        Ok((child, recorded))
+    }
+
     async fn run_child<O: DeserializeOwned>(
         &self,
         path: StepPath,
