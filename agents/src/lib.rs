@@ -27,3 +27,12 @@ pub use model::{
 pub use orchestration::{HandoffMode, HandoffRecord, Routed, Router, handoff};
 pub use scripted::ScriptedModel;
 pub use tools::{FnTool, Tool, ToolError, ToolRegistry, tool};
+
+// providers (helper) begin
+mod anthropic;
+mod http;
+mod openai;
+
+pub use anthropic::AnthropicModel;
+pub use openai::OpenAiModel;
+// providers (helper) end
