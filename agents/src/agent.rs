@@ -259,18 +259,45 @@ impl Agent {
             }
             // Positions are taken in the order of the model's blocks, then the calls run
             // concurrently: replay stays deterministic.
+            let asked = uses.clone();
             let calls: Vec<_> = uses
                 .into_iter()
                 .map(|(id, name, input)| {
                     let tools = self.tools.clone();
-                    scope.step(&format!("tool:{name}"), move || {
-                        run_tool(tools, id, name, input)
+                    // A tool that must not run twice gets an at-most-once step: a call
+                    // interrupted by a crash parks the run for review.
+                    let opts = match self.tools.get(&name) {
+                        Some(t) if !t.idempotent() => StepOptions::default().at_most_once(),
+                        _ => StepOptions::default(),
+                    };
+                    let mut call = Some((tools, id, name.clone(), input));
+                    scope.step_with(&format!("tool:{name}"), opts, move || {
+                        let call = call.take();
+                        async move {
+                            match call {
+                                Some((t, i, n, input)) => run_tool(t, i, n, input)
+                                    .await
+                                    .and_then(|c| serde_json::to_value(c).map_err(StepError::from)),
+                                None => Err(StepError::msg("a tool call runs once per execution")),
+                            }
+                        }
                     })
                 })
                 .collect();
             let mut results = Vec::new();
-            for r in join_all(calls).await {
-                let call: ToolCall = r?;
+            for (r, (id, name, input)) in join_all(calls).await.into_iter().zip(asked) {
+                let recorded: serde_json::Value = r?;
+                // A call resolved by a person (`cairn review … --done --output JSON`) records
+                // the tool's output itself rather than a whole call record.
+                let call =
+                    serde_json::from_value::<ToolCall>(recorded.clone()).unwrap_or(ToolCall {
+                        id,
+                        tool: name,
+                        input,
+                        output: Some(recorded),
+                        error: None,
+                        latency_ms: 0,
+                    });
                 tool_calls += 1;
                 let (content, is_error) = match (&call.output, &call.error) {
                     (_, Some(e)) => {

@@ -26,7 +26,7 @@ pub use model::{
 };
 pub use orchestration::{HandoffMode, HandoffRecord, Routed, Router, handoff};
 pub use scripted::ScriptedModel;
-pub use tools::{FnTool, Tool, ToolError, ToolRegistry, tool};
+pub use tools::{FnTool, Tool, ToolError, ToolRegistry, tool, tool_at_most_once};
 
 // providers (helper) begin
 mod anthropic;

@@ -57,12 +57,36 @@ pub struct FnTool<I, O, F> {
     name: String,
     description: String,
     schema: serde_json::Value,
+    idempotent: bool,
     f: F,
     _types: PhantomData<fn(I) -> O>,
 }
 
 /// Makes a tool from an async function of a typed input: its JSON schema is derived from `I`.
 pub fn tool<I, O, F, Fut>(name: &str, description: &str, f: F) -> Arc<dyn Tool>
+where
+    I: JsonSchema + DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    F: Fn(I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, ToolError>> + Send + 'static,
+{
+    make_tool(name, description, f, true)
+}
+
+/// Like [`tool`], for a tool whose effect must not happen twice (sends an email, charges a
+/// card): its calls are at-most-once, and a call interrupted by a crash parks the run for
+/// review instead of running again.
+pub fn tool_at_most_once<I, O, F, Fut>(name: &str, description: &str, f: F) -> Arc<dyn Tool>
+where
+    I: JsonSchema + DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    F: Fn(I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, ToolError>> + Send + 'static,
+{
+    make_tool(name, description, f, false)
+}
+
+fn make_tool<I, O, F, Fut>(name: &str, description: &str, f: F, idempotent: bool) -> Arc<dyn Tool>
 where
     I: JsonSchema + DeserializeOwned + Send + 'static,
     O: Serialize + Send + 'static,
@@ -78,6 +102,7 @@ where
         name: name.to_string(),
         description: description.to_string(),
         schema,
+        idempotent,
         f,
         _types: PhantomData,
     })
@@ -100,6 +125,10 @@ where
 
     fn input_schema(&self) -> serde_json::Value {
         self.schema.clone()
+    }
+
+    fn idempotent(&self) -> bool {
+        self.idempotent
     }
 
     fn call(

@@ -390,3 +390,105 @@ async fn crossing_the_run_budget_parks_the_run_until_the_budget_is_raised() {
     );
     assert_eq!(model.calls(), 2, "the first call was not made again");
 }
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct Email {
+    to: String,
+}
+
+#[tokio::test]
+async fn an_interrupted_non_idempotent_tool_parks_the_run_for_review_and_the_answer_reaches_the_model()
+ {
+    use cairn_agents::tool_at_most_once;
+    let (_d, store) = store();
+    let email_turns = vec![
+        ModelResponse {
+            id: "m1".into(),
+            model: "x".into(),
+            content: vec![Block::ToolUse {
+                id: "e1".into(),
+                name: "send_email".into(),
+                input: serde_json::json!({"to": "ada@example.com"}),
+            }],
+            stop_reason: StopReason::ToolUse,
+            usage: Usage::default(),
+        },
+        script()[1].clone(),
+    ];
+    let sent = Arc::new(AtomicU32::new(0));
+    let gate = Arc::new(Notify::new());
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let make = |sent: Arc<AtomicU32>, gate: Arc<Notify>| {
+        let turns = email_turns.clone();
+        let requests = requests.clone();
+        let model = Arc::new(ScriptedModel::from_fn(move |req| {
+            requests.lock().unwrap().push(req.clone());
+            let turn = req
+                .messages
+                .iter()
+                .filter(|m| m.role == cairn_agents::Role::Assistant)
+                .count();
+            Ok(turns[turn].clone())
+        }));
+        let mut r = Registry::new();
+        r.register("mailer", 1, move |ctx, _: ()| {
+            let (sent, gate) = (sent.clone(), gate.clone());
+            let tools = ToolRegistry::new().with(tool_at_most_once(
+                "send_email",
+                "Send an email",
+                move |e: Email| {
+                    let (sent, gate) = (sent.clone(), gate.clone());
+                    async move {
+                        if sent.fetch_add(1, Ordering::SeqCst) == 0 {
+                            gate.notified().await;
+                        }
+                        Ok::<_, ToolError>(format!("sent to {}", e.to))
+                    }
+                },
+            ));
+            let agent = Agent::new("mailer", model.clone(), "x").tools(tools);
+            async move { agent.run(&ctx, "email ada").await.map(|r| r.text) }
+        });
+        r
+    };
+    let engine = cairn_engine::Engine::with_store(store.clone(), make(sent.clone(), gate.clone()));
+    let h = engine.start("mailer", &()).await.unwrap();
+    let id = h.id;
+    while sent.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.shutdown();
+    h.wait().await.unwrap();
+    let engine2 = cairn_engine::Engine::with_store(store.clone(), make(sent.clone(), gate.clone()));
+    let out = engine2.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Waiting, "needs review");
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        1,
+        "the email was not sent twice"
+    );
+    // The tool call is step 0.1 (0 is the agent's scope, 0.0 its first model call).
+    let path: cairn_engine::StepPath = "0.1".parse().unwrap();
+    engine2
+        .resolve_step(
+            id,
+            &path,
+            cairn_engine::StepResolution::Done(serde_json::json!(
+                "sent to ada@example.com (checked by hand)"
+            )),
+        )
+        .await
+        .unwrap();
+    let out = engine2.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(sent.load(Ordering::SeqCst), 1);
+    let last = requests.lock().unwrap().last().unwrap().clone();
+    let Block::ToolResult {
+        content, is_error, ..
+    } = &last.messages[2].content[0]
+    else {
+        panic!("{:?}", last.messages)
+    };
+    assert_eq!(content, "sent to ada@example.com (checked by hand)");
+    assert!(!is_error);
+}

@@ -434,6 +434,22 @@ impl WorkflowContext {
                         message,
                     });
                 }
+                // An at-most-once step that was running when the process stopped may or may
+                // not have had its effect: a person decides (Engine::resolve_step).
+                Some(rec) if opts.at_most_once && rec.in_flight() => {
+                    let reason = format!(
+                        "needs review: step {path} `{name}` (attempt {}) was running when the process stopped and must not run twice; \
+                         mark it done with `cairn review {run} {path} --done --output JSON` or run it again with `cairn review {run} {path} --retry`",
+                        rec.attempts,
+                        run = shared.run_id,
+                    );
+                    drop(st);
+                    return Err(shared.set_interrupt(Interrupt::Suspend {
+                        run: shared.run_id,
+                        wake_at_us: None,
+                        reason,
+                    }));
+                }
                 // In flight, or waiting for a retry, when the process stopped: continue it
                 // with the next attempt, after what is left of the recorded backoff.
                 Some(rec) => (rec.attempts + 1, rec.first_started_us, rec.retry_at_us),
@@ -446,6 +462,16 @@ impl WorkflowContext {
         loop {
             if let Some(t) = wait_until.take() {
                 self.wait_until_us(t).await?;
+            }
+            if opts.at_most_once {
+                // Durable before the effect: a crash from here on is seen on resume.
+                shared
+                    .record(Event::StepStarted {
+                        path: path.clone(),
+                        name: name.clone(),
+                        attempt,
+                    })
+                    .await?;
             }
             let started_us = now_micros();
             // The attempt may run until the sooner of its own timeout and the step's deadline.

@@ -229,6 +229,18 @@ pub enum EngineError {
         /// Its final status.
         status: RunStatus,
     },
+    /// A review was asked for a step that does not need one.
+    #[error(
+        "run {run}, step {path}: {detail}; only a step that was running when its process stopped can be reviewed"
+    )]
+    NotInReview {
+        /// The run.
+        run: RunId,
+        /// The step's position.
+        path: String,
+        /// What the step's state is.
+        detail: String,
+    },
     /// The run's task panicked; it stays `running` and can be resumed.
     #[error("run {run} panicked: {detail}; it stays `running` and can be resumed after a fix")]
     Panicked {

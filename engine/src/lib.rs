@@ -27,7 +27,7 @@ pub use registry::Registry;
 pub use retry::{RetryPolicy, StepOptions};
 pub use runtime::{
     CancelOutcome, Engine, EngineOptions, Recovered, RunHandle, RunOutcome, SignalDelivery,
-    StartOptions,
+    StartOptions, StepResolution,
 };
 pub use state::{
     BranchRecord, ChildRecord, FAN_OUT_BRANCHES_MAX, FanInRecord, FanOutRecord, FoldError,

@@ -106,6 +106,11 @@ pub struct StepOptions {
     pub attempt_timeout: Option<Duration>,
     /// The whole step (attempts and backoff, across restarts) fails for good after this.
     pub step_timeout: Option<Duration>,
+    /// The step's side effect must not happen twice (a payment, an email): each attempt's
+    /// start is recorded durably before it runs, and if the process dies during an attempt,
+    /// the run parks as needing review instead of running it again (see
+    /// [`crate::Engine::resolve_step`]).
+    pub at_most_once: bool,
 }
 
 impl StepOptions {
@@ -120,6 +125,12 @@ impl StepOptions {
     /// The same options with a per-attempt timeout.
     pub fn with_attempt_timeout(mut self, d: Duration) -> Self {
         self.attempt_timeout = Some(d);
+        self
+    }
+
+    /// The same options for a step that must not run twice; see [`StepOptions::at_most_once`].
+    pub fn at_most_once(mut self) -> Self {
+        self.at_most_once = true;
         self
     }
 

@@ -141,6 +141,16 @@ impl Default for EngineOptions {
     }
 }
 
+/// How a person resolves an at-most-once step that was interrupted while running.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum StepResolution {
+    /// Its effect happened: record this output as the step's result.
+    Done(serde_json::Value),
+    /// Its effect did not happen: run it again.
+    Retry,
+}
+
 /// What `signal` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -574,6 +584,74 @@ impl Engine {
         } else {
             SignalDelivery::Recorded
         })
+    }
+
+    /// Resolves a step that needs review (an at-most-once step interrupted while running): records
+    /// its output (`Done`) or schedules another attempt (`Retry`), and marks the run `running`
+    /// so that `resume`, `recover` or the worker continues it.
+    pub async fn resolve_step(
+        &self,
+        id: RunId,
+        path: &crate::event::StepPath,
+        resolution: StepResolution,
+    ) -> Result<(), EngineError> {
+        if lock(&self.inner.active).contains_key(&id) {
+            return Err(EngineError::AlreadyActive(id));
+        }
+        let state = self.load(id).await?;
+        if state.status.is_terminal() {
+            return Err(EngineError::RunFinished {
+                run: id,
+                status: state.status,
+            });
+        }
+        let not = |detail: String| EngineError::NotInReview {
+            run: id,
+            path: path.to_string(),
+            detail,
+        };
+        let rec = state
+            .steps
+            .get(path)
+            .ok_or_else(|| not("there is no step there".into()))?;
+        if !rec.in_flight() {
+            return Err(not(
+                format!("step `{}` is {:?}", rec.name, rec.status).to_lowercase()
+            ));
+        }
+        let ev = match resolution {
+            StepResolution::Done(v) => Event::StepCompleted {
+                path: path.clone(),
+                name: rec.name.clone(),
+                attempt: rec.attempts,
+                started_us: rec.started_us,
+                output: Payload::from_value(&v).map_err(|e| EngineError::BadInput {
+                    workflow: state.workflow.clone(),
+                    detail: format!("the output cannot be encoded: {e}"),
+                })?,
+            },
+            StepResolution::Retry => Event::StepFailed {
+                path: path.clone(),
+                name: rec.name.clone(),
+                attempt: rec.attempts,
+                started_us: rec.started_us,
+                error: "reviewed: run it again".into(),
+                retry_at_us: Some(cairn_storage::now_micros()),
+            },
+        };
+        self.inner
+            .store
+            .write(
+                id,
+                vec![NewEvent::now(ev.encode())],
+                RunUpdate {
+                    status: Some(RunStatus::Running),
+                    guard: Guard::NotFinished,
+                    wake_at_us: Some(None),
+                },
+            )
+            .await?;
+        Ok(())
     }
 
     /// Waits until run `id` stops executing and returns its outcome as recorded; a run that is

@@ -58,6 +58,14 @@ pub struct StepRecord {
     pub retry_at_us: Option<i64>,
 }
 
+impl StepRecord {
+    /// Whether an attempt had started (recorded) and not finished: it was in flight when the
+    /// process stopped.
+    pub fn in_flight(&self) -> bool {
+        self.status == StepStatus::Running && self.retry_at_us.is_none()
+    }
+}
+
 fn ser_payload_opt<S: serde::Serializer>(p: &Option<Payload>, s: S) -> Result<S::Ok, S::Error> {
     match p {
         Some(p) => p.to_json().serialize(s),
@@ -538,6 +546,8 @@ impl RunState {
                 rec.status = StepStatus::Running;
                 rec.attempts = rec.attempts.max(attempt);
                 rec.started_us = ts;
+                // The awaited retry is now in progress.
+                rec.retry_at_us = None;
             }
             Event::StepCompleted {
                 path,

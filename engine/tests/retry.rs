@@ -387,3 +387,125 @@ async fn scopes_group_steps_below_a_recorded_position() {
     .collect();
     assert_eq!(paths, want);
 }
+
+/// `charge` is at-most-once; its first attempt blocks until the gate opens (so a shutdown can
+/// land while it runs).
+fn payments(calls: Arc<AtomicU32>, gate: Arc<tokio::sync::Notify>) -> Registry {
+    let mut r = Registry::new();
+    r.register("pay", 1, move |ctx, _: ()| {
+        let (calls, gate) = (calls.clone(), gate.clone());
+        async move {
+            let receipt: String = ctx
+                .step_with("charge", StepOptions::default().at_most_once(), || {
+                    let (calls, gate) = (calls.clone(), gate.clone());
+                    async move {
+                        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                            gate.notified().await;
+                        }
+                        Ok("receipt-live".to_string())
+                    }
+                })
+                .await?;
+            Ok(receipt)
+        }
+    });
+    r
+}
+
+async fn interrupted_payment() -> (
+    tempfile::TempDir,
+    Arc<dyn EventStore>,
+    RunId,
+    Arc<AtomicU32>,
+) {
+    let (d, store) = store();
+    let calls = Arc::new(AtomicU32::new(0));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let engine = Engine::with_store(store.clone(), payments(calls.clone(), gate));
+    let h = engine.start("pay", &()).await.unwrap();
+    let id = h.id;
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.shutdown();
+    h.wait().await.unwrap();
+    (d, store, id, calls)
+}
+
+#[tokio::test]
+async fn an_interrupted_at_most_once_step_parks_for_review_and_is_not_run_again() {
+    let (_d, store, id, calls) = interrupted_payment().await;
+    let evs = events(&store, &id.to_string()).await;
+    assert!(
+        evs.iter().any(|e| matches!(e, Event::StepStarted { .. })),
+        "the start is durable"
+    );
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let engine = Engine::with_store(store.clone(), payments(calls.clone(), gate));
+    let out = engine.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Waiting, "parked, needing review");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "not run a second time");
+    let reason = evs_reason(&store, id).await;
+    assert!(
+        reason.contains("needs review") && reason.contains("cairn review"),
+        "{reason}"
+    );
+    // A person checked: the charge went through.
+    let path: cairn_engine::StepPath = "0".parse().unwrap();
+    engine
+        .resolve_step(
+            id,
+            &path,
+            cairn_engine::StepResolution::Done(serde_json::json!("receipt-42")),
+        )
+        .await
+        .unwrap();
+    let out = engine.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.output, Some(serde_json::json!("receipt-42")));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Resolving a step that does not need review is refused.
+    assert!(
+        engine
+            .resolve_step(id, &path, cairn_engine::StepResolution::Retry)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_reviewed_step_marked_for_retry_runs_again() {
+    let (_d, store, id, calls) = interrupted_payment().await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let engine = Engine::with_store(store.clone(), payments(calls.clone(), gate));
+    assert_eq!(
+        engine
+            .resume(id)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap()
+            .status,
+        RunStatus::Waiting
+    );
+    let path: cairn_engine::StepPath = "0".parse().unwrap();
+    engine
+        .resolve_step(id, &path, cairn_engine::StepResolution::Retry)
+        .await
+        .unwrap();
+    let out = engine.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.output, Some(serde_json::json!("receipt-live")));
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "run again on request");
+}
+
+async fn evs_reason(store: &Arc<dyn EventStore>, id: RunId) -> String {
+    events(store, &id.to_string())
+        .await
+        .into_iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::RunSuspended { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
