@@ -1,7 +1,7 @@
 //! Cairn: a durable workflow engine for multi-agent LLM workflows.
 //!
 //! This facade re-exports the crates users need: [`storage`] (the event log), [`engine`]
-//! (workflows, steps, replay, the runtime). Every step of a workflow is appended to a
+//! (workflows, steps, replay, the runtime) and [`agents`] (models, tools, the agent loop). Every step of a workflow is appended to a
 //! persistent log, so a run that crashed, was killed or was stopped resumes where it was.
 //!
 //! ```no_run
@@ -40,6 +40,18 @@ pub mod engine {
         Registry, Replayer, RetryPolicy, RunHandle, RunOutcome, RunState, SignalDelivery,
         SignalRecord, StartOptions, StepError, StepOptions, StepPath, StepRecord, StepStatus,
         TimerRecord, WaitOutcome, WaitRecord, WorkflowContext, WorkflowError, fold,
+    };
+}
+
+/// LLM agents on durable steps: providers, tools, the tool-use loop, routing, handoffs,
+/// choreography and budgets.
+pub mod agents {
+    pub use cairn_agents::{
+        Agent, AgentRun, AnthropicModel, Block, Budget, BudgetExhausted, BudgetLimits,
+        ChoreoEvent, Choreography, FnTool, HandoffMode, HandoffRecord, MAX_TURNS_DEFAULT, Message,
+        Model, ModelCall, ModelError, ModelErrorKind, ModelRequest, ModelResponse, OpenAiModel,
+        Price, Role, Routed, Router, ScriptedModel, StopReason, Tool, ToolCall, ToolChoice,
+        ToolError, ToolRegistry, ToolSpec, Usage, handoff, tool, tool_at_most_once,
     };
 }
 
