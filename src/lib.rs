@@ -47,11 +47,11 @@ pub mod engine {
 /// choreography and budgets.
 pub mod agents {
     pub use cairn_agents::{
-        Agent, AgentRun, AnthropicModel, Block, Budget, BudgetExhausted, BudgetLimits,
-        ChoreoEvent, Choreography, FnTool, HandoffMode, HandoffRecord, MAX_TURNS_DEFAULT, Message,
-        Model, ModelCall, ModelError, ModelErrorKind, ModelRequest, ModelResponse, OpenAiModel,
-        Price, Role, Routed, Router, ScriptedModel, StopReason, Tool, ToolCall, ToolChoice,
-        ToolError, ToolRegistry, ToolSpec, Usage, handoff, tool, tool_at_most_once,
+        Agent, AgentRun, AnthropicModel, Block, Budget, BudgetExhausted, BudgetLimits, ChoreoEvent,
+        Choreography, FnTool, HandoffMode, HandoffRecord, MAX_TURNS_DEFAULT, Message, Model,
+        ModelCall, ModelError, ModelErrorKind, ModelRequest, ModelResponse, OpenAiModel, Price,
+        Role, Routed, Router, ScriptedModel, StopReason, Tool, ToolCall, ToolChoice, ToolError,
+        ToolRegistry, ToolSpec, Usage, handoff, tool, tool_at_most_once,
     };
 }
 

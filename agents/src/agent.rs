@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_engine::{RetryPolicy, StepError, StepOptions, WorkflowContext, WorkflowError};
+use cairn_engine::{
+    Interrupt, RetryPolicy, StepError, StepOptions, StepPath, WorkflowContext, WorkflowError,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::budget::Budget;
@@ -228,6 +230,23 @@ impl Agent {
             let call: ModelCall = scope
                 .step_with("model", opts.clone(), || self.call_model(request.clone()))
                 .await?;
+            // A recorded answer belongs to the request it answered: if today's code builds a
+            // different request at this turn (prompt, tools or conversation changed), reusing
+            // it would be silent divergence.
+            let rebuilt = request.hash();
+            if call.request_hash != rebuilt {
+                return Err(WorkflowError::Interrupted(Interrupt::NonDeterminism {
+                    run: ctx.run_id(),
+                    path: StepPath::root(),
+                    recorded: format!(
+                        "agent `{}` turn {turn}: a model call for request {}",
+                        self.name, call.request_hash
+                    ),
+                    found: format!(
+                        "request {rebuilt} (the system prompt, tools, model or conversation changed)"
+                    ),
+                }));
+            }
             if let Some(b) = &self.budget {
                 b.add(&call.response.usage, call.cost_usd);
             }

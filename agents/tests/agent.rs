@@ -492,3 +492,54 @@ async fn an_interrupted_non_idempotent_tool_parks_the_run_for_review_and_the_ans
     assert_eq!(content, "sent to ada@example.com (checked by hand)");
     assert!(!is_error);
 }
+
+#[tokio::test]
+async fn a_recorded_model_answer_is_not_reused_for_a_changed_request() {
+    let (_d, store) = store();
+    let gate = Arc::new(Notify::new());
+    let make = |system: &'static str, gate: Arc<Notify>| {
+        let model = Arc::new(ScriptedModel::by_turn(script()));
+        let mut r = Registry::new();
+        r.register("triage", 1, move |ctx, task: String| {
+            let gate = gate.clone();
+            let tools =
+                ToolRegistry::new().with(tool("lookup", "Find a ticket", move |_i: Lookup| {
+                    let gate = gate.clone();
+                    async move {
+                        gate.notified().await;
+                        Ok::<_, ToolError>("ok")
+                    }
+                }));
+            let agent = Agent::new("triage", model.clone(), "x")
+                .system(system)
+                .tools(tools);
+            async move { agent.run(&ctx, &task).await.map(|r| r.text) }
+        });
+        r
+    };
+    let engine = cairn_engine::Engine::with_store(store.clone(), make("v1 prompt", gate.clone()));
+    let h = engine.start("triage", &"T-7").await.unwrap();
+    let id = h.id;
+    // Wait until the first model call is recorded and the tool blocks.
+    loop {
+        let s = engine.load(id).await.unwrap();
+        if s.steps.values().any(|r| r.name == "model") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.shutdown();
+    h.wait().await.unwrap();
+    // Today's code changed the system prompt.
+    let engine2 = cairn_engine::Engine::with_store(store.clone(), make("v2 prompt", gate));
+    let err = engine2.resume(id).await.unwrap().wait().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("non-determinism") && msg.contains("system prompt"),
+        "{msg}"
+    );
+    assert_eq!(
+        store.run(id).await.unwrap().unwrap().status,
+        RunStatus::Running
+    );
+}

@@ -1,13 +1,15 @@
 //! `cairn bench`: workloads that measure this machine's limits and the engine against them.
 //!
-//! Eight workloads, each on a fresh store in a directory created under `--dir` and removed at
+//! Nine workloads, each on a fresh store in a directory created under `--dir` and removed at
 //! the end: `fsync` (the disk's commit limit: 4 KiB write + fdatasync), `seq` (one workflow of
 //! sequential durable steps), `many` (many workflows at once, sharing group commits), `replay`
 //! (folding a recorded history of 100,000 events), `recovery` (a child process SIGKILLed
 //! mid-run, then resumed here), `fanout` (one workflow fanning out to thousands of one-step
 //! branches), `fanout-large` (100,000 branches in a child process, for its peak RSS and the
 //! load time of the finished run) and `fanout-resume` (a 100,000-branch fan-out SIGKILLed at
-//! ~50% and resumed here). The targets are judged on ratios measured in the same run, so they
+//! ~50% and resumed here) and `agents` (1,000 three-turn tool-using agent runs against an
+//! in-process zero-latency fake Anthropic server over loopback HTTP, timed against the same
+//! agent loop without the engine). The targets are judged on ratios measured in the same run, so they
 //! say how close the engine gets to this disk rather than quoting absolute numbers.
 
 use std::collections::HashMap;
@@ -31,13 +33,13 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::workflows;
+use crate::{fake_llm, workflows};
 
 /// Arguments of `cairn bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Workloads to run (default: all, in the order fsync, seq, many, replay, recovery, fanout,
-    /// fanout-large, fanout-resume).
+    /// fanout-large, fanout-resume, agents).
     #[arg(value_enum)]
     pub workloads: Vec<Workload>,
     /// Print JSON instead of a table.
@@ -77,6 +79,12 @@ pub struct BenchArgs {
     /// Branches `fanout-large` and `fanout-resume` run at once.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub large_concurrency: u32,
+    /// Agent runs of the `agents` workload (3 model calls and 2 tool calls each).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub agent_runs: u32,
+    /// Agent runs `agents` runs at once (with and without the engine).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub agent_concurrency: u32,
     /// Internal, for `fanout-large`: instead of benchmarking, run `cairn CHILD_ARGS…` as a child
     /// process, reap it with `wait4` and write its exit status, wall time, peak RSS and CPU
     /// time to this file as JSON.
@@ -107,6 +115,9 @@ pub enum Workload {
     FanoutLarge,
     /// A 100,000-branch fan-out SIGKILLed at about 50% of its branches and resumed.
     FanoutResume,
+    /// 1,000 agent runs (3 model calls, 2 tool calls each) against an in-process fake
+    /// Anthropic server, with and without the engine.
+    Agents,
 }
 
 /// Size of one write of the `fsync` workload.
@@ -145,6 +156,14 @@ const FANOUT_LARGE_TARGET_RSS_MIB: f64 = 300.0;
 const FANOUT_CHILD_TIMEOUT: Duration = Duration::from_secs(900);
 /// How often `fanout-resume` looks for new side-effect lines while the child runs.
 const FANOUT_POLL: Duration = Duration::from_millis(1);
+/// The `agents` target: engine overhead per recorded model call, in milliseconds.
+const AGENTS_TARGET_OVERHEAD_MS: f64 = 1.0;
+/// Model calls of one `agents` run.
+const AGENTS_MODEL_CALLS_PER_RUN: u64 = 3;
+/// Tool calls of one `agents` run.
+const AGENTS_TOOL_CALLS_PER_RUN: u64 = 2;
+/// The model id the `agents` runs ask for (the fake server echoes it).
+const AGENTS_MODEL: &str = "claude-haiku-4-5";
 /// One MiB, for RSS figures.
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -340,6 +359,49 @@ struct FanoutResumeResult {
     branches_rerun: u64,
 }
 
+/// What the `agents` workload measured.
+#[derive(Debug, Serialize)]
+struct AgentsResult {
+    /// Agent runs, each 3 model calls and 2 tool calls.
+    runs: u32,
+    /// Runs at once (the same in both measurements).
+    concurrency: u32,
+    /// Model calls per measurement (HTTP requests the fake server received).
+    model_calls: u64,
+    /// Tool calls per measurement.
+    tool_calls: u64,
+    /// With the engine (durable runs, every model and tool call a recorded step): wall time
+    /// from the first start to the last completion, in seconds.
+    secs: f64,
+    /// Runs completed per second, with the engine.
+    runs_per_sec: f64,
+    /// Model calls per second, with the engine.
+    model_calls_per_sec: f64,
+    /// CPU time of this process (fake server included) with the engine, in seconds.
+    cpu_secs: f64,
+    /// Without the engine (the same model client, tools and loop, nothing recorded): wall
+    /// time, in seconds.
+    plain_secs: f64,
+    /// Runs per second without the engine.
+    plain_runs_per_sec: f64,
+    /// Model calls per second without the engine.
+    plain_model_calls_per_sec: f64,
+    /// CPU time of this process without the engine, in seconds.
+    plain_cpu_secs: f64,
+    /// (secs − plain_secs) / model_calls, in milliseconds.
+    overhead_ms_per_model_call: f64,
+    /// (cpu_secs − plain_cpu_secs) / model_calls, in milliseconds.
+    cpu_overhead_ms_per_model_call: f64,
+    /// Events written with the engine.
+    events: u64,
+    /// Group commits written with the engine.
+    commits: u64,
+    /// Events per group commit.
+    events_per_commit: f64,
+    /// Size of the store file after the runs.
+    file_bytes: u64,
+}
+
 /// A target and whether this run met it.
 #[derive(Debug, Serialize)]
 struct Target {
@@ -382,6 +444,9 @@ struct Results {
     /// The `fanout-resume` figures.
     #[serde(skip_serializing_if = "Option::is_none")]
     fanout_resume: Option<FanoutResumeResult>,
+    /// The `agents` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agents: Option<AgentsResult>,
     /// The targets, judged on this run's figures.
     targets: Vec<Target>,
 }
@@ -502,6 +567,16 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
                     bench_fanout_resume(&dir.path, args.resume_branches, args.large_concurrency)
                         .await?,
                 );
+            }
+            Workload::Agents => {
+                say(format!(
+                    "agents ({} runs of 3 model calls + 2 tool calls, {} at a time, fake \
+                     Anthropic server on loopback; with and without the engine)",
+                    fmt_int(args.agent_runs),
+                    fmt_int(args.agent_concurrency)
+                ));
+                res.agents =
+                    Some(bench_agents(&dir.path, args.agent_runs, args.agent_concurrency).await?);
             }
         }
     }
@@ -1707,6 +1782,235 @@ async fn bench_fanout_resume(
     })
 }
 
+/// The task of `agents` run `i`, and the final answer the fake server's script gives it.
+fn agents_task(i: u32) -> (String, String) {
+    let id = format!("T-{:05}", 10_000 + u64::from(i));
+    let t = workflows::lookup_ticket(&id);
+    let subject = t["subject"].as_str().unwrap_or_default();
+    let category = t["category"].as_str().unwrap_or_default();
+    let expected = fake_llm::final_text(&id, category, workflows::word_count(subject));
+    (
+        format!("Triage ticket {id}: look it up and count the words of its subject."),
+        expected,
+    )
+}
+
+/// Runs `f(i)` for every `i` in `0..n` on `concurrency` worker tasks (each takes the next
+/// index when it is done with one); fails on the first error.
+async fn run_bounded<F, Fut>(n: u32, concurrency: u32, f: F) -> Result<()>
+where
+    F: Fn(u32) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let next = Arc::new(AtomicU32::new(0));
+    let f = Arc::new(f);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.min(n) {
+        let (next, f) = (Arc::clone(&next), Arc::clone(&f));
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                f(i).await?;
+            }
+        });
+    }
+    while let Some(r) = workers.join_next().await {
+        r.context("an agents worker panicked")??;
+    }
+    Ok(())
+}
+
+/// The agent loop without the engine: the same requests as `Agent` sends (same model id,
+/// tools, tool choice and token limit), the same tools, nothing recorded. Returns the final
+/// text.
+async fn plain_agent_run(
+    model: &dyn cairn_agents::Model,
+    tools: &cairn_agents::ToolRegistry,
+    task: &str,
+) -> Result<String> {
+    use cairn_agents::{Block, Message, ModelRequest, Role, StopReason, ToolChoice};
+    let mut messages = vec![Message::user(task)];
+    for _ in 0..cairn_agents::MAX_TURNS_DEFAULT {
+        let request = ModelRequest {
+            model: AGENTS_MODEL.to_string(),
+            system: None,
+            messages: messages.clone(),
+            tools: tools.specs(),
+            tool_choice: Some(ToolChoice::Auto),
+            max_tokens: 1024,
+            temperature: None,
+        };
+        let response = model
+            .call(request)
+            .await
+            .map_err(|e| anyhow!("a plain model call failed: {e}"))?;
+        messages.push(Message {
+            role: Role::Assistant,
+            content: response.content.clone(),
+        });
+        let uses: Vec<(String, String, serde_json::Value)> = response
+            .tool_uses()
+            .map(|(id, name, input)| (id.to_string(), name.to_string(), input.clone()))
+            .collect();
+        if response.stop_reason != StopReason::ToolUse || uses.is_empty() {
+            return Ok(response.text());
+        }
+        let mut results = Vec::with_capacity(uses.len());
+        for (id, name, input) in uses {
+            let (content, is_error) = match tools.get(&name) {
+                None => (format!("unknown tool `{name}`"), true),
+                Some(t) => match t.call(input).await {
+                    Ok(serde_json::Value::String(s)) => (s, false),
+                    Ok(v) => (v.to_string(), false),
+                    Err(e) => (e.0, true),
+                },
+            };
+            results.push(Block::ToolResult {
+                tool_use_id: id,
+                content,
+                is_error,
+            });
+        }
+        messages.push(Message {
+            role: Role::User,
+            content: results,
+        });
+    }
+    bail!("a plain agent run used all its turns without finishing")
+}
+
+/// `agents`: `runs` agent runs, `concurrency` at a time, against an in-process fake Anthropic
+/// server over loopback HTTP: first as a plain loop (no engine), then as durable `agent`
+/// workflow runs on a fresh store. Each measurement has its own model client (a cold
+/// connection pool); every run's final text is checked.
+async fn bench_agents(dir: &Path, runs: u32, concurrency: u32) -> Result<AgentsResult> {
+    use cairn_agents::AnthropicModel;
+    let fake = fake_llm::FakeLlm::start().await?;
+    let url = fake.url();
+    let client =
+        || AnthropicModel::new(workflows::LOOPBACK_PLACEHOLDER_KEY).with_base_url(url.clone());
+    let expected_calls = u64::from(runs) * AGENTS_MODEL_CALLS_PER_RUN;
+    let check_calls = |what: &str, n: u64| -> Result<()> {
+        if n != expected_calls {
+            bail!(
+                "the fake server received {n} model calls {what}, expected {expected_calls} \
+                 ({AGENTS_MODEL_CALLS_PER_RUN} per run, no retries)"
+            );
+        }
+        Ok(())
+    };
+
+    // Without the engine.
+    let plain_model: Arc<dyn cairn_agents::Model> = Arc::new(client());
+    let tools = workflows::agent_tools();
+    let before = fake.requests();
+    let cpu_before = process_cpu_secs();
+    let started = Instant::now();
+    run_bounded(runs, concurrency, move |i| {
+        let (model, tools) = (Arc::clone(&plain_model), tools.clone());
+        async move {
+            let (task, expected) = agents_task(i);
+            let text = plain_agent_run(model.as_ref(), &tools, &task).await?;
+            if text != expected {
+                bail!("plain agent run {i} answered {text:?}, expected {expected:?}");
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let plain_secs = started.elapsed().as_secs_f64();
+    let plain_cpu_secs = process_cpu_secs() - cpu_before;
+    check_calls("without the engine", fake.requests() - before)?;
+
+    // With the engine.
+    let path = dir.join("agents.redb");
+    let store = open_store(&path, Durability::Immediate)?;
+    let models = Arc::new(workflows::AgentModels::default());
+    models.set(
+        workflows::Provider::Anthropic,
+        Some(&url),
+        Arc::new(client()),
+    );
+    let mut registry = Registry::new();
+    workflows::register_agent(&mut registry, models);
+    let engine = Engine::new(store.clone(), registry);
+    let stats_before = store.writer_stats();
+    let before = fake.requests();
+    let cpu_before = process_cpu_secs();
+    let started = Instant::now();
+    let (e, u) = (engine.clone(), url.clone());
+    run_bounded(runs, concurrency, move |i| {
+        let (engine, url) = (e.clone(), u.clone());
+        async move {
+            let (task, expected) = agents_task(i);
+            let input = json!({
+                "provider": "anthropic",
+                "base_url": url,
+                "model": AGENTS_MODEL,
+                "task": task,
+            });
+            let h = engine
+                .start_with(StartOptions::new("agent", input))
+                .await
+                .context("cannot start an agent run")?;
+            let out = h.wait().await.context("an agent run did not finish")?;
+            check_completed("agents", &out)?;
+            let o = out.output.unwrap_or_default();
+            if o["text"] != expected.as_str()
+                || o["turns"] != AGENTS_MODEL_CALLS_PER_RUN
+                || o["tool_calls"] != AGENTS_TOOL_CALLS_PER_RUN
+            {
+                bail!(
+                    "agent run {} (task {i}) ended with text {}, {} turns and {} tool calls; \
+                     expected {expected:?}, {AGENTS_MODEL_CALLS_PER_RUN} and \
+                     {AGENTS_TOOL_CALLS_PER_RUN}",
+                    out.run_id,
+                    o["text"],
+                    o["turns"],
+                    o["tool_calls"]
+                );
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu_secs = process_cpu_secs() - cpu_before;
+    let stats_after = store.writer_stats();
+    check_calls("with the engine", fake.requests() - before)?;
+    drop(engine);
+    drop(store);
+    let file_bytes = file_len(&path)?;
+    let _ = std::fs::remove_file(&path);
+    let commits = stats_after.commits - stats_before.commits;
+    let events = stats_after.events - stats_before.events;
+    let calls = expected_calls as f64;
+    Ok(AgentsResult {
+        runs,
+        concurrency,
+        model_calls: expected_calls,
+        tool_calls: u64::from(runs) * AGENTS_TOOL_CALLS_PER_RUN,
+        secs,
+        runs_per_sec: rate(f64::from(runs), secs),
+        model_calls_per_sec: rate(calls, secs),
+        cpu_secs,
+        plain_secs,
+        plain_runs_per_sec: rate(f64::from(runs), plain_secs),
+        plain_model_calls_per_sec: rate(calls, plain_secs),
+        plain_cpu_secs,
+        overhead_ms_per_model_call: (secs - plain_secs) * 1000.0 / calls,
+        cpu_overhead_ms_per_model_call: (cpu_secs - plain_cpu_secs) * 1000.0 / calls,
+        events,
+        commits,
+        events_per_commit: per_commit(events, commits),
+        file_bytes,
+    })
+}
+
 /// Judges the targets on the figures of this run.
 fn targets(r: &Results) -> Vec<Target> {
     let mut out = Vec::new();
@@ -1868,6 +2172,26 @@ fn targets(r: &Results) -> Vec<Target> {
             "fanout-resume re-runs ≤ the concurrency (the branches in flight at the kill)".into(),
             "fanout-resume",
         ),
+    });
+    let goal = format!(
+        "agents: engine overhead per recorded model call < {AGENTS_TARGET_OVERHEAD_MS:.0} ms"
+    );
+    out.push(match &r.agents {
+        Some(a) => Target {
+            name: "agents_overhead",
+            goal,
+            met: Some(a.overhead_ms_per_model_call < AGENTS_TARGET_OVERHEAD_MS),
+            detail: format!(
+                "({:.3} s with the engine − {:.3} s without) / {} model calls = {:.3} ms per \
+                 call (CPU: {:.3} ms per call)",
+                a.secs,
+                a.plain_secs,
+                fmt_int(a.model_calls),
+                a.overhead_ms_per_model_call,
+                a.cpu_overhead_ms_per_model_call
+            ),
+        },
+        None => not_measured("agents_overhead", goal, "agents"),
     });
     out
 }
@@ -2039,6 +2363,34 @@ fn print_human(r: &Results) {
                 x.open_secs * 1000.0,
                 x.resumed_secs * 1000.0,
                 fmt_int(x.steps_executed_after_restart)
+            ),
+        ]);
+    }
+    if let Some(a) = &r.agents {
+        t.add_row([
+            "agents".to_string(),
+            format!(
+                "{} runs/s\n{} model calls/s\n{:.3} ms overhead/call",
+                fmt_rate(a.runs_per_sec),
+                fmt_rate(a.model_calls_per_sec),
+                a.overhead_ms_per_model_call
+            ),
+            format!(
+                "{} runs × (3 model calls + 2 tool calls), {} at a time, fake Anthropic server \
+                 on loopback · texts checked\nengine {:.2} s (CPU {:.2} s) · without the engine \
+                 {:.2} s (CPU {:.2} s, {} runs/s)\n{} events in {} commits = {:.1} \
+                 events/commit · {} on disk",
+                fmt_int(a.runs),
+                fmt_int(a.concurrency),
+                a.secs,
+                a.cpu_secs,
+                a.plain_secs,
+                a.plain_cpu_secs,
+                fmt_rate(a.plain_runs_per_sec),
+                fmt_int(a.events),
+                fmt_int(a.commits),
+                a.events_per_commit,
+                fmt_bytes(a.file_bytes)
             ),
         ]);
     }

@@ -129,6 +129,13 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Cancel { run, reason } => cancel(path, &run, &reason).await,
         Command::Signal { run, name, data } => signal(path, &run, &name, &data).await,
         Command::Worker => worker(path).await,
+        Command::Review {
+            run,
+            step,
+            done,
+            output,
+            retry: _,
+        } => review(path, &run, &step, done, &output).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }
@@ -862,6 +869,43 @@ async fn signal(path: &Path, run: &str, name: &str, data: &str) -> Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn review(path: &Path, run: &str, step: &str, done: bool, output: &str) -> Result<ExitCode> {
+    let id = parse_run(run)?;
+    let step_path: cairn_engine::StepPath = step.parse().map_err(usage)?;
+    let done = if done {
+        Some(
+            serde_json::from_str::<serde_json::Value>(output)
+                .map_err(|e| usage(format!("--output is not valid JSON ({e}): `{output}`")))?,
+        )
+    } else {
+        None
+    };
+    let store = match open_existing_rw(path) {
+        Ok(s) => s,
+        Err(e) if is_locked(&e) => {
+            let req = control::Request::Review {
+                run: id.to_string(),
+                step: step.to_string(),
+                done,
+            };
+            return remote(path, &req, e).await;
+        }
+        Err(e) => return Err(e),
+    };
+    let engine = engine_for(store, Arc::default());
+    let resolution = match done {
+        Some(v) => cairn_engine::StepResolution::Done(v),
+        None => cairn_engine::StepResolution::Retry,
+    };
+    engine.resolve_step(id, &step_path, resolution).await?;
+    println!("step {step} of run {id} resolved; continuing the run");
+    let _ = std::io::stdout().flush();
+    let _control = control::serve(path, engine.clone());
+    let h = engine.resume(id).await?;
+    let outcomes = drive(&engine, vec![h], None).await?;
+    Ok(report(path, &outcomes))
 }
 
 /// Serves the store until Ctrl-C: recovers interrupted runs, wakes parked runs on time, and

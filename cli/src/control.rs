@@ -42,6 +42,15 @@ pub enum Request {
         #[serde(default)]
         timeout_secs: Option<f64>,
     },
+    /// Resolve a step that needs review.
+    Review {
+        /// The run id.
+        run: String,
+        /// The step's position.
+        step: String,
+        /// `Some(output)` for done, `None` for retry.
+        done: Option<serde_json::Value>,
+    },
     /// Cancel a run.
     Cancel {
         /// The run id.
@@ -167,6 +176,20 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
                 });
                 Ok(format!(
                     "run {id} started: {workflow} (in the process holding the store)"
+                ))
+            }
+            Request::Review { run, step, done } => {
+                let id: RunId = run.parse()?;
+                let path: cairn_engine::StepPath = step.parse().map_err(anyhow::Error::msg)?;
+                let resolution = match done {
+                    Some(v) => cairn_engine::StepResolution::Done(v),
+                    None => cairn_engine::StepResolution::Retry,
+                };
+                engine.resolve_step(id, &path, resolution).await?;
+                let h = engine.resume(id).await?;
+                announce(h);
+                Ok(format!(
+                    "step {step} of run {id} resolved; the run continues"
                 ))
             }
             Request::Cancel { run, reason } => {

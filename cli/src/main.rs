@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod control;
+mod fake_llm;
 mod workflows;
 
 use std::path::PathBuf;
@@ -111,6 +112,24 @@ enum Command {
         #[arg(long, default_value = "null")]
         data: String,
     },
+    /// Resolve a step that needs review (an at-most-once step, e.g. a tool that sends email,
+    /// interrupted while running): say it happened (--done, with its output) or run it again
+    /// (--retry); the run then continues.
+    Review {
+        /// The run id.
+        run: String,
+        /// The step's position (shown by `cairn show RUN`).
+        step: String,
+        /// The step's effect happened; record --output as its result.
+        #[arg(long, conflicts_with = "retry", required_unless_present = "retry")]
+        done: bool,
+        /// The step's output, as JSON (with --done).
+        #[arg(long, default_value = "null", requires = "done")]
+        output: String,
+        /// The step's effect did not happen; run it again.
+        #[arg(long)]
+        retry: bool,
+    },
     /// Serve the store: recover interrupted runs, wake parked runs when their timers fire, and
     /// take signals and cancels from other cairn processes, until Ctrl-C.
     Worker,
@@ -153,8 +172,19 @@ fn main() -> ExitCode {
             }
             // One line: clap's first line names the problem; the rest is usage we point to.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{first} (see `cairn --help`)");
+            // The first line, plus the indented lines that complete it (e.g. the list of
+            // missing arguments), on one line.
+            let mut lines = rendered.lines();
+            let mut msg = lines
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_end()
+                .to_string();
+            for l in lines.take_while(|l| l.starts_with("  ")) {
+                msg.push(' ');
+                msg.push_str(l.trim());
+            }
+            eprintln!("{msg} (see `cairn --help`)");
             return ExitCode::from(2);
         }
     };

@@ -1,5 +1,6 @@
-//! The workflows built into the `cairn` binary: the demo batch analysis and the `steps`
-//! workload used by benchmarks and crash tests.
+//! The workflows built into the `cairn` binary: the demo batch analysis, the `steps`
+//! workload used by benchmarks and crash tests, the scheduler workloads, and `agent` (one
+//! durable LLM agent with two built-in tools).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -192,6 +193,7 @@ pub fn registry(progress: Arc<Progress>) -> Registry {
         Ok::<_, WorkflowError>(json!({ "steps": input.steps, "checksum": checksum }))
     });
     register_scheduler_workloads(&mut r);
+    register_agent_workflow(&mut r);
     r
 }
 
@@ -352,4 +354,330 @@ fn register_scheduler_workloads(r: &mut Registry) {
             .await?;
         Ok::<_, WorkflowError>(json!({ "draft": draft, "decision": decision }))
     });
+}
+
+// ---- the `agent` workflow ----
+
+/// The model provider of an `agent` run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// The Anthropic Messages API (or anything speaking it at `base_url`).
+    Anthropic,
+    /// An OpenAI-compatible chat completions endpoint (OpenAI, vLLM, llama.cpp, Ollama).
+    Openai,
+    /// Answers from a JSON-lines script (`script`), offline.
+    Scripted,
+}
+
+/// The `agent` workflow's input.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentInput {
+    /// Which provider answers.
+    pub provider: Provider,
+    /// Where the provider listens (default: the provider's public API).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The provider's model id, e.g. `claude-haiku-4-5`.
+    pub model: String,
+    /// The task: the first user message.
+    pub task: String,
+    /// A system prompt (default: none).
+    #[serde(default)]
+    pub system: Option<String>,
+    /// The most model calls the agent makes (default: the agent layer's default).
+    #[serde(default)]
+    pub max_turns: Option<u32>,
+    /// For `scripted`: the JSON-lines script (see `ScriptedModel::from_jsonl`).
+    #[serde(default)]
+    pub script: Option<String>,
+}
+
+/// The name of the agent the `agent` workflow runs (its steps sit in the scope `agent:<name>`).
+pub const AGENT_NAME: &str = "assistant";
+
+/// The key sent to a loopback Anthropic endpoint when `ANTHROPIC_API_KEY` is not set.
+pub const LOOPBACK_PLACEHOLDER_KEY: &str = "test-key";
+
+/// The retry policy of the `agent` workflow's model calls: 5 attempts, exponential backoff from
+/// 200 ms (jittered, at most 10 s); a server's `retry-after` is honoured when it is longer.
+pub fn agent_retry() -> cairn_engine::RetryPolicy {
+    cairn_engine::RetryPolicy::exponential(5)
+        .with_initial_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+}
+
+/// Whether `url`'s host is a loopback address (`localhost`, `127.0.0.0/8`, `[::1]`).
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(r) => r.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The synthetic support ticket `lookup_ticket` returns for `id` (deterministic).
+pub fn lookup_ticket(id: &str) -> serde_json::Value {
+    let h = id.bytes().fold(0usize, |h, b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    });
+    let subject = SUBJECTS[h % SUBJECTS.len()];
+    let tone = TONES[(h / SUBJECTS.len()) % TONES.len()];
+    json!({
+        "id": id,
+        "subject": subject,
+        "tone": tone,
+        "category": classify(subject),
+        "customer": format!("customer-{:04}", h % 10_000),
+    })
+}
+
+/// The number of whitespace-separated words in `text`, as `word_count` counts them.
+pub fn word_count(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+/// A built-in tool: a synchronous function of the JSON arguments.
+struct BuiltinTool {
+    name: &'static str,
+    description: &'static str,
+    schema: serde_json::Value,
+    f: fn(&serde_json::Value) -> Result<serde_json::Value, String>,
+}
+
+impl cairn_agents::Tool for BuiltinTool {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn description(&self) -> &str {
+        self.description
+    }
+
+    fn input_schema(&self) -> serde_json::Value {
+        self.schema.clone()
+    }
+
+    fn call(
+        &self,
+        input: serde_json::Value,
+    ) -> cairn_storage::BoxFuture<'_, Result<serde_json::Value, cairn_agents::ToolError>> {
+        let r = (self.f)(&input).map_err(cairn_agents::ToolError);
+        Box::pin(async move { r })
+    }
+}
+
+/// The schema of an object with one required string property.
+fn one_string_schema(prop: &str, description: &str) -> serde_json::Value {
+    json!({
+        "type": "object",
+        "properties": { prop: { "type": "string", "description": description } },
+        "required": [prop],
+    })
+}
+
+/// The `agent` workflow's tools: `lookup_ticket {id}` (a synthetic ticket) and
+/// `word_count {text}` (a count), both deterministic.
+pub fn agent_tools() -> cairn_agents::ToolRegistry {
+    let lookup = BuiltinTool {
+        name: "lookup_ticket",
+        description: "Looks up a support ticket by id (e.g. T-01042): subject, tone, category, \
+                      customer.",
+        schema: one_string_schema("id", "The ticket id."),
+        f: |v| match v.get("id").and_then(serde_json::Value::as_str) {
+            Some(id) => Ok(lookup_ticket(id)),
+            None => Err(format!(
+                "bad arguments for `lookup_ticket`: expected {{\"id\": string}}, got {v}"
+            )),
+        },
+    };
+    let count = BuiltinTool {
+        name: "word_count",
+        description: "Counts the words (whitespace-separated) of a text.",
+        schema: one_string_schema("text", "The text to count."),
+        f: |v| match v.get("text").and_then(serde_json::Value::as_str) {
+            Some(t) => Ok(json!(word_count(t))),
+            None => Err(format!(
+                "bad arguments for `word_count`: expected {{\"text\": string}}, got {v}"
+            )),
+        },
+    };
+    cairn_agents::ToolRegistry::new()
+        .with(Arc::new(lookup))
+        .with(Arc::new(count))
+}
+
+/// Model clients of the `agent` workflow, one per provider and base URL, so the runs of one
+/// process share an HTTP connection pool.
+#[derive(Default)]
+pub struct AgentModels {
+    by_endpoint: std::sync::Mutex<std::collections::HashMap<String, Arc<dyn cairn_agents::Model>>>,
+}
+
+impl AgentModels {
+    /// Makes `model` the client of `provider` at `base_url` (e.g. a bench's own client with a
+    /// placeholder key), instead of one built from the environment.
+    pub fn set(
+        &self,
+        provider: Provider,
+        base_url: Option<&str>,
+        model: Arc<dyn cairn_agents::Model>,
+    ) {
+        self.by_endpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(endpoint_key(provider, base_url), model);
+    }
+
+    /// The model client for `input` (a scripted model is read afresh each time).
+    fn get(&self, input: &AgentInput) -> Result<Arc<dyn cairn_agents::Model>, String> {
+        use cairn_agents::{AnthropicModel, OpenAiModel, ScriptedModel};
+        let env = |var: &str| {
+            std::env::var(var)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        if input.provider == Provider::Scripted {
+            let Some(path) = &input.script else {
+                return Err(
+                    "the scripted provider needs `script`: the path of a JSON-lines \
+                            script of responses"
+                        .into(),
+                );
+            };
+            let m = ScriptedModel::from_jsonl(path).map_err(|e| e.to_string())?;
+            return Ok(Arc::new(m));
+        }
+        let key = endpoint_key(input.provider, input.base_url.as_deref());
+        let mut map = self
+            .by_endpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = map.get(&key) {
+            return Ok(Arc::clone(m));
+        }
+        let model: Arc<dyn cairn_agents::Model> = match input.provider {
+            Provider::Anthropic => {
+                let loopback = input.base_url.as_deref().is_some_and(is_loopback_url);
+                let api_key = match env(AnthropicModel::API_KEY_ENV) {
+                    Some(k) => k,
+                    None if loopback => LOOPBACK_PLACEHOLDER_KEY.to_string(),
+                    None => {
+                        return Err(format!(
+                            "{} is not set: export your Anthropic API key as {} (a loopback \
+                             base_url gets the placeholder key `{LOOPBACK_PLACEHOLDER_KEY}`)",
+                            AnthropicModel::API_KEY_ENV,
+                            AnthropicModel::API_KEY_ENV
+                        ));
+                    }
+                };
+                let mut m = AnthropicModel::new(api_key);
+                if let Some(url) = &input.base_url {
+                    m = m.with_base_url(url);
+                }
+                Arc::new(m)
+            }
+            Provider::Openai => {
+                let url = input
+                    .base_url
+                    .clone()
+                    .unwrap_or_else(|| OpenAiModel::OPENAI_BASE_URL.to_string());
+                if url == OpenAiModel::OPENAI_BASE_URL && env(OpenAiModel::API_KEY_ENV).is_none() {
+                    return Err(format!(
+                        "{} is not set: export your OpenAI API key as {}, or set base_url to \
+                         a server that needs none",
+                        OpenAiModel::API_KEY_ENV,
+                        OpenAiModel::API_KEY_ENV
+                    ));
+                }
+                Arc::new(OpenAiModel::new(url))
+            }
+            Provider::Scripted => unreachable!("handled above"),
+        };
+        map.insert(key, Arc::clone(&model));
+        Ok(model)
+    }
+}
+
+/// The key of a provider's client in [`AgentModels`].
+fn endpoint_key(provider: Provider, base_url: Option<&str>) -> String {
+    format!("{provider:?} {}", base_url.unwrap_or(""))
+}
+
+/// Registers `agent` with model clients from the environment.
+fn register_agent_workflow(r: &mut Registry) {
+    register_agent(r, Arc::default());
+}
+
+/// Registers `agent`: one agent with the built-in tools runs the task; the output is the
+/// agent's run (final text, conversation, turns, tool calls, usage). Its model clients come
+/// from `models`.
+pub fn register_agent(r: &mut Registry, models: Arc<AgentModels>) {
+    r.register("agent", 1, move |ctx, input: AgentInput| {
+        let models = Arc::clone(&models);
+        async move {
+            let model = models.get(&input).map_err(WorkflowError::msg)?;
+            let mut agent = cairn_agents::Agent::new(AGENT_NAME, model, &input.model)
+                .tools(agent_tools())
+                .retry(agent_retry());
+            if let Some(s) = &input.system {
+                agent = agent.system(s);
+            }
+            if let Some(n) = input.max_turns {
+                agent = agent.max_turns(n);
+            }
+            let run: cairn_agents::AgentRun = agent.run(&ctx, &input.task).await?;
+            Ok::<_, WorkflowError>(run)
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        for u in [
+            "http://127.0.0.1:8080",
+            "http://localhost/v1",
+            "http://[::1]:9/",
+            "http://127.1.2.3",
+            "https://user@LOCALHOST:1",
+        ] {
+            assert!(is_loopback_url(u), "{u}");
+        }
+        for u in [
+            "https://api.anthropic.com",
+            "http://10.0.0.1:80",
+            "http://localhost.example.com",
+            "http://[2001:db8::1]:80",
+        ] {
+            assert!(!is_loopback_url(u), "{u}");
+        }
+    }
+
+    #[tokio::test]
+    async fn builtin_tools_are_deterministic_and_report_bad_arguments() {
+        let tools = agent_tools();
+        assert_eq!(tools.names(), vec!["lookup_ticket", "word_count"]);
+        let t = tools.get("lookup_ticket").unwrap();
+        let a = t.call(json!({"id": "T-01042"})).await.unwrap();
+        assert_eq!(a, t.call(json!({"id": "T-01042"})).await.unwrap());
+        assert_eq!(a["id"], "T-01042");
+        let subject = a["subject"].as_str().unwrap();
+        assert_eq!(a["category"], classify(subject));
+        let w = tools.get("word_count").unwrap();
+        assert_eq!(w.call(json!({"text": " a b  c "})).await.unwrap(), json!(3));
+        let e = w.call(json!({"txt": 1})).await.unwrap_err();
+        assert!(e.0.contains("bad arguments for `word_count`"), "{e}");
+    }
 }

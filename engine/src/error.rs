@@ -221,8 +221,9 @@ pub enum EngineError {
     /// The run was stopped by an interrupt (non-determinism, store failure); it was left as it was.
     #[error(transparent)]
     Interrupted(Interrupt),
-    /// A signal was sent to a run that has finished; nothing was recorded.
-    #[error("run {run} has already {status}; the signal was not delivered")]
+    /// A signal, review or other change was asked of a run that has finished; nothing was
+    /// recorded.
+    #[error("run {run} has already {status}; nothing was recorded")]
     RunFinished {
         /// The run.
         run: RunId,

@@ -527,3 +527,289 @@ pub fn control_socket(store: &Path) -> PathBuf {
     s.push(".sock");
     PathBuf::from(s)
 }
+
+impl Proc {
+    /// Starts `cairn --store <store> <args>` without the environment variables `unset` (e.g.
+    /// `ANTHROPIC_API_KEY`, so a test never sends a real key anywhere).
+    pub fn spawn_without(store: &Path, args: &[&str], unset: &[&str]) -> Proc {
+        let mut c = command(store, args);
+        for v in unset {
+            c.env_remove(v);
+        }
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cairn");
+        let stdout = Arc::default();
+        let stderr = Arc::default();
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), Arc::clone(&stdout)),
+            collect(child.stderr.take().unwrap(), Arc::clone(&stderr)),
+        ];
+        Proc {
+            child,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            stdout,
+            stderr,
+            readers,
+            status: None,
+        }
+    }
+}
+
+/// The environment variables of model API keys, removed from the children of agent tests.
+pub const API_KEY_VARS: [&str; 2] = ["ANTHROPIC_API_KEY", "OPENAI_API_KEY"];
+
+impl Env {
+    /// Starts `cairn --store <store> <args>` in the background without API keys in its
+    /// environment.
+    pub fn spawn_keyless(&self, args: &[&str]) -> Proc {
+        Proc::spawn_without(&self.store, args, &API_KEY_VARS)
+    }
+
+    /// Runs `cairn --store <store> <args>` to the end without API keys in its environment.
+    pub fn run_keyless(&self, args: &[&str]) -> Out {
+        self.spawn_keyless(args).finish(CMD_TIMEOUT)
+    }
+}
+
+// ---- A fake HTTP/1.1 server on loopback, for the agent tests (a small, thread-based copy of
+// ---- agents/tests/fake: scripted replies, optional delays, counted and recorded requests).
+
+/// One request as the fake server read it.
+#[derive(Clone, Debug)]
+pub struct FakeRequest {
+    /// `POST`, `GET`, ...
+    pub method: String,
+    /// The request target, e.g. `/v1/messages`.
+    pub path: String,
+    /// Headers, names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (Content-Length bytes).
+    pub body: Vec<u8>,
+    /// When its body had been read.
+    pub at: Instant,
+}
+
+impl FakeRequest {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON (`null` if it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The number of assistant messages in a Messages request: the turn it asks for (0-based).
+    pub fn assistant_turns(&self) -> usize {
+        self.json()["messages"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count())
+    }
+}
+
+/// What the fake server answers.
+#[derive(Clone, Debug)]
+pub struct FakeReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub delay: Duration,
+}
+
+impl FakeReply {
+    /// A JSON reply.
+    pub fn json(status: u16, body: Value) -> Self {
+        FakeReply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(&body).unwrap(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Waits this long before answering.
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.delay = d;
+        self
+    }
+}
+
+type FakeHandler = dyn Fn(usize, &FakeRequest) -> FakeReply + Send + Sync;
+
+struct FakeState {
+    requests: Mutex<Vec<FakeRequest>>,
+    handler: Box<FakeHandler>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// A running fake server (a thread per connection); stopped when dropped.
+pub struct FakeServer {
+    addr: std::net::SocketAddr,
+    state: Arc<FakeState>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl FakeServer {
+    /// Starts a server answering request number `i` (from 0) with `handler(i, &request)`.
+    pub fn start(
+        handler: impl Fn(usize, &FakeRequest) -> FakeReply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake server");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(FakeState {
+            requests: Mutex::new(Vec::new()),
+            handler: Box::new(handler),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        let st = Arc::clone(&state);
+        let acceptor = std::thread::spawn(move || {
+            for sock in listener.incoming() {
+                if st.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(sock) = sock {
+                    let st = Arc::clone(&st);
+                    std::thread::spawn(move || fake_serve(sock, st));
+                }
+            }
+        });
+        FakeServer {
+            addr,
+            state,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many requests were received.
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// All requests received, in order.
+    pub fn requests(&self) -> Vec<FakeRequest> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the acceptor so it sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn fake_serve(mut sock: std::net::TcpStream, st: Arc<FakeState>) {
+    use std::io::Write;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p;
+            }
+            match sock.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        buf.drain(..head_end + 4);
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split(' ');
+        let method = first.next().unwrap_or("").to_string();
+        let path = first.next().unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < len {
+            match sock.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..len).collect();
+        let req = FakeRequest {
+            method,
+            path,
+            headers,
+            body,
+            at: Instant::now(),
+        };
+        let i = {
+            let mut all = st.requests.lock().unwrap();
+            all.push(req.clone());
+            all.len() - 1
+        };
+        let reply = (st.handler)(i, &req);
+        if !reply.delay.is_zero() {
+            std::thread::sleep(reply.delay);
+        }
+        let mut out = format!("HTTP/1.1 {} Fake\r\n", reply.status);
+        for (k, v) in &reply.headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out.push_str(&format!("content-length: {}\r\n\r\n", reply.body.len()));
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(&reply.body);
+        if sock.write_all(&bytes).is_err() || sock.flush().is_err() {
+            return;
+        }
+    }
+}
+
+/// An Anthropic `message` answer with these content blocks and stop reason.
+pub fn anthropic_message(content: Value, stop: &str) -> FakeReply {
+    FakeReply::json(
+        200,
+        serde_json::json!({
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-haiku-4-5",
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": null,
+            "usage": {"input_tokens": 30, "output_tokens": 10}
+        }),
+    )
+}
+
+/// An Anthropic error answer.
+pub fn anthropic_error(status: u16, etype: &str, message: &str) -> FakeReply {
+    FakeReply::json(
+        status,
+        serde_json::json!({"type": "error", "error": {"type": etype, "message": message}}),
+    )
+}
