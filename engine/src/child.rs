@@ -149,43 +149,33 @@ impl WorkflowContext {
         input: serde_json::Value,
     ) -> Result<O, WorkflowError> {
         let shared = &self.shared;
-        shared.check()?;
-        let recorded = {
-            let st = lock(&shared.state);
-            if let Some(other) = st.run.other_kind_at(&path, Kind::Child) {
-                drop(st);
-                return Err(self.nondeterminism(path, other, format!("child run of `{workflow}`")));
-            }
-            match st.run.children.get(&path) {
-                Some(c) if c.workflow != workflow => {
-                    let recorded = format!("child run of `{}`", c.workflow);
-                    drop(st);
-                    return Err(self.nondeterminism(
-                        path,
-                        recorded,
-                        format!("child run of `{workflow}`"),
-                    ));
-                }
-                Some(c) => Some(c.clone()),
-                None => None,
-            }
-        };
-        let child = match recorded {
-            Some(c) if c.ok.is_some() => {
+        let child = match self.ensure_child(path.clone(), &workflow, input).await {
+            Ok((_, Some(c))) if c.ok.is_some() => {
                 return self.child_result(&path, &workflow, c.ok == Some(true), c.output, c.error);
             }
-            Some(c) => c.child,
-            None => {
-                let child = RunId::new();
-                shared
-                    .record(Event::ChildStarted {
-                        path: path.clone(),
-                        child,
-                        workflow: workflow.clone(),
-                    })
-                    .await?;
-                child
+            Ok((child, _)) => child,
+            // The child could not be created (unknown workflow, bad input): record that as its
+            // outcome, so a resumed parent does not try again.
+            Err(WorkflowError::Step { message, .. }) => {
+                let child = lock(&shared.state).run.children.get(&path).map(|c| c.child);
+                if let Some(child) = child {
+                    shared
+                        .record(Event::ChildFinished {
+                            path: path.clone(),
+                            child,
+                            ok: false,
+                            output: Payload::default(),
+                            error: Some(message.clone()),
+                        })
+                        .await?;
+                }
+                return Err(WorkflowError::Step {
+                    path,
+                    name: format!("child {workflow}"),
+                    message,
+                });
             }
+            Err(e) => return Err(e),
         };
         let Some(inner) = shared.engine.upgrade() else {
             return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
@@ -197,39 +187,6 @@ impl WorkflowContext {
                 detail: format!("child run {child}: {e}"),
             })
         };
-        // Create the child if a crash came between recording its id and creating it.
-        if shared
-            .store
-            .run(child)
-            .await
-            .map_err(|e| store_err(e.into()))?
-            .is_none()
-        {
-            let mut opts = StartOptions::new(&workflow, input);
-            opts.parent = Some(shared.run_id);
-            opts.id = Some(child);
-            match engine.start_with(opts).await {
-                Ok(_handle) => {}
-                Err(e @ (EngineError::BadInput { .. } | EngineError::UnknownWorkflow { .. })) => {
-                    let message = e.to_string();
-                    shared
-                        .record(Event::ChildFinished {
-                            path: path.clone(),
-                            child,
-                            ok: false,
-                            output: Payload::default(),
-                            error: Some(message.clone()),
-                        })
-                        .await?;
-                    return Err(WorkflowError::Step {
-                        path,
-                        name: format!("child {workflow}"),
-                        message,
-                    });
-                }
-                Err(e) => return Err(store_err(e)),
-            }
-        }
         let finished = tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => {

@@ -645,3 +645,30 @@ async fn cancelling_a_parked_child_wakes_its_parked_parent() {
     let state = engine.load(parent).await.unwrap();
     assert!(state.error.unwrap().contains("cancelled"));
 }
+
+#[tokio::test]
+async fn a_child_of_an_unknown_workflow_fails_the_call_and_the_outcome_is_recorded() {
+    let (_d, store) = store();
+    let mut r = Registry::new();
+    r.register("orphan", 1, |ctx, _: ()| async move {
+        let res = ctx.child::<_, u32>("nope", &()).await;
+        Ok(res.map_err(|e| e.to_string()).err().unwrap_or_default())
+    });
+    let engine = Engine::with_options(store.clone(), r, opts(60_000));
+    let out = engine
+        .start("orphan", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    let msg = out.output.unwrap().as_str().unwrap().to_string();
+    assert!(msg.contains("no workflow named `nope`"), "{msg}");
+    let state = engine.load(out.run_id.parse().unwrap()).await.unwrap();
+    let c = state.children.values().next().unwrap();
+    assert_eq!(
+        c.ok,
+        Some(false),
+        "recorded, so a resume does not try again"
+    );
+}
