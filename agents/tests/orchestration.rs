@@ -304,3 +304,53 @@ async fn choreography_starts_each_subscriber_once_and_the_chain_is_in_the_log() 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_fan_out_of_agents_reviews_in_parallel_and_records_each_agents_calls() {
+    use cairn_engine::{FanOutOptions, JoinPolicy};
+    let (_d, store) = store();
+    let reviewer = Arc::new(ScriptedModel::from_fn(|req: &ModelRequest| {
+        let file = req.messages[0].text();
+        if file.contains("broken") {
+            return Err(cairn_agents::ModelError::new(
+                cairn_agents::ModelErrorKind::BadRequest,
+                "cannot review",
+            ));
+        }
+        Ok(say(&format!("LGTM: {file}")))
+    }));
+    let mut reg = Registry::new();
+    let rv = reviewer.clone();
+    reg.register("review", 1, move |ctx, files: Vec<String>| {
+        let rv = rv.clone();
+        async move {
+            let fan = ctx
+                .fan_out(
+                    "reviews",
+                    files,
+                    FanOutOptions::new(3).join(JoinPolicy::AtLeast(2)),
+                    move |b, file: String| {
+                        let agent = Agent::new("reviewer", rv.clone(), "big");
+                        async move { Ok(agent.run(&b, &file).await?.text) }
+                    },
+                )
+                .await?;
+            Ok::<_, WorkflowError>((
+                fan.successes().map(|(_, t)| t.clone()).collect::<Vec<_>>(),
+                fan.failures().count(),
+            ))
+        }
+    });
+    let out = Engine::with_store(store.clone(), reg)
+        .start("review", &vec!["a.rs", "broken.rs", "c.rs"])
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
+    let (ok, failed): (Vec<String>, usize) = serde_json::from_value(out.output.unwrap()).unwrap();
+    assert_eq!(ok, vec!["LGTM: a.rs", "LGTM: c.rs"]);
+    assert_eq!(failed, 1, "the failed review is reported, the run goes on");
+    assert_eq!(reviewer.calls(), 3);
+}
