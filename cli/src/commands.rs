@@ -120,7 +120,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             limit,
             json,
         } => runs(path, status.as_deref(), limit, json).await,
-        Command::Show { run } => show(path, &run).await,
+        Command::Show { run, step } => show(path, &run, step.as_deref()).await,
         Command::Events { run, from } => events(path, &run, from).await,
         Command::Replay { run } => replay(path, &run).await,
         Command::Verify { run, all } => verify(path, run.as_deref(), all).await,
@@ -129,6 +129,11 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Cancel { run, reason } => cancel(path, &run, &reason).await,
         Command::Signal { run, name, data } => signal(path, &run, &name, &data).await,
         Command::Worker => worker(path).await,
+        Command::Audit { run, json } => crate::audit::audit(path, &run, json).await,
+        Command::Export { run, output } => {
+            crate::transfer::export(path, &run, output.as_deref()).await
+        }
+        Command::Import { file } => crate::transfer::import(path, &file).await,
         Command::Review {
             run,
             step,
@@ -136,6 +141,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             output,
             retry: _,
         } => review(path, &run, &step, done, &output).await,
+        Command::Trace(args) => crate::trace::run(path, args).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }
@@ -299,13 +305,17 @@ async fn drive(
     let mut bar = progress.map(|p| ProgressLine::new(p, started));
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut stopping = false;
+    // One listener for the whole wait: a listener made anew on each pass of the loop would
+    // miss a SIGINT that arrives between passes (the progress tick ends a pass 10× a second).
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
             out = &mut all => {
                 if let Some(b) = bar.as_mut() { b.finish(); }
                 return Ok(out);
             }
-            _ = tokio::signal::ctrl_c(), if !stopping => {
+            _ = &mut ctrl_c, if !stopping => {
                 stopping = true;
                 eprintln!("\ninterrupt: stopping now; the steps in flight run again on resume (Ctrl-C again to kill)");
                 engine.shutdown();
@@ -549,7 +559,10 @@ async fn events(path: &Path, run: &str, from: u64) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn show(path: &Path, run: &str) -> Result<ExitCode> {
+async fn show(path: &Path, run: &str, step: Option<&str>) -> Result<ExitCode> {
+    if let Some(step) = step {
+        return crate::audit::show_step(path, run, step).await;
+    }
     let id = parse_run(run)?;
     let store = open_ro(path)?;
     let meta = meta_of(&store, id).await?;

@@ -1,9 +1,12 @@
 //! `cairn`: run, inspect, verify, resume and benchmark durable workflows on the embedded store.
 
+mod audit;
 mod bench;
 mod commands;
 mod control;
 mod fake_llm;
+mod trace;
+mod transfer;
 mod workflows;
 
 use std::path::PathBuf;
@@ -72,6 +75,10 @@ enum Command {
     Show {
         /// The run id.
         run: String,
+        /// Show one agent's conversation (the path of its `agent:` scope), or one model or
+        /// tool call, in full.
+        #[arg(long, value_name = "PATH")]
+        step: Option<String>,
     },
     /// Print a run's events as JSON lines, one event per line.
     Events {
@@ -101,6 +108,29 @@ enum Command {
     },
     /// Resume every run a stopped or crashed process left running.
     Recover,
+    /// Audit a run's agents: model calls, tokens, cost, latency, tool calls, failures and
+    /// retries per agent, handoffs, routes, budget stops and totals.
+    Audit {
+        /// The run id.
+        run: String,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a run (its metadata and every event with its chain hash) as JSON lines, for
+    /// `cairn import` into another store.
+    Export {
+        /// The run id.
+        run: String,
+        /// The file to write (default: stdout).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Read a run written by `cairn export` into this store, after checking its hash chain.
+    Import {
+        /// The export file.
+        file: PathBuf,
+    },
     /// Deliver a signal (e.g. a human approval) to a run waiting for it, or to be kept until it
     /// waits. Works while another cairn process holds the store (through its control socket).
     Signal {
@@ -142,6 +172,9 @@ enum Command {
         #[arg(long, default_value = "cancelled from the CLI")]
         reason: String,
     },
+    /// Send a recorded run to an OpenTelemetry backend as a trace (OTLP/HTTP), with its
+    /// original timestamps: a span per step, GenAI attributes on model and tool calls.
+    Trace(trace::TraceArgs),
     /// Measure the engine on this machine (see docs/BENCHMARKS.md).
     Bench(bench::BenchArgs),
 }

@@ -417,7 +417,14 @@ impl WorkflowContext {
                 .collect()
         };
         let (succeeded, failed) = counts(&shared);
-        let error = decision.err();
+        // Branches may have recorded outcomes between the decision and the stop: word the
+        // failure with the final counts, the ones `fan_in_completed` records.
+        let error = decision.err().map(|first| {
+            opts.join
+                .decide(total, succeeded, failed)
+                .and_then(Result::err)
+                .unwrap_or(first)
+        });
         // Every recorded outcome must be durable before the fan-in that counts it.
         await_durable(&shared, &mut outcomes_written).await?;
         shared

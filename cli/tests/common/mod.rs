@@ -813,3 +813,21 @@ pub fn anthropic_error(status: u16, etype: &str, message: &str) -> FakeReply {
         serde_json::json!({"type": "error", "error": {"type": etype, "message": message}}),
     )
 }
+
+// ---- audit, show --step, export and import (cli/tests/audit.rs) ----
+
+impl Env {
+    /// Writes `lines` as a JSON-lines file `name` in the directory and returns its path.
+    pub fn write_jsonl(&self, name: &str, lines: &[Value]) -> PathBuf {
+        let path = self.path(name);
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+
+    /// Runs `cairn --store <dir>/<store> <args>`: the same binary against another store file
+    /// in the directory.
+    pub fn run_on(&self, store: &str, args: &[&str]) -> Out {
+        run_at(&self.path(store), args)
+    }
+}
