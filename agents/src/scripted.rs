@@ -11,9 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cairn_storage::BoxFuture;
+use cairn_engine::Event;
+use cairn_storage::{BoxFuture, EventStore, RunId, Seq};
 use serde::Deserialize;
 
+use crate::agent::ModelCall;
 use crate::model::{Model, ModelError, ModelErrorKind, ModelRequest, ModelResponse, Role};
 
 type Answer = dyn Fn(&ModelRequest) -> Result<ModelResponse, ModelError> + Send + Sync;
@@ -115,6 +117,34 @@ impl ScriptedModel {
                 .collect::<Result<Vec<ModelResponse>, _>>()?;
             Ok(Self::by_turn(responses))
         }
+    }
+
+    /// Answers with the model calls recorded in run `run` of `store`, by request hash: re-running
+    /// the same workflow on the same input gets the same answers, offline and without paying.
+    pub async fn from_run(store: &dyn EventStore, run: RunId) -> Result<Self, ModelError> {
+        let failed = |detail: String| ModelError::new(ModelErrorKind::BadRequest, detail);
+        let mut answers = HashMap::new();
+        let mut from = Seq(0);
+        loop {
+            let page = store
+                .read(run, from, 4096)
+                .await
+                .map_err(|e| failed(format!("cannot read run {run}: {e}")))?;
+            let Some(last) = page.last() else { break };
+            from = Seq(last.seq.0 + 1);
+            for ev in &page {
+                if let Ok(Event::StepCompleted { name, output, .. }) = Event::decode(&ev.payload)
+                    && name == "model"
+                    && let Ok(call) = output.to_typed::<ModelCall>()
+                {
+                    answers.insert(call.request_hash, call.response);
+                }
+            }
+        }
+        if answers.is_empty() {
+            return Err(failed(format!("run {run} has no recorded model calls")));
+        }
+        Ok(Self::by_hash(answers))
     }
 
     /// How many calls reached this model (recorded calls answered from the log do not).

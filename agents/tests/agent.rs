@@ -543,3 +543,48 @@ async fn a_recorded_model_answer_is_not_reused_for_a_changed_request() {
         RunStatus::Running
     );
 }
+
+#[tokio::test]
+async fn a_recorded_run_answers_a_new_run_of_the_same_workflow_offline() {
+    let (_d, store) = store();
+    let model = Arc::new(ScriptedModel::by_turn(script()));
+    let engine =
+        cairn_engine::Engine::with_store(store.clone(), registry(model, Arc::default(), None));
+    let first = engine
+        .start("triage", &"Look at T-7")
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    let recorded: RunId = first.run_id.parse().unwrap();
+    // A new run answered from the first run's history: same answers, no live model.
+    let replayer = Arc::new(
+        ScriptedModel::from_run(store.as_ref(), recorded)
+            .await
+            .unwrap(),
+    );
+    let engine2 = cairn_engine::Engine::with_store(
+        store.clone(),
+        registry(replayer.clone(), Arc::default(), None),
+    );
+    let second = engine2
+        .start("triage", &"Look at T-7")
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(second.output, first.output);
+    assert_eq!(replayer.calls(), 2);
+    // A different task is a different request: no recorded answer.
+    let third = engine2
+        .start("triage", &"Look at T-8")
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(third.status, RunStatus::Failed);
+    assert!(third.error.unwrap().contains("no recorded answer"));
+}
