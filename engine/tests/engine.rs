@@ -1,21 +1,18 @@
 //! End-to-end behaviour of the engine over a real redb file: steps run once, resume answers
 //! from the log, divergence is caught, and runs end with the right recorded status.
 
+mod common;
+use common::{finish, store};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use cairn_engine::{
     CancelOutcome, Engine, EngineError, Event, Interrupt, Registry, StepError, WorkflowError,
 };
-use cairn_storage::{EventStore, RedbStore, RunFilter, RunStatus, Seq};
+use cairn_storage::{RedbStore, RunFilter, RunStatus, Seq};
 use serde_json::json;
 use tokio::sync::Notify;
-
-fn store() -> (tempfile::TempDir, Arc<dyn EventStore>) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = RedbStore::open(dir.path().join("t.redb")).unwrap();
-    (dir, Arc::new(s))
-}
 
 /// A workflow of `n` steps; each step bumps a shared counter; step `gate_at` waits on a Notify
 /// when a gate is given (to stop the run mid-way).
@@ -184,22 +181,10 @@ async fn a_failed_step_is_recorded_and_fails_the_run_unless_handled() {
         }
     });
     let engine = Engine::with_store(store.clone(), r);
-    let out = engine
-        .start("fails", &false)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "fails", &false).await;
     assert_eq!(out.status, RunStatus::Failed);
     assert!(out.error.unwrap().contains("upstream said no"));
-    let out = engine
-        .start("fails", &true)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "fails", &true).await;
     assert_eq!(out.status, RunStatus::Completed);
     assert_eq!(out.output, Some(json!(7)));
     let id = out.run_id.parse().unwrap();
@@ -368,13 +353,7 @@ async fn context_exposes_steps_metadata_last_result_and_a_bounded_summary() {
         }))
     });
     let engine = Engine::with_store(store.clone(), r);
-    let out = engine
-        .start("ctx", &"refund please")
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "ctx", &"refund please").await;
     let o = out.output.unwrap();
     assert_eq!(o["steps"], json!(["classify", "answer"]));
     assert_eq!(o["meta"], json!("billing"));
@@ -504,13 +483,7 @@ async fn an_output_over_the_payload_limit_fails_the_step_instead_of_wedging_the_
         ctx.step("huge", || async { Ok("x".repeat(10_000)) }).await
     });
     let engine = Engine::new(s, r);
-    let out = engine
-        .start("big", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "big", &()).await;
     assert_eq!(out.status, RunStatus::Failed);
     let e = out.error.unwrap();
     assert!(e.contains("payload limit of 4096 bytes"), "{e}");

@@ -1,6 +1,9 @@
 //! Fan-out / fan-in: sliding-window concurrency, checkpointed branches, join policies,
 //! nesting, and bounded memory, over a real redb file.
 
+mod common;
+use common::{finish, store};
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,15 +13,9 @@ use cairn_engine::{
     BranchOutcome, Engine, EngineError, FanOutOptions, Interrupt, JoinPolicy, Registry, StepError,
     WorkflowError,
 };
-use cairn_storage::{EventStore, RedbStore, RunStatus};
+use cairn_storage::{RedbStore, RunStatus};
 use serde_json::json;
 use tokio::sync::Notify;
-
-fn store() -> (tempfile::TempDir, Arc<dyn EventStore>) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = RedbStore::open(dir.path().join("t.redb")).unwrap();
-    (dir, Arc::new(s))
-}
 
 #[derive(Default)]
 struct Probe {
@@ -81,13 +78,7 @@ async fn all_branches_run_within_the_concurrency_limit_and_join_in_order() {
     let (_d, store) = store();
     let probe = Arc::new(Probe::default());
     let engine = Engine::with_store(store.clone(), sum_registry(probe.clone(), 4, None));
-    let out = engine
-        .start("sum", &50u32)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "sum", &50u32).await;
     assert_eq!(out.status, RunStatus::Completed);
     assert_eq!(out.output, Some(json!(expected_sum(50))));
     assert!(probe.max_running.load(Ordering::SeqCst) <= 4);
@@ -137,13 +128,7 @@ async fn the_window_slides_a_slow_branch_does_not_hold_back_the_others() {
         }
     });
     let engine = Engine::with_store(store, r);
-    engine
-        .start("window", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    finish(&engine, "window", &()).await;
     // With chunks of 4, only 3 others could finish while branch 0 sleeps; a sliding window
     // lets the other 39 through the 3 free slots.
     assert!(
@@ -233,13 +218,7 @@ fn policy_registry(join: JoinPolicy, fail_every: u32, slow_others: bool) -> Regi
 async fn run_policy(join: JoinPolicy, fail_every: u32, slow: bool) -> cairn_engine::RunOutcome {
     let (_d, store) = store();
     let engine = Engine::with_store(store, policy_registry(join, fail_every, slow));
-    engine
-        .start("policy", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap()
+    finish(&engine, "policy", &()).await
 }
 
 #[tokio::test]
@@ -311,13 +290,7 @@ async fn nested_fan_outs_record_nested_paths_and_join() {
         Ok(outer.into_successes().iter().sum::<u64>())
     });
     let engine = Engine::with_store(store.clone(), r);
-    let out = engine
-        .start("nested", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "nested", &()).await;
     let id = out.run_id.parse().unwrap();
     if out.output != Some(json!(180)) {
         for e in store.read(id, cairn_storage::Seq(0), 1000).await.unwrap() {

@@ -1,18 +1,15 @@
 //! Retries, backoff, timeouts and fallbacks of durable steps, over a real redb file.
 
+mod common;
+use common::{finish, store};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use cairn_engine::{Engine, Event, Registry, RetryPolicy, StepError, StepOptions};
-use cairn_storage::{EventStore, RedbStore, RunId, RunStatus, Seq};
+use cairn_storage::{EventStore, RunId, RunStatus, Seq};
 use serde_json::json;
-
-fn store() -> (tempfile::TempDir, Arc<dyn EventStore>) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = RedbStore::open(dir.path().join("t.redb")).unwrap();
-    (dir, Arc::new(s))
-}
 
 fn fast(attempts: u32) -> RetryPolicy {
     RetryPolicy::exponential(attempts)
@@ -69,13 +66,7 @@ async fn retryable_failures_are_retried_and_every_attempt_is_recorded() {
         store.clone(),
         flaky_registry(calls.clone(), StepOptions::retry(fast(5))),
     );
-    let out = engine
-        .start("flaky", &(2, false))
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "flaky", &(2, false)).await;
     assert_eq!(out.status, RunStatus::Completed);
     assert_eq!(out.output, Some(json!(3)));
     let evs = events(&store, &out.run_id).await;
@@ -111,13 +102,7 @@ async fn a_non_retryable_error_stops_at_once() {
         store.clone(),
         flaky_registry(calls.clone(), StepOptions::retry(fast(5))),
     );
-    let out = engine
-        .start("flaky", &(10, true))
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "flaky", &(10, true)).await;
     assert_eq!(out.status, RunStatus::Failed);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let evs = events(&store, &out.run_id).await;
@@ -138,13 +123,7 @@ async fn exhausted_retries_fail_the_step_for_good() {
         store.clone(),
         flaky_registry(calls.clone(), StepOptions::retry(fast(3))),
     );
-    let out = engine
-        .start("flaky", &(10, false))
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "flaky", &(10, false)).await;
     assert_eq!(out.status, RunStatus::Failed);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert!(out.error.unwrap().contains("503 unavailable #3"));
@@ -164,7 +143,7 @@ async fn a_fallback_produces_the_result_and_the_log_says_so() {
         .await
     });
     let engine = Engine::with_store(store.clone(), r);
-    let out = engine.start("fb", &()).await.unwrap().wait().await.unwrap();
+    let out = finish(&engine, "fb", &()).await;
     assert_eq!(out.output, Some(json!("cheap model summary")));
     let evs = events(&store, &out.run_id).await;
     let last_step = evs
@@ -207,13 +186,7 @@ async fn a_slow_attempt_times_out_and_the_retry_succeeds() {
         }
     });
     let engine = Engine::with_store(store.clone(), r);
-    let out = engine
-        .start("slow", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "slow", &()).await;
     assert_eq!(out.output, Some(json!("fast")));
     let evs = events(&store, &out.run_id).await;
     assert!(
@@ -233,13 +206,7 @@ async fn a_step_timeout_bounds_all_attempts_and_backoff() {
     .with_step_timeout(Duration::from_millis(300));
     let engine = Engine::with_store(store.clone(), flaky_registry(calls.clone(), opts));
     let t = std::time::Instant::now();
-    let out = engine
-        .start("flaky", &(100_000, false))
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "flaky", &(100_000, false)).await;
     assert_eq!(out.status, RunStatus::Failed);
     assert!(t.elapsed() < Duration::from_secs(3));
     let n = calls.load(Ordering::SeqCst);
@@ -324,13 +291,7 @@ async fn a_retry_after_from_the_source_lengthens_the_backoff() {
         }
     });
     let engine = Engine::with_store(store.clone(), r);
-    let out = engine
-        .start("polite", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "polite", &()).await;
     assert_eq!(out.status, RunStatus::Completed);
     let evs = events(&store, &out.run_id).await;
     let Event::StepFailed {
@@ -359,13 +320,7 @@ async fn scopes_group_steps_below_a_recorded_position() {
         b.step("model", || async { Ok(3u32) }).await
     });
     let engine = Engine::with_store(store.clone(), r);
-    let out = engine
-        .start("scoped", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "scoped", &()).await;
     assert_eq!(out.output, Some(serde_json::json!(3)));
     let paths: Vec<(String, String)> = events(&store, &out.run_id)
         .await

@@ -1,5 +1,8 @@
 //! Durable timers, signals, child runs and the running-runs limit, over a real redb file.
 
+mod common;
+use common::{finish, store};
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -8,14 +11,8 @@ use cairn_engine::{
     CancelOutcome, Engine, EngineError, EngineOptions, Event, Registry, SignalDelivery, StepError,
     WorkflowError,
 };
-use cairn_storage::{EventStore, RedbStore, RunFilter, RunId, RunStatus, Seq};
+use cairn_storage::{EventStore, RunFilter, RunId, RunStatus, Seq};
 use serde_json::json;
-
-fn store() -> (tempfile::TempDir, Arc<dyn EventStore>) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = RedbStore::open(dir.path().join("t.redb")).unwrap();
-    (dir, Arc::new(s))
-}
 
 fn opts(suspend_after_ms: u64) -> EngineOptions {
     EngineOptions {
@@ -50,13 +47,7 @@ async fn a_sleep_is_recorded_and_takes_its_time() {
     let (_d, store) = store();
     let engine = Engine::with_options(store.clone(), sleeper(), opts(60_000));
     let t = Instant::now();
-    let out = engine
-        .start("sleeper", &300u64)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "sleeper", &300u64).await;
     assert_eq!(out.status, RunStatus::Completed);
     assert!(t.elapsed() >= Duration::from_millis(300));
     let k = kinds(&store, out.run_id.parse().unwrap()).await;
@@ -92,13 +83,7 @@ async fn a_restart_during_a_sleep_sleeps_only_the_remaining_time() {
 async fn a_long_sleep_parks_the_run_in_the_wakeup_index_until_due() {
     let (_d, store) = store();
     let engine = Engine::with_options(store.clone(), sleeper(), opts(100));
-    let out = engine
-        .start("sleeper", &700u64)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "sleeper", &700u64).await;
     assert_eq!(out.status, RunStatus::Waiting, "parked, not held in memory");
     let id: RunId = out.run_id.parse().unwrap();
     let meta = store.run(id).await.unwrap().unwrap();
@@ -193,13 +178,7 @@ async fn a_waiting_run_is_woken_by_a_signal_and_a_wait_times_out() {
         Err(EngineError::RunFinished { .. })
     ));
     // A short timeout gives None, recorded.
-    let out = engine
-        .start("approve", &Some(100u64))
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "approve", &Some(100u64)).await;
     assert_eq!(out.output, Some(json!({"answer": null})));
     assert!(
         kinds(&store, out.run_id.parse().unwrap())
@@ -212,13 +191,7 @@ async fn a_waiting_run_is_woken_by_a_signal_and_a_wait_times_out() {
 async fn a_parked_run_waiting_for_a_signal_is_resumed_with_its_data() {
     let (_d, store) = store();
     let engine = Engine::with_options(store.clone(), approver(), opts(50));
-    let out = engine
-        .start("approve", &None::<u64>)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "approve", &None::<u64>).await;
     assert_eq!(out.status, RunStatus::Waiting);
     let id: RunId = out.run_id.parse().unwrap();
     assert_eq!(
@@ -283,13 +256,7 @@ async fn a_child_run_is_linked_awaited_and_its_failure_reported() {
     let (_d, store) = store();
     let counter = Arc::new(AtomicU32::new(0));
     let engine = Engine::with_options(store.clone(), family(counter.clone()), opts(60_000));
-    let out = engine
-        .start("parent", &21u32)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "parent", &21u32).await;
     assert_eq!(out.output, Some(json!({"doubled": 42, "failed": true})));
     let parent: RunId = out.run_id.parse().unwrap();
     let state = engine.load(parent).await.unwrap();
@@ -332,13 +299,7 @@ async fn cancelling_a_parent_cancels_its_child() {
 async fn cancelling_a_parked_parent_cancels_its_parked_child() {
     let (_d, store) = store();
     let engine = Engine::with_options(store.clone(), family(Arc::default()), opts(50));
-    let out = engine
-        .start("forever", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "forever", &()).await;
     assert_eq!(out.status, RunStatus::Waiting);
     let parent: RunId = out.run_id.parse().unwrap();
     let child = engine
@@ -564,13 +525,7 @@ async fn a_parked_run_is_woken_at_its_deadline_and_fails() {
 async fn cancelling_a_parked_run_removes_it_from_the_wakeup_index() {
     let (_d, store) = store();
     let engine = Engine::with_options(store.clone(), sleeper(), opts(50));
-    let out = engine
-        .start("sleeper", &300u64)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "sleeper", &300u64).await;
     assert_eq!(out.status, RunStatus::Waiting);
     let id: RunId = out.run_id.parse().unwrap();
     assert!(store.next_wakeup().await.unwrap().is_some());
@@ -612,13 +567,7 @@ async fn a_child_does_not_wait_for_a_run_slot_its_parent_holds() {
 async fn cancelling_a_parked_child_wakes_its_parked_parent() {
     let (_d, store) = store();
     let engine = Engine::with_options(store.clone(), family(Arc::default()), opts(50));
-    let out = engine
-        .start("forever", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "forever", &()).await;
     assert_eq!(out.status, RunStatus::Waiting);
     let parent: RunId = out.run_id.parse().unwrap();
     let child = engine
@@ -655,13 +604,7 @@ async fn a_child_of_an_unknown_workflow_fails_the_call_and_the_outcome_is_record
         Ok(res.map_err(|e| e.to_string()).err().unwrap_or_default())
     });
     let engine = Engine::with_options(store.clone(), r, opts(60_000));
-    let out = engine
-        .start("orphan", &())
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    let out = finish(&engine, "orphan", &()).await;
     let msg = out.output.unwrap().as_str().unwrap().to_string();
     assert!(msg.contains("no workflow named `nope`"), "{msg}");
     let state = engine.load(out.run_id.parse().unwrap()).await.unwrap();
