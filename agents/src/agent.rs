@@ -13,12 +13,16 @@ use std::time::{Duration, Instant};
 use cairn_engine::{
     Interrupt, RetryPolicy, StepError, StepOptions, StepPath, WorkflowContext, WorkflowError,
 };
+use cairn_storage::RunId;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::budget::Budget;
 use crate::join::join_all;
 use crate::model::{
-    Block, Message, Model, ModelRequest, ModelResponse, Role, StopReason, ToolChoice, Usage,
+    Block, Message, Model, ModelErrorKind, ModelRequest, ModelResponse, Role, StopReason,
+    ToolChoice, Usage,
 };
 use crate::tools::ToolRegistry;
 
@@ -207,6 +211,20 @@ impl Agent {
     pub async fn run_conversation(
         &self,
         ctx: &WorkflowContext,
+        messages: Vec<Message>,
+    ) -> Result<AgentRun, WorkflowError> {
+        let span = tracing::info_span!(
+            "agent",
+            gen_ai.operation.name = "invoke_agent",
+            gen_ai.agent.name = self.name.as_str(),
+            cairn.run_id = %ctx.run_id(),
+        );
+        self.conversation(ctx, messages).instrument(span).await
+    }
+
+    async fn conversation(
+        &self,
+        ctx: &WorkflowContext,
         mut messages: Vec<Message>,
     ) -> Result<AgentRun, WorkflowError> {
         let scope = ctx.scope(&format!("agent:{}", self.name)).await?;
@@ -228,7 +246,9 @@ impl Agent {
                 b.check(&scope).await?;
             }
             let call: ModelCall = scope
-                .step_with("model", opts.clone(), || self.call_model(request.clone()))
+                .step_with("model", opts.clone(), || {
+                    self.call_model(ctx.run_id(), request.clone())
+                })
                 .await?;
             // A recorded answer belongs to the request it answered: if today's code builds a
             // different request at this turn (prompt, tools or conversation changed), reusing
@@ -349,25 +369,130 @@ impl Agent {
         )))
     }
 
-    async fn call_model(&self, request: ModelRequest) -> Result<ModelCall, StepError> {
+    /// One live model call (a `model` step's attempt), in a `chat` span with the GenAI
+    /// attributes; ends with a `cairn::metrics` event (`agent_call`) for the CLI's metrics log.
+    async fn call_model(
+        &self,
+        run_id: RunId,
+        request: ModelRequest,
+    ) -> Result<ModelCall, StepError> {
+        let span = tracing::info_span!(
+            "chat",
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = self.model.provider(),
+            gen_ai.request.model = request.model.as_str(),
+            gen_ai.agent.name = self.name.as_str(),
+            cairn.run_id = %run_id,
+            gen_ai.response.model = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
+            cairn.cost_usd = Empty,
+            error.type = Empty,
+            error = Empty,
+        );
         let started = Instant::now();
         let request_hash = request.hash();
-        match self.model.call(request.clone()).await {
-            Ok(response) => Ok(ModelCall {
-                agent: self.name.clone(),
-                provider: self.model.provider().to_string(),
-                request_hash,
-                cost_usd: self.price.map(|p| p.cost(&response.usage)),
-                request,
-                response,
-                latency_ms: started.elapsed().as_millis() as u64,
-            }),
-            Err(e) if e.is_retryable() => Err(match e.retry_after() {
-                Some(d) => StepError::retryable_after(e.to_string(), d),
-                None => StepError::retryable(e.to_string()),
-            }),
-            Err(e) => Err(StepError::msg(e.to_string())),
+        let answer = self
+            .model
+            .call(request.clone())
+            .instrument(span.clone())
+            .await;
+        let latency_ms = started.elapsed().as_millis() as u64;
+        match answer {
+            Ok(response) => {
+                let cost_usd = self.price.map(|p| p.cost(&response.usage));
+                let u = &response.usage;
+                // As the GenAI conventions count it (and `cairn trace`): cached input included.
+                let input_tokens =
+                    u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens;
+                span.record("gen_ai.response.model", response.model.as_str());
+                span.record("gen_ai.usage.input_tokens", input_tokens);
+                span.record("gen_ai.usage.output_tokens", u.output_tokens);
+                span.record(
+                    "gen_ai.response.finish_reasons",
+                    stop_reason_name(&response.stop_reason),
+                );
+                if let Some(c) = cost_usd {
+                    span.record("cairn.cost_usd", c);
+                }
+                tracing::info!(
+                    target: "cairn::metrics",
+                    parent: &span,
+                    run_id = %run_id,
+                    agent = self.name.as_str(),
+                    model = response.model.as_str(),
+                    input_tokens,
+                    output_tokens = u.output_tokens,
+                    latency_ms,
+                    tool_calls = response.tool_uses().count() as u64,
+                    success = true,
+                    cost_usd,
+                    "agent_call"
+                );
+                Ok(ModelCall {
+                    agent: self.name.clone(),
+                    provider: self.model.provider().to_string(),
+                    request_hash,
+                    cost_usd,
+                    request,
+                    response,
+                    latency_ms,
+                })
+            }
+            Err(e) => {
+                span.record("error.type", error_kind_name(&e.kind));
+                span.record("error", e.message.as_str());
+                tracing::info!(
+                    target: "cairn::metrics",
+                    parent: &span,
+                    run_id = %run_id,
+                    agent = self.name.as_str(),
+                    model = request.model.as_str(),
+                    input_tokens = 0u64,
+                    output_tokens = 0u64,
+                    latency_ms,
+                    tool_calls = 0u64,
+                    success = false,
+                    error = e.message.as_str(),
+                    "agent_call"
+                );
+                Err(if e.is_retryable() {
+                    match e.retry_after() {
+                        Some(d) => StepError::retryable_after(e.to_string(), d),
+                        None => StepError::retryable(e.to_string()),
+                    }
+                } else {
+                    StepError::msg(e.to_string())
+                })
+            }
         }
+    }
+}
+
+/// `finish_reasons` as the provider-neutral names cairn records.
+fn stop_reason_name(r: &StopReason) -> &str {
+    match r {
+        StopReason::EndTurn => "end_turn",
+        StopReason::ToolUse => "tool_use",
+        StopReason::MaxTokens => "max_tokens",
+        StopReason::StopSequence => "stop_sequence",
+        StopReason::Refusal => "refusal",
+        StopReason::Other(s) => s,
+    }
+}
+
+/// `error.type` of a failed model call.
+fn error_kind_name(k: &ModelErrorKind) -> &'static str {
+    match k {
+        ModelErrorKind::RateLimited => "rate_limited",
+        ModelErrorKind::Overloaded => "overloaded",
+        ModelErrorKind::Server => "server",
+        ModelErrorKind::Network => "network",
+        ModelErrorKind::Malformed => "malformed",
+        ModelErrorKind::Auth => "auth",
+        ModelErrorKind::BadRequest => "bad_request",
+        ModelErrorKind::SpendLimit => "spend_limit",
     }
 }
 
@@ -378,15 +503,32 @@ async fn run_tool(
     name: String,
     input: serde_json::Value,
 ) -> Result<ToolCall, StepError> {
+    let span = tracing::info_span!(
+        "execute_tool",
+        gen_ai.operation.name = "execute_tool",
+        gen_ai.tool.name = name.as_str(),
+        gen_ai.tool.call.id = id.as_str(),
+        error.type = Empty,
+        error = Empty,
+    );
     let started = Instant::now();
     let result = match tools.get(&name) {
         None => Err(format!(
             "unknown tool `{name}`; the available tools are: {}",
             tools.names().join(", ")
         )),
-        Some(t) => t.call(input.clone()).await.map_err(|e| e.0),
+        Some(t) => t
+            .call(input.clone())
+            .instrument(span.clone())
+            .await
+            .map_err(|e| e.0),
     };
     let latency_ms = started.elapsed().as_millis() as u64;
+    if let Err(e) = &result {
+        // Sent back to the model (the step succeeds), but the call failed.
+        span.record("error.type", "tool_error");
+        span.record("error", e.as_str());
+    }
     let (output, error) = match result {
         Ok(v) => (Some(v), None),
         Err(e) => (None, Some(e)),

@@ -5,6 +5,7 @@ mod bench;
 mod commands;
 mod control;
 mod fake_llm;
+mod telemetry;
 mod trace;
 mod transfer;
 mod workflows;
@@ -29,6 +30,16 @@ pub struct Cli {
     /// `pending` and start in the order they were created.
     #[arg(long, global = true)]
     max_running: Option<usize>,
+    /// How the log on stderr is written: `human` or `json` (one JSON object per line). What
+    /// is logged is set by `RUST_LOG` (default: warnings, without the per-attempt step
+    /// failures the output already reports; `RUST_LOG=cairn=info` shows every run, step,
+    /// model and tool call as its span closes).
+    #[arg(long, global = true, value_enum, default_value_t = telemetry::LogFormat::Human)]
+    log_format: telemetry::LogFormat,
+    /// Append one JSON line per live model call (`agent_call`: agent, model, tokens, latency,
+    /// tool calls, success, cost, run id, timestamp) to FILE; `-` writes them to stderr.
+    #[arg(long, global = true, value_name = "FILE")]
+    metrics_log: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -221,6 +232,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = telemetry::init(cli.log_format, cli.metrics_log.as_deref()) {
+        eprintln!("error: {}", one_line(&e));
+        return ExitCode::FAILURE;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -13,6 +13,7 @@ use cairn_storage::{EventStore, NewEvent, RunId, now_micros};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use std::time::Duration;
 
@@ -483,7 +484,16 @@ impl WorkflowContext {
                 (None, Some(left)) => (Some(from_micros(left)), true),
                 (None, None) => (None, false),
             };
-            let attempt_fut = f();
+            // One span per executed attempt (replayed steps return above and cost nothing).
+            let span = tracing::info_span!(
+                "step",
+                cairn.run_id = %shared.run_id,
+                cairn.step_path = %path,
+                cairn.step_name = %name,
+                cairn.attempt = attempt,
+                error = tracing::field::Empty,
+            );
+            let attempt_fut = span.in_scope(&mut f);
             let run = async {
                 match limit {
                     None => attempt_fut.await,
@@ -507,7 +517,7 @@ impl WorkflowContext {
                 _ = shared.shutdown.cancelled() => {
                     return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
                 }
-                r = run => r,
+                r = run.instrument(span.clone()) => r,
             };
             let max_bytes = shared.store.max_payload_bytes();
             let outcome = outcome.and_then(|v| {
@@ -541,6 +551,8 @@ impl WorkflowContext {
                     return Ok(value);
                 }
                 Err(e) => {
+                    span.record("error", e.message());
+                    tracing::warn!(parent: &span, error = e.message(), retryable = e.is_retryable(), "step attempt failed");
                     let retryable = opts.retry.retry_all_errors || e.is_retryable();
                     let now = now_micros();
                     let retry_at_us = retryable

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::context::{WorkflowContext, lock};
 use crate::error::{Interrupt, WorkflowError};
@@ -205,7 +206,17 @@ impl WorkflowContext {
     {
         let path = self.next_path();
         let name = name.to_string();
-        async move { self.run_fan_out(path, name, items, opts, Arc::new(f)).await }
+        async move {
+            let span = tracing::info_span!(
+                "fan_out",
+                cairn.run_id = %self.shared.run_id,
+                cairn.step_path = %path,
+                cairn.fan_out.name = %name,
+            );
+            self.run_fan_out(path, name, items, opts, Arc::new(f))
+                .instrument(span)
+                .await
+        }
     }
 
     async fn run_fan_out<I, O, F, Fut>(
@@ -315,6 +326,11 @@ impl WorkflowContext {
                 let sh = Arc::clone(&shared);
                 let fan_path = path.clone();
                 in_flight.insert(i);
+                let span = tracing::info_span!(
+                    "branch",
+                    cairn.step_path = %path.child(i),
+                    index = i,
+                );
                 set.spawn(async move {
                     let r = f(ctx, item).await;
                     let max_bytes = sh.store.max_payload_bytes();
@@ -355,7 +371,8 @@ impl WorkflowContext {
                     // awaited before the next branch starts (a crash only re-runs the branch's
                     // closure, whose steps are answered from the log). The fan-in waits for it.
                     (i, sh.record_pipelined(ev))
-                });
+                }
+                .instrument(span));
             }
             if set.is_empty() {
                 // Nothing left to run and the policy did not decide: only possible if items

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::context::{LiveState, RunShared, WorkflowContext};
 use crate::error::{EngineError, Interrupt, WorkflowError};
@@ -797,6 +798,16 @@ impl Engine {
         let active = claim.active.take().unwrap_or_default();
         drop(claim);
         let input = state.input.clone();
+        // The run's span covers its task and the workflow's own task (entered below). It is a
+        // root, like the run's trace in `cairn trace`: a run started or woken from within
+        // another run's task is not part of that run.
+        let span = tracing::info_span!(
+            parent: None,
+            "run",
+            cairn.run_id = %id,
+            cairn.workflow = %state.workflow,
+            cairn.version = state.version,
+        );
         let queued = pending || (self.inner.slots.is_some() && state.parent.is_none());
         let shared = Arc::new(RunShared {
             run_id: id,
@@ -811,8 +822,9 @@ impl Engine {
         });
         let inner = Arc::clone(&self.inner);
         let slot = if queued { self.request_slot() } else { None };
-        let join = self.inner.tracker.spawn(async move {
-            let r = async {
+        let join = self.inner.tracker.spawn(
+            async move {
+                let r = async {
                 // Wait for a run slot (in creation order), then mark the run running.
                 let _permit = match slot {
                     None => None,
@@ -852,7 +864,7 @@ impl Engine {
                 // The workflow runs in its own task so that a panic in user code is contained
                 // and reported instead of taking the engine down.
                 let deadline = lock(&shared.state).run.deadline_us;
-                let mut task = tokio::spawn((wf.run)(ctx, input));
+                let mut task = tokio::spawn((wf.run)(ctx, input).in_current_span());
                 let result = match deadline {
                     None => (&mut task).await,
                     Some(d) => {
@@ -884,15 +896,17 @@ impl Engine {
                 finish(&shared, &root, result, reason).await
             }
             .await;
-            lock(&inner.active).remove(&id);
-            active.stopped.send_replace(true);
-            if let Ok(o) = &r
-                && o.status.is_terminal()
-            {
-                wake_parent(&inner, id).await;
+                lock(&inner.active).remove(&id);
+                active.stopped.send_replace(true);
+                if let Ok(o) = &r
+                    && o.status.is_terminal()
+                {
+                    wake_parent(&inner, id).await;
+                }
+                r
             }
-            r
-        });
+            .instrument(span),
+        );
         RunHandle { id, join }
     }
 }

@@ -1,0 +1,154 @@
+//! Live telemetry of the `cairn` process: `tracing` logs on stderr (filtered by `RUST_LOG`,
+//! default [`DEFAULT_FILTER`]; human or JSON lines with `--log-format json`), and the metrics log
+//! (`--metrics-log FILE`, `-` for stderr): one JSON line per live model call.
+//!
+//! The metrics log is a `tracing` layer that takes only the events of target `cairn::metrics`,
+//! which the agent loop emits at the end of each live model call (never for a call answered
+//! from the log), and writes each as one `agent_call` JSON line. The stderr log never shows
+//! those events.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{Context as _, Result};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, filter_fn};
+use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The target of the events the metrics log writes.
+pub const METRICS_TARGET: &str = "cairn::metrics";
+
+/// The stderr log's filter when `RUST_LOG` is not set: warnings, except the engine's warning
+/// per failed step attempt, which the CLI already reports in its own output (a failed run's
+/// line, `cairn show`); `RUST_LOG=warn` shows them too.
+pub const DEFAULT_FILTER: &str = "warn,cairn_engine::context=error";
+
+/// How the stderr log is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line, with the current span and its parents.
+    Json,
+}
+
+/// Installs the process's subscriber: the stderr log and, with `metrics`, the metrics log.
+pub fn init(format: LogFormat, metrics: Option<&Path>) -> Result<()> {
+    let env = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::builder()
+            .with_default_directive(LevelFilter::WARN.into())
+            .parse_lossy(v),
+        _ => EnvFilter::new(DEFAULT_FILTER),
+    };
+    let not_metrics = filter_fn(|m| m.target() != METRICS_TARGET);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // A line when a span closes, with its fields and timing: a live view of runs, steps,
+        // model and tool calls at `RUST_LOG=cairn=info`.
+        .with_span_events(FmtSpan::CLOSE);
+    let fmt = match format {
+        LogFormat::Human => fmt
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(env.and(not_metrics))
+            .boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_filter(env.and(not_metrics))
+            .boxed(),
+    };
+    let metrics = match metrics {
+        None => None,
+        Some(p) => {
+            Some(MetricsLayer::open(p)?.with_filter(filter_fn(|m| m.target() == METRICS_TARGET)))
+        }
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(metrics)
+        .try_init()
+        .context("cannot install the log subscriber")?;
+    Ok(())
+}
+
+/// Writes each `cairn::metrics` event as one JSON line.
+struct MetricsLayer {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl MetricsLayer {
+    /// Appends to `path` (created if needed); `-` is stderr.
+    fn open(path: &Path) -> Result<Self> {
+        let out: Box<dyn Write + Send> = if path.as_os_str() == "-" {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("cannot open the metrics log {}", path.display()))?,
+            )
+        };
+        Ok(MetricsLayer {
+            out: Mutex::new(out),
+        })
+    }
+}
+
+impl<S: Subscriber> Layer<S> for MetricsLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = JsonFields(serde_json::Map::new());
+        event.record(&mut fields);
+        let mut line = fields.0;
+        // The event's message names the record type (`agent_call`).
+        let kind = match line.remove("message") {
+            Some(serde_json::Value::String(m)) => m,
+            _ => "agent_call".to_string(),
+        };
+        line.insert("type".into(), kind.into());
+        line.entry("cost_usd").or_insert(serde_json::Value::Null);
+        line.insert(
+            "timestamp".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                .into(),
+        );
+        let mut text = serde_json::Value::Object(line).to_string();
+        text.push('\n');
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        // A metrics log that cannot be written must not stop the run.
+        let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    }
+}
+
+/// An event's fields as JSON values.
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonFields {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
