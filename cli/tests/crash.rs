@@ -4,9 +4,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{CMD_TIMEOUT, Env, Proc, WAIT_TIMEOUT, assert_dense_seq, sum_counts};
+use common::{CMD_TIMEOUT, Env, Proc, assert_dense_seq, kill_at_lines, line_count, sum_counts};
 
 const STEPS: u32 = 1000;
 const KILLS: usize = 6;
@@ -60,35 +60,6 @@ fn executions(file: &Path) -> Vec<u32> {
         .collect()
 }
 
-fn line_count(file: &Path) -> u64 {
-    match std::fs::read(file) {
-        Ok(b) => b.iter().filter(|&&c| c == b'\n').count() as u64,
-        Err(_) => 0,
-    }
-}
-
-/// Waits until the side-effect file has at least `target` lines, then after `delay` (so kills
-/// land both between a side effect and its record and elsewhere) SIGKILLs the child.
-/// Returns false if the child exited on its own first.
-fn kill_at(child: &mut Proc, file: &Path, target: u64, delay: Duration) -> bool {
-    let start = Instant::now();
-    loop {
-        if line_count(file) >= target {
-            std::thread::sleep(delay);
-            return child.kill9();
-        }
-        if child.try_status().is_some() {
-            return false;
-        }
-        assert!(
-            start.elapsed() < WAIT_TIMEOUT,
-            "the child did not reach {target} side effects within {WAIT_TIMEOUT:?}; stderr: {}",
-            child.stderr()
-        );
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
 /// A 1,000-step run SIGKILLed at 6 random points and restarted each time (alternating `resume`
 /// and `recover`) ends with the uninterrupted output, each step recorded exactly once, each
 /// side effect executed at least once and at most once more per kill, and a valid log.
@@ -132,7 +103,7 @@ fn sigkilled_steps_run_resumes_to_the_uninterrupted_result() {
         // Kill only after this child has executed at least one step of its own.
         let target = threshold.max(line_count(&effects) + 1);
         let delay = Duration::from_micros(rng.below(2000));
-        if !kill_at(&mut child, &effects, target, delay) {
+        if !kill_at_lines(&mut child, &effects, target, delay) {
             finished_early = Some(k);
             break;
         }

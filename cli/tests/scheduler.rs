@@ -6,11 +6,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    CMD_TIMEOUT, Env, Proc, Rng, WAIT_TIMEOUT, assert_dense_seq, control_socket, events_of,
-    file_lines, now_us, run_id_of, sleep_until_us, test_seed, the_event, wait_for,
+    CMD_TIMEOUT, Env, Rng, WAIT_TIMEOUT, assert_dense_seq, control_socket, events_of, file_lines,
+    kill_at_lines, line_count, now_us, run_id_of, sleep_until_us, test_seed, the_event, wait_for,
 };
 use serde_json::{Value, json};
 
@@ -54,33 +54,6 @@ fn executions(file: &Path) -> Vec<u32> {
         .collect()
 }
 
-fn line_count(file: &Path) -> usize {
-    std::fs::read(file)
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
-}
-
-/// Waits until the side-effect file has at least `target` lines, then after `delay` SIGKILLs
-/// the child. Returns false if the child exited on its own first.
-fn kill_at_lines(child: &mut Proc, file: &Path, target: usize, delay: Duration) -> bool {
-    let start = Instant::now();
-    loop {
-        if line_count(file) >= target {
-            std::thread::sleep(delay);
-            return child.kill9();
-        }
-        if child.try_status().is_some() {
-            return false;
-        }
-        assert!(
-            start.elapsed() < WAIT_TIMEOUT,
-            "the child did not reach {target} side effects within {WAIT_TIMEOUT:?}; stderr: {}",
-            child.stderr()
-        );
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
 /// A 2,000-branch fan-out (32 at a time) SIGKILLed at two random points while its side
 /// effects happen, restarted with `resume` and then `recover`, ends with the uninterrupted
 /// output; every branch ran, each restart re-ran at most the 32 branches in flight, each
@@ -91,7 +64,7 @@ fn sigkilled_fanout_resumes_to_the_uninterrupted_result() {
     println!("CAIRN_TEST_SEED={seed}");
     let mut rng = Rng(seed);
     // One kill in each half of the run, leaving room at the end so the last lands in time.
-    let thresholds = [rng.range(100, 700) as usize, rng.range(900, 1500) as usize];
+    let thresholds = [rng.range(100, 700), rng.range(900, 1500)];
     println!("kill thresholds (side-effect lines): {thresholds:?}");
 
     // The reference: the same fan-out, uninterrupted.
@@ -125,7 +98,7 @@ fn sigkilled_fanout_resumes_to_the_uninterrupted_result() {
             k + 1,
             child.stdout()
         );
-        killed_at.push(line_count(&effects));
+        killed_at.push(line_count(&effects) as usize);
         println!("kill {} at {} side-effect lines", k + 1, killed_at[k]);
         child = if k == 0 {
             env.spawn(&["resume", &id])

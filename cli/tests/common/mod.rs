@@ -831,3 +831,37 @@ impl Env {
         run_at(&self.path(store), args)
     }
 }
+
+/// Lines in a side-effect file (0 if it does not exist yet).
+pub fn line_count(file: &std::path::Path) -> u64 {
+    std::fs::read(file)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+        .unwrap_or(0)
+}
+
+/// Waits until the side-effect file has at least `target` lines, then after `delay` (so kills
+/// land both between a side effect and its record and elsewhere) SIGKILLs the child. Returns
+/// false if the child exited on its own first.
+pub fn kill_at_lines(
+    child: &mut Proc,
+    file: &std::path::Path,
+    target: u64,
+    delay: Duration,
+) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if line_count(file) >= target {
+            std::thread::sleep(delay);
+            return child.kill9();
+        }
+        if child.try_status().is_some() {
+            return false;
+        }
+        assert!(
+            start.elapsed() < WAIT_TIMEOUT,
+            "the child did not reach {target} side effects within {WAIT_TIMEOUT:?}; stderr: {}",
+            child.stderr()
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
