@@ -122,7 +122,8 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => runs(path, status.as_deref(), limit, json).await,
         Command::Show { run, step } => show(path, &run, step.as_deref()).await,
         Command::Events { run, from } => events(path, &run, from).await,
-        Command::Replay { run } => replay(path, &run).await,
+        Command::Replay { run, check: false } => replay(path, &run).await,
+        Command::Replay { run, check: true } => replay_check(path, &run).await,
         Command::Verify { run, all } => verify(path, run.as_deref(), all).await,
         Command::Resume { run } => resume(path, &run).await,
         Command::Recover => recover(path).await,
@@ -761,6 +762,32 @@ fn describe(ev: &Event) -> (String, String, String) {
         _ => String::new(),
     };
     (path, ev.kind().to_string(), detail)
+}
+
+/// `replay --check`: today's built-in code against the recorded history, nothing executed.
+async fn replay_check(path: &Path, run: &str) -> Result<ExitCode> {
+    let id = parse_run(run)?;
+    // Read-only: even a bug in the check could not write.
+    let store = open_ro(path)?;
+    meta_of(&store, id).await?;
+    let engine = engine_for(store, Arc::default());
+    let report = engine.check(id).await?;
+    match &report.divergence {
+        None => {
+            println!(
+                "ok {}: today's `{}` code matches the history ({} recorded operations replayed)",
+                report.run_id, report.workflow, report.steps_replayed
+            );
+            if let Some(end) = &report.history_ends_at {
+                println!("the history ends before {end}; the code would execute it next");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(d) => {
+            println!("DIVERGED {}: {d}", report.run_id);
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn replay(path: &Path, run: &str) -> Result<ExitCode> {

@@ -103,6 +103,10 @@ enum Command {
     Replay {
         /// The run id.
         run: String,
+        /// Instead of printing the state, run today's built-in workflow code against the history
+        /// without executing or writing anything, and report the first divergence (exit 1).
+        #[arg(long)]
+        check: bool,
     },
     /// Recompute a run's hash chain and compare it with what is stored.
     Verify {

@@ -107,6 +107,10 @@ impl WorkflowContext {
                 child
             }
         };
+        if shared.check_only {
+            // Started but not finished: the code would create or wait for the child.
+            return Err(shared.end_of_history(&path, &format!("child run of `{workflow}`")));
+        }
         let Some(inner) = shared.engine.upgrade() else {
             return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
         };

@@ -45,6 +45,9 @@ pub(crate) struct RunShared {
     pub(crate) engine: std::sync::Weak<crate::runtime::EngineInner>,
     /// Waits longer than this park the run (status `waiting`) instead of holding it in memory.
     pub(crate) suspend_after: Duration,
+    /// Checking a history: nothing may execute or be recorded; reaching an operation the
+    /// history does not have ends the check (`Interrupt::EndOfHistory`).
+    pub(crate) check_only: bool,
 }
 
 pub(crate) struct LiveState {
@@ -102,6 +105,15 @@ impl RunShared {
     /// Appends one event and folds it into the live state at once, returning a future that
     /// resolves when the event is durable. Writes are ordered when issued, so anything appended
     /// later and awaited implies this one is durable too.
+    /// In check mode: stop at `path` (the code would do something the history lacks).
+    pub(crate) fn end_of_history(&self, path: &StepPath, name: &str) -> WorkflowError {
+        self.set_interrupt(Interrupt::EndOfHistory {
+            run: self.run_id,
+            path: path.clone(),
+            name: name.to_string(),
+        })
+    }
+
     pub(crate) fn record_pipelined(
         &self,
         event: Event,
@@ -109,6 +121,10 @@ impl RunShared {
         BoxFuture<'static, Result<cairn_storage::Appended, cairn_storage::StoreError>>,
         WorkflowError,
     > {
+        if self.check_only {
+            let path = event.path().cloned().unwrap_or_default();
+            return Err(self.end_of_history(&path, event.kind()));
+        }
         let ne = NewEvent::now(event.encode());
         let ts = ne.ts_us;
         let durable = self.store.append(self.run_id, vec![ne], None);
@@ -127,6 +143,11 @@ impl RunShared {
 
     /// Appends one event, waits until it is durable, and folds it into the live state.
     pub(crate) async fn record(&self, event: Event) -> Result<(), WorkflowError> {
+        if self.check_only {
+            // The one place every new record passes: in check mode nothing is written.
+            let path = event.path().cloned().unwrap_or_default();
+            return Err(self.end_of_history(&path, event.kind()));
+        }
         let ne = NewEvent::now(event.encode());
         let ts = ne.ts_us;
         match self.store.append(self.run_id, vec![ne], None).await {
@@ -457,6 +478,10 @@ impl WorkflowContext {
                 None => (1, now_micros(), None),
             }
         };
+        if shared.check_only {
+            // The history has no outcome here: the code would execute the step.
+            return Err(shared.end_of_history(&path, &name));
+        }
         let deadline_us = opts
             .step_timeout
             .map(|d| first_started_us.saturating_add(micros(d)));

@@ -125,6 +125,17 @@ pub enum Interrupt {
         /// What it waits for.
         reason: String,
     },
+    /// Checking a history (`Engine::check`): today's code reached an operation the history does
+    /// not have, so everything before it matched. Not an error.
+    #[error("run {run}: the history ends before step {path} `{name}`; everything recorded matched")]
+    EndOfHistory {
+        /// The run.
+        run: RunId,
+        /// The position the code reached.
+        path: StepPath,
+        /// What the code asked for there.
+        name: String,
+    },
     /// The run passed its deadline (a per-run timeout); it fails.
     #[error("run {run} timed out: its deadline passed")]
     TimedOut {

@@ -268,6 +268,7 @@ impl WorkflowContext {
         match recorded {
             // The fan-in was decided before: answer entirely from the log.
             Some(Some(fan_in)) => {
+                lock(&shared.state).replayed += 1;
                 return self.fan_in_result(&path, &name, &fan_in.cancelled, fan_in.error);
             }
             Some(None) => {}

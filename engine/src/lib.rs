@@ -26,8 +26,8 @@ pub use fanout::{BranchOutcome, FanIn, FanOutOptions, JoinPolicy};
 pub use registry::Registry;
 pub use retry::{RetryPolicy, StepOptions};
 pub use runtime::{
-    CancelOutcome, Engine, EngineOptions, Recovered, RunHandle, RunOutcome, SignalDelivery,
-    StartOptions, StepResolution,
+    CancelOutcome, CheckReport, Engine, EngineOptions, Recovered, RunHandle, RunOutcome,
+    SignalDelivery, StartOptions, StepResolution,
 };
 pub use state::{
     BranchRecord, ChildRecord, FAN_OUT_BRANCHES_MAX, FanInRecord, FanOutRecord, FoldError,

@@ -152,6 +152,28 @@ pub enum StepResolution {
     Retry,
 }
 
+/// What checking a recorded history against today's code found ([`Engine::check`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CheckReport {
+    /// The run checked.
+    pub run_id: String,
+    /// Its workflow.
+    pub workflow: String,
+    /// Recorded operations today's code reached and matched.
+    pub steps_replayed: u64,
+    /// Where today's code departs from the history, if it does.
+    pub divergence: Option<String>,
+    /// Where the history ends, if the code goes on past it (an unfinished run).
+    pub history_ends_at: Option<String>,
+}
+
+impl CheckReport {
+    /// Whether today's code matches the history as far as the history goes.
+    pub fn ok(&self) -> bool {
+        self.divergence.is_none()
+    }
+}
+
 /// What `signal` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -655,6 +677,113 @@ impl Engine {
         Ok(())
     }
 
+    /// Runs today's code of run `id`'s workflow against its recorded history without executing
+    /// anything or writing anything: every operation must be answered from the log. Reports the
+    /// first divergence (a different step at a position, a changed output type, code that ends
+    /// early or finishes differently), or where the history ends. For CI over saved histories.
+    pub async fn check(&self, id: RunId) -> Result<CheckReport, EngineError> {
+        let state = self.load(id).await?;
+        let wf = self.lookup(&state.workflow)?;
+        if wf.version != state.version {
+            return Err(EngineError::VersionMismatch {
+                run: id,
+                workflow: state.workflow.clone(),
+                recorded: state.version,
+                registered: wf.version,
+            });
+        }
+        let recorded_status = state.status;
+        let recorded_output = state.output.as_ref().map(Payload::to_json);
+        let recorded_error = state.error.clone();
+        let workflow = state.workflow.clone();
+        let input = state.input.clone();
+        let shared = Arc::new(RunShared {
+            run_id: id,
+            store: Arc::clone(&self.inner.store),
+            state: Mutex::new(LiveState::new(state)),
+            cancel: CancellationToken::new(),
+            shutdown: self.inner.shutdown.child_token(),
+            interrupt: Mutex::new(None),
+            signal: Arc::default(),
+            engine: Arc::downgrade(&self.inner),
+            suspend_after: self.inner.options.suspend_after,
+            check_only: true,
+        });
+        let ctx = WorkflowContext::root(Arc::clone(&shared));
+        let root = ctx.clone();
+        let result = match tokio::spawn((wf.run)(ctx, input)).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(EngineError::Panicked {
+                    run: id,
+                    detail: e.to_string(),
+                });
+            }
+        };
+        let mut report = CheckReport {
+            run_id: id.to_string(),
+            workflow,
+            steps_replayed: lock(&shared.state).replayed,
+            divergence: None,
+            history_ends_at: None,
+        };
+        let interrupt = shared.take_interrupt().or(match &result {
+            Err(WorkflowError::Interrupted(i)) => Some(i.clone()),
+            _ => None,
+        });
+        match interrupt {
+            Some(Interrupt::EndOfHistory { path, name, .. }) => {
+                report.history_ends_at = Some(format!("step {path} `{name}`"));
+                return Ok(report);
+            }
+            Some(i) => {
+                report.divergence = Some(i.to_string());
+                return Ok(report);
+            }
+            None => {}
+        }
+        if let Some((path, recorded)) = root.unreached_recorded() {
+            report.divergence = Some(format!(
+                "today's code finishes before step {path}, where the history has `{recorded}`"
+            ));
+            return Ok(report);
+        }
+        let (today, today_text) = match &result {
+            Ok(out) => (RunStatus::Completed, out.to_json().to_string()),
+            Err(e) => (RunStatus::Failed, e.to_string()),
+        };
+        match recorded_status {
+            RunStatus::Completed | RunStatus::Failed if recorded_status != today => {
+                report.divergence = Some(format!(
+                    "today's code ends {today} ({today_text}), the history {recorded_status}"
+                ));
+            }
+            RunStatus::Completed => {
+                let out = result.as_ref().ok().map(Payload::to_json);
+                if out != recorded_output {
+                    report.divergence = Some(format!(
+                        "today's code completes with {}, the history with {}",
+                        out.unwrap_or_default(),
+                        recorded_output.unwrap_or_default()
+                    ));
+                }
+            }
+            RunStatus::Failed => {
+                if recorded_error.as_deref() != Some(today_text.as_str()) {
+                    report.divergence = Some(format!(
+                        "today's code fails with `{today_text}`, the history with `{}`",
+                        recorded_error.unwrap_or_default()
+                    ));
+                }
+            }
+            // Unfinished or cancelled: the code reached the end the history has not.
+            _ => {
+                report.history_ends_at = Some(format!("the run's end ({today})"));
+            }
+        }
+        Ok(report)
+    }
+
     /// Waits until run `id` stops executing and returns its outcome as recorded; a run that is
     /// neither finished nor executing here is resumed first.
     pub async fn wait_for(&self, id: RunId) -> Result<RunOutcome, EngineError> {
@@ -819,6 +948,7 @@ impl Engine {
             signal: Arc::clone(&active.signal),
             engine: Arc::downgrade(&self.inner),
             suspend_after: self.inner.options.suspend_after,
+            check_only: false,
         });
         let inner = Arc::clone(&self.inner);
         let slot = if queued { self.request_slot() } else { None };

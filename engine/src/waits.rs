@@ -69,6 +69,10 @@ impl WorkflowContext {
                 fire_at_new
             }
         };
+        if shared.check_only {
+            // Recorded as set but not fired: the code would wait here.
+            return Err(shared.end_of_history(&path, "sleep"));
+        }
         if fire_at - now_micros() > micros(shared.suspend_after) {
             return Err(shared.set_interrupt(Interrupt::Suspend {
                 run: shared.run_id,
@@ -141,6 +145,10 @@ impl WorkflowContext {
                 deadline_new
             }
         };
+        if shared.check_only {
+            // A consumed signal is answered above; anything else is beyond the history.
+            return Err(shared.end_of_history(&path, &format!("wait for signal `{name}`")));
+        }
         let waiting_since = std::time::Instant::now();
         loop {
             // Register for a wake-up before looking, so a delivery in between is not missed.

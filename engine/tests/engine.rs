@@ -545,3 +545,94 @@ async fn code_that_now_ends_before_the_recorded_steps_is_a_nondeterminism_error(
         RunStatus::Running
     );
 }
+
+#[tokio::test]
+async fn check_replays_a_history_without_executing_or_writing_and_reports_divergence() {
+    let (_d, store) = store();
+    let counter = Arc::new(AtomicU32::new(0));
+    let engine = Engine::with_store(store.clone(), counting_registry(counter.clone(), None));
+    let done = finish(&engine, "count", &4u32).await;
+    let done_id = done.run_id.parse().unwrap();
+    // An unfinished run: stopped while step 2 runs.
+    let gate = Arc::new(Notify::new());
+    let counter2 = Arc::new(AtomicU32::new(0));
+    let engine2 = Engine::with_store(
+        store.clone(),
+        counting_registry(counter2.clone(), Some((2, gate))),
+    );
+    let h = engine2.start("count", &4u32).await.unwrap();
+    let open_id = h.id;
+    while counter2.load(Ordering::SeqCst) < 2 {
+        tokio::task::yield_now().await;
+    }
+    engine2.shutdown();
+    h.wait().await.unwrap();
+    let events_before = (
+        store.run(done_id).await.unwrap().unwrap().events,
+        store.run(open_id).await.unwrap().unwrap().events,
+    );
+
+    // Today's code, unchanged: both match; nothing runs.
+    let today = Arc::new(AtomicU32::new(0));
+    let checker = Engine::with_store(store.clone(), counting_registry(today.clone(), None));
+    let r = checker.check(done_id).await.unwrap();
+    assert!(r.ok(), "{r:?}");
+    assert_eq!((r.steps_replayed, r.history_ends_at.as_deref()), (4, None));
+    let r = checker.check(open_id).await.unwrap();
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.history_ends_at.as_deref(), Some("step 2 `s2`"));
+    assert_eq!(today.load(Ordering::SeqCst), 0, "nothing was executed");
+    assert_eq!(
+        (
+            store.run(done_id).await.unwrap().unwrap().events,
+            store.run(open_id).await.unwrap().unwrap().events,
+        ),
+        events_before,
+        "nothing was written"
+    );
+
+    // Today's code renamed step 1: divergence, named.
+    let mut renamed = Registry::new();
+    renamed.register("count", 1, |ctx, _n: u32| async move {
+        ctx.step("s0", || async { Ok(0u64) }).await?;
+        ctx.step("renamed", || async { Ok(0u64) }).await?;
+        Ok(0u64)
+    });
+    let r = Engine::with_store(store.clone(), renamed)
+        .check(done_id)
+        .await
+        .unwrap();
+    let d = r.divergence.unwrap();
+    assert!(d.contains("s1") && d.contains("renamed"), "{d}");
+
+    // Today's code stops after two steps: divergence at the first unreached step.
+    let mut short = Registry::new();
+    short.register("count", 1, |ctx, _n: u32| async move {
+        ctx.step("s0", || async { Ok(0u64) }).await?;
+        ctx.step("s1", || async { Ok(10u64) }).await?;
+        Ok(10u64)
+    });
+    let r = Engine::with_store(store.clone(), short)
+        .check(done_id)
+        .await
+        .unwrap();
+    assert!(r.divergence.unwrap().contains("before step 2"));
+
+    // Same steps, different output.
+    let mut other = Registry::new();
+    other.register("count", 1, |ctx, n: u32| async move {
+        let mut sum = 0u64;
+        for i in 0..n {
+            sum += ctx.step(&format!("s{i}"), || async { Ok(0u64) }).await?;
+        }
+        Ok(sum + 1)
+    });
+    let r = Engine::with_store(store.clone(), other)
+        .check(done_id)
+        .await
+        .unwrap();
+    assert!(
+        r.divergence.unwrap().contains("completes with 61"),
+        "the recorded steps' values flow in"
+    );
+}
