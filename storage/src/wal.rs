@@ -181,16 +181,17 @@ impl Wal {
 
     /// Appends one record and makes it durable.
     pub(crate) fn append(&mut self, lsn: u64, changes: &[Change]) -> Result<(), StoreError> {
-        let body = postcard::to_stdvec(changes)
+        // Encode the body straight after a header placeholder: the batch's bytes are copied
+        // once, not once into a body and again into the record.
+        let mut rec = postcard::to_extend(changes, vec![0u8; HEADER_BYTES])
             .map_err(|e| StoreError::Backend(format!("cannot encode a log record: {e}")))?;
-        let body_len = u32::try_from(body.len())
+        let body_len = u32::try_from(rec.len() - HEADER_BYTES)
             .map_err(|_| StoreError::Backend("a log record over 4 GiB".into()))?;
-        let mut rec = Vec::with_capacity(HEADER_BYTES + body.len());
-        rec.extend_from_slice(&MAGIC.to_le_bytes());
-        rec.extend_from_slice(&body_len.to_le_bytes());
-        rec.extend_from_slice(&lsn.to_le_bytes());
-        rec.extend_from_slice(&checksum(lsn, &body));
-        rec.extend_from_slice(&body);
+        let sum = checksum(lsn, &rec[HEADER_BYTES..]);
+        rec[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        rec[4..8].copy_from_slice(&body_len.to_le_bytes());
+        rec[8..16].copy_from_slice(&lsn.to_le_bytes());
+        rec[16..32].copy_from_slice(&sum);
         self.reserve(self.offset + rec.len() as u64)?;
         self.file
             .write_all_at(&rec, self.offset)
