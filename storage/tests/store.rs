@@ -350,6 +350,11 @@ async fn durability_none_skips_the_log_fsync_and_a_clean_close_makes_it_durable(
         store.create_run(new_run(id), vec![ev("a")]).await.unwrap();
         store.append(id, vec![ev("b")], None).await.unwrap();
     }
+    // The close checkpointed and emptied the log: the data is in the redb file itself, not
+    // only replayable from the log.
+    let mut wal = path.as_os_str().to_owned();
+    wal.push(".wal");
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
     let store = RedbStore::open(&path).unwrap();
     let meta = store.run(id).await.unwrap().unwrap();
     assert_eq!(meta.events, 2, "closing the store checkpoints its changes");
