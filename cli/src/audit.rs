@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use cairn_agents::{Block, BudgetExhausted, HandoffRecord, Message, ModelCall, Role, ToolCall};
 use cairn_engine::{Event, StepPath};
-use cairn_storage::{EventStore, RedbStore, RunId, RunMeta, Seq, StoredEvent};
+use cairn_storage::{EventStore, RedbStore, RunId, RunMeta, StoredEvent};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::{Value, json};
 
@@ -53,19 +53,13 @@ pub(crate) async fn each_event(
     until: Option<u64>,
     mut f: impl FnMut(&StoredEvent) -> Result<()>,
 ) -> Result<()> {
-    let mut next = Seq(0);
-    loop {
-        let page = store.read(id, next, 4096).await?;
-        let Some(last) = page.last() else { break };
-        next = Seq(last.seq.0 + 1);
-        for e in &page {
-            if until.is_some_and(|u| e.seq.0 >= u) {
-                return Ok(());
-            }
-            f(e)?;
+    crate::commands::for_each_event(store, id, 0, |e| {
+        if until.is_some_and(|u| e.seq.0 >= u) {
+            return Ok(());
         }
-    }
-    Ok(())
+        f(e)
+    })
+    .await
 }
 
 /// Lowercase hex of bytes.
@@ -1138,7 +1132,7 @@ mod tests {
     use super::*;
     use cairn_agents::{BudgetLimits, ModelRequest, ModelResponse, StopReason, Usage};
     use cairn_engine::Payload;
-    use cairn_storage::{RunStatus, genesis_hash};
+    use cairn_storage::{RunStatus, Seq, genesis_hash};
 
     fn stored(seq: u64, ev: Event) -> StoredEvent {
         StoredEvent {

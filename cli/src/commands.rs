@@ -13,6 +13,7 @@ use cairn_engine::{CancelOutcome, Engine, Event, RunHandle, RunOutcome, StartOpt
 use cairn_storage::{EventStore, RedbStore, RunFilter, RunId, RunMeta, RunStatus, Seq};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
+use crate::audit::hex;
 use crate::control;
 use crate::workflows::{self, Progress};
 use crate::{Cli, Command};
@@ -509,8 +510,9 @@ fn meta_json(m: &RunMeta) -> serde_json::Value {
     })
 }
 
-/// Reads a run's events page by page and calls `f` on each.
-async fn for_each_event(
+/// Reads a run's events page by page from `from` on and calls `f` on each (shared by the
+/// commands that walk a history: show, events, audit, trace).
+pub(crate) async fn for_each_event(
     store: &RedbStore,
     id: RunId,
     from: u64,
@@ -526,10 +528,6 @@ async fn for_each_event(
         }
     }
     Ok(())
-}
-
-fn hex(h: &[u8]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn events(path: &Path, run: &str, from: u64) -> Result<ExitCode> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cairn_engine::{Event, StepPath};
-use cairn_storage::{EventStore, RunId, RunStatus, Seq};
+use cairn_storage::{EventStore, RunId, RunStatus};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -29,6 +29,7 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 use prost::Message;
 
+use crate::audit::hex;
 use crate::commands::{UsageError, open_ro};
 
 /// `cairn trace`'s arguments.
@@ -104,21 +105,17 @@ pub async fn run(store_path: &Path, args: TraceArgs) -> Result<ExitCode> {
         )
     })?;
     let mut events = Vec::new();
-    let mut next = Seq(0);
-    loop {
-        let page = store.read(id, next, 4096).await?;
-        let Some(last) = page.last() else { break };
-        next = Seq(last.seq.0 + 1);
-        for e in page {
-            let ev = Event::decode(&e.payload).map_err(|err| {
-                anyhow!(
-                    "event {} of run {id} cannot be decoded ({err}); it may come from a newer cairn",
-                    e.seq.0
-                )
-            })?;
-            events.push((e.ts_us, ev));
-        }
-    }
+    crate::commands::for_each_event(&store, id, 0, |e| {
+        let ev = Event::decode(&e.payload).map_err(|err| {
+            anyhow!(
+                "event {} of run {id} cannot be decoded ({err}); it may come from a newer cairn",
+                e.seq.0
+            )
+        })?;
+        events.push((e.ts_us, ev));
+        Ok(())
+    })
+    .await?;
     let spans = build_spans(id, meta.status, &events)?;
     let resource = Resource {
         attributes: vec![
@@ -326,10 +323,6 @@ fn batches(spans: Vec<Span>) -> Vec<Vec<Span>> {
         out.push(cur);
     }
     out
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 // ---- attributes ----
