@@ -415,6 +415,20 @@ impl Engine {
         })
     }
 
+    /// The registered workflow of a recorded run, refusing a version other than the recorded one.
+    fn lookup_recorded(&self, id: RunId, state: &RunState) -> Result<Registered, EngineError> {
+        let wf = self.lookup(&state.workflow)?;
+        if wf.version != state.version {
+            return Err(EngineError::VersionMismatch {
+                run: id,
+                workflow: state.workflow.clone(),
+                recorded: state.version,
+                registered: wf.version,
+            });
+        }
+        Ok(wf)
+    }
+
     fn lookup(&self, name: &str) -> Result<Registered, EngineError> {
         self.inner
             .registry
@@ -443,15 +457,7 @@ impl Engine {
                 join: tokio::spawn(async move { Ok(outcome) }),
             });
         }
-        let wf = self.lookup(&state.workflow)?;
-        if wf.version != state.version {
-            return Err(EngineError::VersionMismatch {
-                run: id,
-                workflow: state.workflow.clone(),
-                recorded: state.version,
-                registered: wf.version,
-            });
-        }
+        let wf = self.lookup_recorded(id, &state)?;
         let mut state = state;
         let resumed = Event::RunResumed {
             events_before: state.events,
@@ -683,15 +689,7 @@ impl Engine {
     /// early or finishes differently), or where the history ends. For CI over saved histories.
     pub async fn check(&self, id: RunId) -> Result<CheckReport, EngineError> {
         let state = self.load(id).await?;
-        let wf = self.lookup(&state.workflow)?;
-        if wf.version != state.version {
-            return Err(EngineError::VersionMismatch {
-                run: id,
-                workflow: state.workflow.clone(),
-                recorded: state.version,
-                registered: wf.version,
-            });
-        }
+        let wf = self.lookup_recorded(id, &state)?;
         let recorded_status = state.status;
         let recorded_output = state.output.as_ref().map(Payload::to_json);
         let recorded_error = state.error.clone();
