@@ -253,6 +253,10 @@ pub enum EngineError {
         /// What the step's state is.
         detail: String,
     },
+    /// A fork was refused (unknown step, unfinished child, a history the code departs from);
+    /// nothing was written.
+    #[error(transparent)]
+    Fork(#[from] crate::fork::ForkError),
     /// The run's task panicked; it stays `running` and can be resumed.
     #[error("run {run} panicked: {detail}; it stays `running` and can be resumed after a fix")]
     Panicked {

@@ -13,6 +13,7 @@ mod context;
 mod error;
 mod event;
 mod fanout;
+mod fork;
 mod registry;
 mod retry;
 mod runtime;
@@ -23,6 +24,9 @@ pub use context::{CompletedStep, WorkflowContext};
 pub use error::{EngineError, Interrupt, StepError, WorkflowError};
 pub use event::{DecodeError, Event, Payload, StepPath};
 pub use fanout::{BranchOutcome, FanIn, FanOutOptions, JoinPolicy};
+pub use fork::{
+    FORK_EVENTS_LABEL, FORK_POINT_LABEL, FORKED_FROM_LABEL, ForkError, ForkOptions, ForkedRun,
+};
 pub use registry::Registry;
 pub use retry::{RetryPolicy, StepOptions};
 pub use runtime::{

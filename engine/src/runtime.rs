@@ -416,7 +416,11 @@ impl Engine {
     }
 
     /// The registered workflow of a recorded run, refusing a version other than the recorded one.
-    fn lookup_recorded(&self, id: RunId, state: &RunState) -> Result<Registered, EngineError> {
+    pub(crate) fn lookup_recorded(
+        &self,
+        id: RunId,
+        state: &RunState,
+    ) -> Result<Registered, EngineError> {
         let wf = self.lookup(&state.workflow)?;
         if wf.version != state.version {
             return Err(EngineError::VersionMismatch {
@@ -690,6 +694,18 @@ impl Engine {
     pub async fn check(&self, id: RunId) -> Result<CheckReport, EngineError> {
         let state = self.load(id).await?;
         let wf = self.lookup_recorded(id, &state)?;
+        Ok(self.check_state(id, state, wf).await?.0)
+    }
+
+    /// [`Engine::check`] for a history already folded into `state` (a fork checks its copied
+    /// history before writing it). Besides the report, returns the interrupt behind a
+    /// divergence, if the code stopped on one (code ending early counts as a non-determinism).
+    pub(crate) async fn check_state(
+        &self,
+        id: RunId,
+        state: RunState,
+        wf: Registered,
+    ) -> Result<(CheckReport, Option<Interrupt>), EngineError> {
         let recorded_status = state.status;
         let recorded_output = state.output.as_ref().map(Payload::to_json);
         let recorded_error = state.error.clone();
@@ -732,11 +748,11 @@ impl Engine {
         match interrupt {
             Some(Interrupt::EndOfHistory { path, name, .. }) => {
                 report.history_ends_at = Some(format!("step {path} `{name}`"));
-                return Ok(report);
+                return Ok((report, None));
             }
             Some(i) => {
                 report.divergence = Some(i.to_string());
-                return Ok(report);
+                return Ok((report, Some(i)));
             }
             None => {}
         }
@@ -744,7 +760,13 @@ impl Engine {
             report.divergence = Some(format!(
                 "today's code finishes before step {path}, where the history has `{recorded}`"
             ));
-            return Ok(report);
+            let i = Interrupt::NonDeterminism {
+                run: id,
+                path,
+                recorded,
+                found: "the end of the workflow".into(),
+            };
+            return Ok((report, Some(i)));
         }
         let (today, today_text) = match &result {
             Ok(out) => (RunStatus::Completed, out.to_json().to_string()),
@@ -779,7 +801,7 @@ impl Engine {
                 report.history_ends_at = Some(format!("the run's end ({today})"));
             }
         }
-        Ok(report)
+        Ok((report, None))
     }
 
     /// Waits until run `id` stops executing and returns its outcome as recorded; a run that is
