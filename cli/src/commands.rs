@@ -47,7 +47,7 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-fn usage(msg: impl Into<String>) -> anyhow::Error {
+pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
 }
 
@@ -56,11 +56,11 @@ pub fn open_ro(path: &Path) -> Result<RedbStore> {
     Ok(RedbStore::open_read_only(path)?)
 }
 
-fn parse_run(s: &str) -> Result<RunId> {
+pub(crate) fn parse_run(s: &str) -> Result<RunId> {
     s.parse::<RunId>().map_err(|e| usage(e.to_string()))
 }
 
-async fn meta_of(store: &RedbStore, id: RunId) -> Result<RunMeta> {
+pub(crate) async fn meta_of(store: &RedbStore, id: RunId) -> Result<RunMeta> {
     store.run(id).await?.with_context(|| {
         format!(
             "no run {id} in {}; list runs with `cairn runs`",
@@ -144,6 +144,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             retry: _,
         } => review(path, &run, &step, done, &output).await,
         Command::Trace(args) => crate::trace::run(path, args).await,
+        Command::Fork(args) => crate::fork::run(path, args).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }
@@ -154,7 +155,7 @@ static PARK_AFTER_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 /// `--max-running` for every engine this process makes (0: no limit).
 static MAX_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn engine_for(store: RedbStore, progress: Arc<Progress>) -> Engine {
+pub(crate) fn engine_for(store: RedbStore, progress: Arc<Progress>) -> Engine {
     let max = MAX_RUNNING.load(Ordering::Relaxed);
     let options = cairn_engine::EngineOptions {
         suspend_after: Duration::from_millis(PARK_AFTER_MS.load(Ordering::Relaxed)),
@@ -280,7 +281,7 @@ async fn recover(path: &Path) -> Result<ExitCode> {
 }
 
 /// Waits for runs to finish, showing demo progress, and turns Ctrl-C into a clean stop.
-async fn drive(
+pub(crate) async fn drive(
     engine: &Engine,
     handles: Vec<RunHandle>,
     progress: Option<Arc<Progress>>,
@@ -398,7 +399,10 @@ impl ProgressLine {
 
 /// Prints each outcome and picks the exit code: 1 if any run failed, was cancelled or could
 /// not run; else 130 if any was interrupted; else 0.
-fn report(path: &Path, outcomes: &[Result<RunOutcome, cairn_engine::EngineError>]) -> ExitCode {
+pub(crate) fn report(
+    path: &Path,
+    outcomes: &[Result<RunOutcome, cairn_engine::EngineError>],
+) -> ExitCode {
     let mut failed = false;
     let mut interrupted = false;
     let store = path.display();
@@ -584,6 +588,16 @@ async fn show(path: &Path, run: &str, step: Option<&str>) -> Result<ExitCode> {
     )?;
     if let Some(p) = meta.parent {
         writeln!(out, "parent {p}")?;
+    }
+    if let Some(source) = meta.labels.get(cairn_engine::FORKED_FROM_LABEL) {
+        let point = meta.labels.get(cairn_engine::FORK_POINT_LABEL);
+        let copied = meta.labels.get(cairn_engine::FORK_EVENTS_LABEL);
+        writeln!(
+            out,
+            "forked from {source} at step {}: its first {} events are copied from that run's history, with their original times",
+            point.map_or("?", String::as_str),
+            copied.map_or("?", String::as_str)
+        )?;
     }
     for (path, c) in &state.children {
         let status = match c.ok {

@@ -5,6 +5,7 @@ mod bench;
 mod commands;
 mod control;
 mod fake_llm;
+mod fork;
 mod telemetry;
 mod trace;
 mod transfer;
@@ -187,6 +188,9 @@ enum Command {
         #[arg(long, default_value = "cancelled from the CLI")]
         reason: String,
     },
+    /// Fork a run: a new run that reuses its history before step PATH and executes from there
+    /// (optionally with another input), run to its end like `resume`.
+    Fork(fork::ForkArgs),
     /// Send a recorded run to an OpenTelemetry backend as a trace (OTLP/HTTP), with its
     /// original timestamps: a span per step, GenAI attributes on model and tool calls.
     Trace(trace::TraceArgs),
