@@ -590,3 +590,97 @@ async fn a_fork_drops_the_sources_park_and_resume_markers_and_keeps_its_consumed
     );
     assert!(store.verify(fork_id).await.unwrap().ok());
 }
+
+#[tokio::test]
+async fn a_fork_from_a_branch_without_steps_cuts_at_that_branchs_outcome() {
+    // A branch that runs no operation records only its outcome, at the fan-out's position plus
+    // its index: the fork must treat that outcome as the branch's, not the fan-out's.
+    let (_d, store) = store();
+    let runs_of = Arc::new(Counts::default());
+    let mut r = Registry::new();
+    let c = Arc::clone(&runs_of);
+    r.register("pure", 1, move |ctx, _: ()| {
+        let c = Arc::clone(&c);
+        async move {
+            let fan = ctx
+                .fan_out(
+                    "double",
+                    (0..5u64).collect(),
+                    FanOutOptions::new(1),
+                    move |_b, i| {
+                        let k = c.counter(&format!("branch{i}"));
+                        async move {
+                            k.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, cairn_engine::WorkflowError>(i * 2)
+                        }
+                    },
+                )
+                .await?;
+            Ok(fan.into_successes().iter().sum::<u64>())
+        }
+    });
+    let engine = Engine::with_store(store.clone(), r);
+    let src = finish(&engine, "pure", &()).await;
+    assert_eq!(src.output, Some(json!(20)));
+    let out = engine
+        .fork(src.run_id.parse().unwrap(), ForkOptions::new(path("0.3")))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.output, src.output);
+    // Branch code outside steps also runs when the fork's copy is checked, so count branch
+    // calls only for the reused branches (never called again) and read the rest from the log.
+    let counts: Vec<usize> = (0..5).map(|i| runs_of.get(&format!("branch{i}"))).collect();
+    assert_eq!(
+        counts[..3],
+        [1, 1, 1],
+        "reused branches are not called: {counts:?}"
+    );
+    assert!(counts[3] > 1 && counts[4] > 1, "{counts:?}");
+    let fork_id: RunId = out.run_id.parse().unwrap();
+    let (mut copied, mut executed) = (Vec::new(), Vec::new());
+    let mut resumed = false;
+    for e in events(&store, fork_id).await {
+        match Event::decode(&e.payload).unwrap() {
+            Event::RunResumed { .. } => resumed = true,
+            Event::BranchCompleted { index, .. } if resumed => executed.push(index),
+            Event::BranchCompleted { index, .. } => copied.push(index),
+            _ => {}
+        }
+    }
+    assert_eq!((copied, executed), (vec![0, 1, 2], vec![3, 4]));
+}
+
+#[tokio::test]
+async fn a_forks_deadline_is_the_sources_timeout_counted_from_the_fork() {
+    let (_d, store) = store();
+    let counts = Arc::new(Counts::default());
+    let engine = Engine::with_store(store.clone(), registry(Arc::clone(&counts)));
+    let mut opts = cairn_engine::StartOptions::new("pipeline", json!({"base": 1, "n": 1}));
+    opts.timeout = Some(Duration::from_secs(3600));
+    let src = engine.start_with(opts).await.unwrap();
+    let src_id = src.id;
+    src.wait().await.unwrap();
+    let src_deadline = engine.load(src_id).await.unwrap().deadline_us.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let forked = engine
+        .fork_prefix(src_id, ForkOptions::new(path("1")))
+        .await
+        .unwrap();
+    let fork_deadline = engine.load(forked.id).await.unwrap().deadline_us.unwrap();
+    let moved = fork_deadline - src_deadline;
+    assert!(
+        (250_000..60_000_000).contains(&moved),
+        "the deadline moved by {moved} µs"
+    );
+    let out = engine
+        .resume(forked.id)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed);
+}
