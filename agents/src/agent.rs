@@ -215,11 +215,23 @@ impl Agent {
     ) -> Result<AgentRun, WorkflowError> {
         let span = tracing::info_span!(
             "agent",
+            otel.name = format!("invoke_agent {}", self.name),
             gen_ai.operation.name = "invoke_agent",
             gen_ai.agent.name = self.name.as_str(),
             cairn.run_id = %ctx.run_id(),
+            otel.status_code = Empty,
+            exception.message = Empty,
         );
-        self.conversation(ctx, messages).instrument(span).await
+        let record = span.clone();
+        let r = self.conversation(ctx, messages).instrument(span).await;
+        // A stop (shutdown, suspension) is not the agent's error.
+        if let Err(e) = &r
+            && !matches!(e, WorkflowError::Interrupted(_))
+        {
+            record.record("otel.status_code", "ERROR");
+            record.record("exception.message", tracing::field::display(e));
+        }
+        r
     }
 
     async fn conversation(
@@ -378,18 +390,26 @@ impl Agent {
     ) -> Result<ModelCall, StepError> {
         let span = tracing::info_span!(
             "chat",
+            otel.name = format!("chat {}", request.model),
+            otel.kind = "client",
             gen_ai.operation.name = "chat",
             gen_ai.provider.name = self.model.provider(),
+            // The older name of `gen_ai.provider.name`, still read by some backends.
+            gen_ai.system = self.model.provider(),
             gen_ai.request.model = request.model.as_str(),
+            gen_ai.request.max_tokens = i64::from(request.max_tokens),
+            gen_ai.request.temperature = request.temperature.map(f64::from),
             gen_ai.agent.name = self.name.as_str(),
             cairn.run_id = %run_id,
             gen_ai.response.model = Empty,
+            gen_ai.response.id = Empty,
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
             gen_ai.response.finish_reasons = Empty,
             cairn.cost_usd = Empty,
             error.type = Empty,
-            error = Empty,
+            otel.status_code = Empty,
+            exception.message = Empty,
         );
         let started = Instant::now();
         let request_hash = request.hash();
@@ -407,8 +427,12 @@ impl Agent {
                 let input_tokens =
                     u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens;
                 span.record("gen_ai.response.model", response.model.as_str());
-                span.record("gen_ai.usage.input_tokens", input_tokens);
-                span.record("gen_ai.usage.output_tokens", u.output_tokens);
+                if !response.id.is_empty() {
+                    span.record("gen_ai.response.id", response.id.as_str());
+                }
+                // Signed: tracing-opentelemetry records unsigned fields as strings.
+                span.record("gen_ai.usage.input_tokens", signed(input_tokens));
+                span.record("gen_ai.usage.output_tokens", signed(u.output_tokens));
                 span.record(
                     "gen_ai.response.finish_reasons",
                     stop_reason_name(&response.stop_reason),
@@ -442,7 +466,8 @@ impl Agent {
             }
             Err(e) => {
                 span.record("error.type", error_kind_name(&e.kind));
-                span.record("error", e.message.as_str());
+                span.record("otel.status_code", "ERROR");
+                span.record("exception.message", e.message.as_str());
                 tracing::info!(
                     target: "cairn::metrics",
                     parent: &span,
@@ -468,6 +493,11 @@ impl Agent {
             }
         }
     }
+}
+
+/// A count as a signed span field (OpenTelemetry integers are i64).
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// `finish_reasons` as the provider-neutral names cairn records.
@@ -505,11 +535,14 @@ async fn run_tool(
 ) -> Result<ToolCall, StepError> {
     let span = tracing::info_span!(
         "execute_tool",
+        otel.name = format!("execute_tool {name}"),
         gen_ai.operation.name = "execute_tool",
         gen_ai.tool.name = name.as_str(),
+        gen_ai.tool.type = "function",
         gen_ai.tool.call.id = id.as_str(),
         error.type = Empty,
-        error = Empty,
+        otel.status_code = Empty,
+        exception.message = Empty,
     );
     let started = Instant::now();
     let result = match tools.get(&name) {
@@ -527,7 +560,8 @@ async fn run_tool(
     if let Err(e) = &result {
         // Sent back to the model (the step succeeds), but the call failed.
         span.record("error.type", "tool_error");
-        span.record("error", e.as_str());
+        span.record("otel.status_code", "ERROR");
+        span.record("exception.message", e.as_str());
     }
     let (output, error) = match result {
         Ok(v) => (Some(v), None),

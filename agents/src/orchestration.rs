@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use cairn_engine::{StepError, WorkflowContext, WorkflowError};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::agent::{Agent, AgentRun};
 use crate::model::{Block, Message, Model, Role};
@@ -88,6 +90,33 @@ impl Router {
 
     /// Classifies `task` and runs the chosen agent on it.
     pub async fn run(&self, ctx: &WorkflowContext, task: &str) -> Result<Routed, WorkflowError> {
+        // A `route` span around the classification and the chosen agent's run, with the
+        // decision recorded once it is known.
+        let span = tracing::info_span!(
+            "route",
+            cairn.run_id = %ctx.run_id(),
+            cairn.router = self.name.as_str(),
+            cairn.route.category = Empty,
+            cairn.route.agent = Empty,
+            cairn.route.fallback = Empty,
+            otel.status_code = Empty,
+            exception.message = Empty,
+        );
+        let record = span.clone();
+        let r = self
+            .classify_and_run(ctx, task, &record)
+            .instrument(span)
+            .await;
+        mark_error(&record, &r);
+        r
+    }
+
+    async fn classify_and_run(
+        &self,
+        ctx: &WorkflowContext,
+        task: &str,
+        span: &tracing::Span,
+    ) -> Result<Routed, WorkflowError> {
         let scope = ctx.scope(&format!("router:{}", self.name)).await?;
         let classifier = self.classifier.clone().system(&self.system_prompt());
         let classification = classifier.run(&scope, task).await?;
@@ -123,6 +152,9 @@ impl Router {
         let decision: RouteDecision = scope
             .step("route", move || async move { Ok::<_, StepError>(d) })
             .await?;
+        span.record("cairn.route.category", decision.category.as_str());
+        span.record("cairn.route.agent", decision.agent.as_str());
+        span.record("cairn.route.fallback", decision.fallback);
         let agent = if decision.fallback {
             self.fallback.as_ref()
         } else {
@@ -188,8 +220,48 @@ pub struct HandoffRecord {
     pub context: Vec<Message>,
 }
 
+/// Marks a span as failed (OpenTelemetry: ERROR status and the exception) when `r` is an error
+/// other than a stop (shutdown, suspension, cancellation).
+fn mark_error<T>(span: &tracing::Span, r: &Result<T, WorkflowError>) {
+    if let Err(e) = r
+        && !matches!(e, WorkflowError::Interrupted(_))
+    {
+        span.record("otel.status_code", "ERROR");
+        span.record("exception.message", tracing::field::display(e));
+    }
+}
+
 /// Hands `from`'s conversation to `to` (in full, or summarized) and runs `to` on it.
 pub async fn handoff(
+    ctx: &WorkflowContext,
+    from: &AgentRun,
+    to: &Agent,
+    mode: HandoffMode,
+    reason: &str,
+) -> Result<(HandoffRecord, AgentRun), WorkflowError> {
+    // A `handoff` span around the summary (if any) and the next agent's run.
+    let span = tracing::info_span!(
+        "handoff",
+        cairn.run_id = %ctx.run_id(),
+        cairn.handoff.from = from.agent.as_str(),
+        cairn.handoff.to = to.name(),
+        cairn.handoff.mode = match &mode {
+            HandoffMode::Full => "full",
+            HandoffMode::Summary { .. } => "summary",
+        },
+        cairn.handoff.reason = reason,
+        otel.status_code = Empty,
+        exception.message = Empty,
+    );
+    let record = span.clone();
+    let r = hand_over(ctx, from, to, mode, reason)
+        .instrument(span)
+        .await;
+    mark_error(&record, &r);
+    r
+}
+
+async fn hand_over(
     ctx: &WorkflowContext,
     from: &AgentRun,
     to: &Agent,

@@ -211,7 +211,10 @@ async fn an_agent_run_has_its_span_tree_and_a_resume_sends_no_chat_span() {
     loop {
         let done = named(&collect.closed.lock().unwrap(), "step")
             .iter()
-            .any(|s| s.field("cairn.step_name") == Some("flaky") && s.field("error").is_none());
+            .any(|s| {
+                s.field("cairn.step_name") == Some("flaky")
+                    && s.field("exception.message").is_none()
+            });
         if done {
             break;
         }
@@ -261,7 +264,7 @@ async fn an_agent_run_has_its_span_tree_and_a_resume_sends_no_chat_span() {
             (cost - (i as f64 + 5.0 * o as f64) / 1e6).abs() < 1e-12,
             "{c:?}"
         );
-        assert_eq!(c.field("error"), None);
+        assert_eq!(c.field("exception.message"), None);
     }
 
     let mut tools = named(&spans, "execute_tool");
@@ -272,12 +275,13 @@ async fn an_agent_run_has_its_span_tree_and_a_resume_sends_no_chat_span() {
         assert_eq!(t.field("gen_ai.operation.name"), Some("execute_tool"));
     }
     assert_eq!(tools[0].field("gen_ai.tool.name"), Some("lookup"));
-    assert_eq!(tools[0].field("error"), None);
+    assert_eq!(tools[0].field("exception.message"), None);
     assert_eq!(tools[1].field("gen_ai.tool.name"), Some("weather"));
     assert_eq!(tools[1].field("error.type"), Some("tool_error"));
+    assert_eq!(tools[1].field("otel.status_code"), Some("ERROR"));
     assert!(
         tools[1]
-            .field("error")
+            .field("exception.message")
             .unwrap()
             .contains("unknown tool `weather`"),
         "{:?}",
@@ -292,9 +296,11 @@ async fn an_agent_run_has_its_span_tree_and_a_resume_sends_no_chat_span() {
         .collect();
     assert_eq!(flaky.len(), 2, "{steps:#?}");
     assert_eq!(flaky[0].field("cairn.attempt"), Some("1"));
-    assert_eq!(flaky[0].field("error"), Some("first try fails"));
+    assert_eq!(flaky[0].field("exception.message"), Some("first try fails"));
+    assert_eq!(flaky[0].field("otel.status_code"), Some("ERROR"));
+    assert_eq!(flaky[0].field("cairn.step.will_retry"), Some("true"));
     assert_eq!(flaky[1].field("cairn.attempt"), Some("2"));
-    assert_eq!(flaky[1].field("error"), None);
+    assert_eq!(flaky[1].field("exception.message"), None);
     assert_eq!(flaky[0].ancestors, ["run"]);
     assert!(
         collect
@@ -371,9 +377,9 @@ async fn a_failed_model_call_attempt_records_its_error_type_and_message() {
     let chats = named(&spans, "chat");
     assert_eq!(chats.len(), 2, "{spans:#?}");
     assert_eq!(chats[0].field("error.type"), Some("overloaded"));
-    assert_eq!(chats[0].field("error"), Some("busy"));
+    assert_eq!(chats[0].field("exception.message"), Some("busy"));
     assert_eq!(chats[0].field("gen_ai.usage.input_tokens"), None);
-    assert_eq!(chats[1].field("error"), None);
+    assert_eq!(chats[1].field("exception.message"), None);
     assert_eq!(chats[1].field("gen_ai.usage.input_tokens"), Some("150"));
     let steps = named(&spans, "step");
     let model_steps: Vec<_> = steps
@@ -382,7 +388,10 @@ async fn a_failed_model_call_attempt_records_its_error_type_and_message() {
         .collect();
     assert_eq!(model_steps.len(), 2);
     assert!(
-        model_steps[0].field("error").unwrap().contains("busy"),
+        model_steps[0]
+            .field("exception.message")
+            .unwrap()
+            .contains("busy"),
         "{:?}",
         model_steps[0]
     );

@@ -143,7 +143,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             output,
             retry: _,
         } => review(path, &run, &step, done, &output).await,
-        Command::Trace(args) => crate::trace::run(path, args).await,
+        Command::Trace(args) => crate::trace::run(path, cli.otlp.as_deref(), args).await,
         Command::Fork(args) => crate::fork::run(path, args).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }

@@ -6,6 +6,8 @@ mod commands;
 mod control;
 mod fake_llm;
 mod fork;
+mod otel;
+mod otel_metrics;
 mod telemetry;
 mod trace;
 mod transfer;
@@ -41,6 +43,15 @@ pub struct Cli {
     /// tool calls, success, cost, run id, timestamp) to FILE; `-` writes them to stderr.
     #[arg(long, global = true, value_name = "FILE")]
     metrics_log: Option<PathBuf>,
+    /// Send live spans and metrics to this OpenTelemetry collector (OTLP/HTTP protobuf, e.g.
+    /// http://localhost:4318: spans to URL/v1/traces, metrics to URL/v1/metrics) while
+    /// workflows run; also where `cairn trace` sends. Without it, the OTEL_EXPORTER_OTLP_*
+    /// endpoint variables turn live export on; with neither, it is off.
+    #[arg(long, global = true, value_name = "URL")]
+    otlp: Option<String>,
+    /// Internal, for `cairn bench`: build the live telemetry pipeline but discard its output.
+    #[arg(long, global = true, hide = true)]
+    otel_discard: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -240,10 +251,41 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = telemetry::init(cli.log_format, cli.metrics_log.as_deref()) {
-        eprintln!("error: {}", one_line(&e));
-        return ExitCode::FAILURE;
+    // `cairn trace` sends its own spans to --otlp; every other command exports live ones.
+    let live = if matches!(cli.command, Command::Trace(_)) {
+        Ok(None)
+    } else {
+        otel::settings(cli.otlp.as_deref(), cli.otel_discard, &|k| {
+            std::env::var(k).ok()
+        })
+    };
+    let live = match live {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let pipeline = match telemetry::init(cli.log_format, cli.metrics_log.as_deref(), live.as_ref())
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = run_command(cli);
+    // Send what is still queued; say once what could not be delivered.
+    if let Some(p) = pipeline
+        && let Some(warning) = p.shutdown()
+    {
+        eprintln!("warning: {warning}");
     }
+    code
+}
+
+/// Runs the command on a fresh async runtime.
+fn run_command(cli: Cli) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

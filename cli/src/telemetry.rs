@@ -2,6 +2,10 @@
 //! default [`DEFAULT_FILTER`]; human or JSON lines with `--log-format json`), and the metrics log
 //! (`--metrics-log FILE`, `-` for stderr): one JSON line per live model call.
 //!
+//! With live export on (`--otlp URL` or the OTLP endpoint variables; `crate::otel`), a third
+//! and fourth layer send the spans and the metrics derived from them to an OpenTelemetry
+//! collector. Off, they are not installed at all: the subscriber is the same as without them.
+//!
 //! The metrics log is a `tracing` layer that takes only the events of target `cairn::metrics`,
 //! which the agent loop emits at the end of each live model call (never for a call answered
 //! from the log), and writes each as one `agent_call` JSON line. The stderr log never shows
@@ -37,8 +41,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the process's subscriber: the stderr log and, with `metrics`, the metrics log.
-pub fn init(format: LogFormat, metrics: Option<&Path>) -> Result<()> {
+/// Installs the process's subscriber: the stderr log, with `metrics` the metrics log, and with
+/// `live` the OpenTelemetry export, whose pipeline is returned (to be shut down at exit).
+pub fn init(
+    format: LogFormat,
+    metrics: Option<&Path>,
+    live: Option<&crate::otel::Settings>,
+) -> Result<Option<crate::otel::Pipeline>> {
     let env = match std::env::var("RUST_LOG") {
         Ok(v) if !v.trim().is_empty() => EnvFilter::builder()
             .with_default_directive(LevelFilter::WARN.into())
@@ -69,12 +78,23 @@ pub fn init(format: LogFormat, metrics: Option<&Path>) -> Result<()> {
             Some(MetricsLayer::open(p)?.with_filter(filter_fn(|m| m.target() == METRICS_TARGET)))
         }
     };
-    tracing_subscriber::registry()
-        .with(fmt)
-        .with(metrics)
-        .try_init()
-        .context("cannot install the log subscriber")?;
-    Ok(())
+    let base = tracing_subscriber::registry().with(fmt).with(metrics);
+    // Two arms rather than an `Option` layer: with export off, the subscriber is exactly the
+    // one without it.
+    match live {
+        None => {
+            base.try_init()
+                .context("cannot install the log subscriber")?;
+            Ok(None)
+        }
+        Some(settings) => {
+            let pipeline = crate::otel::Pipeline::start(settings)?;
+            base.with(pipeline.layer())
+                .try_init()
+                .context("cannot install the log subscriber")?;
+            Ok(Some(pipeline))
+        }
+    }
 }
 
 /// Writes each `cairn::metrics` event as one JSON line.

@@ -37,10 +37,6 @@ use crate::commands::{UsageError, open_ro};
 pub struct TraceArgs {
     /// The run id.
     pub run: String,
-    /// The collector's OTLP/HTTP endpoint, e.g. http://localhost:4318; spans are POSTed to
-    /// URL/v1/traces as protobuf (a URL already ending in /v1/traces is used as it is).
-    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
-    pub otlp: String,
     /// The `service.name` resource attribute.
     #[arg(long, default_value = "cairn", env = "OTEL_SERVICE_NAME")]
     pub service_name: String,
@@ -86,17 +82,24 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
 }
 
-/// Runs `cairn trace`.
-pub async fn run(store_path: &Path, args: TraceArgs) -> Result<ExitCode> {
+/// Runs `cairn trace`; `otlp` is the global `--otlp URL` (the collector's OTLP/HTTP endpoint;
+/// spans go to URL/v1/traces), else `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (as it is) or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+pub async fn run(store_path: &Path, otlp: Option<&str>, args: TraceArgs) -> Result<ExitCode> {
     let id: RunId = args.run.parse().map_err(|e| usage(format!("{e}")))?;
-    let url = traces_url(&args.otlp)?;
+    let url = crate::otel::traces_endpoint(otlp, &|k| std::env::var(k).ok())?.ok_or_else(|| {
+        usage(
+            "cairn trace needs a collector: --otlp URL (e.g. http://localhost:4318) or OTEL_EXPORTER_OTLP_ENDPOINT"
+                .to_string(),
+        )
+    })?;
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
         return Err(usage(format!(
             "--timeout must be a positive number of seconds, not {}",
             args.timeout
         )));
     }
-    let headers = parse_headers(&args.headers)?;
+    let headers = parse_headers(&args.headers, &|k| std::env::var(k).ok())?;
     let store = open_ro(store_path)?;
     let meta = store.run(id).await?.with_context(|| {
         format!(
@@ -163,28 +166,16 @@ pub async fn run(store_path: &Path, args: TraceArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The export URL for `--otlp`: the base URL with `/v1/traces`, unless it already ends so.
-fn traces_url(base: &str) -> Result<String> {
-    let base = base.trim();
-    if !(base.starts_with("http://") || base.starts_with("https://")) {
-        return Err(usage(format!(
-            "--otlp must be an http:// or https:// URL (the collector's OTLP/HTTP endpoint, e.g. http://localhost:4318), not `{base}`"
-        )));
-    }
-    let base = base.trim_end_matches('/');
-    Ok(if base.ends_with("/v1/traces") {
-        base.to_string()
-    } else {
-        format!("{base}/v1/traces")
-    })
-}
-
-/// `--header NAME=VALUE` flags, or else OTEL_EXPORTER_OTLP_HEADERS (`a=b,c=d`).
-fn parse_headers(flags: &[String]) -> Result<reqwest::header::HeaderMap> {
+/// `--header NAME=VALUE` flags, or else OTEL_EXPORTER_OTLP_HEADERS (`a=b,c=d`) as `env` reads
+/// it.
+pub fn parse_headers(
+    flags: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<reqwest::header::HeaderMap> {
     use reqwest::header::{HeaderName, HeaderValue};
     let from_env;
     let items: Vec<&str> = if flags.is_empty() {
-        from_env = std::env::var("OTEL_EXPORTER_OTLP_HEADERS").unwrap_or_default();
+        from_env = env("OTEL_EXPORTER_OTLP_HEADERS").unwrap_or_default();
         from_env
             .split(',')
             .map(str::trim)
@@ -274,7 +265,7 @@ async fn send(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<()> 
 }
 
 /// The port of a URL, if it names one.
-fn port_of(url: &str) -> Option<&str> {
+pub fn port_of(url: &str) -> Option<&str> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
@@ -1127,6 +1118,7 @@ mod tests {
         assert_eq!(port_of("http://h:43170"), Some("43170"));
         assert_eq!(port_of("https://h/x"), None);
         assert_eq!(port_of("http://[::1]:4318"), Some("4318"));
+        let traces_url = |u: &str| crate::otel::signal_url(u, "/v1/traces", "--otlp");
         assert_eq!(
             traces_url("http://h:4318").unwrap(),
             "http://h:4318/v1/traces"

@@ -5,146 +5,16 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
-
 use cairn_storage::RunId;
+use common::otlp::{Receiver, attr_int, attr_str, attr_strs, spans_of, value_of};
 use common::{Env, Out};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use prost::Message;
 use serde_json::{Value, json};
-
-/// One HTTP request as the receiver got it.
-#[derive(Clone, Debug)]
-struct Request {
-    method: String,
-    path: String,
-    content_type: String,
-    body: Vec<u8>,
-}
-
-/// A minimal OTLP/HTTP receiver on 127.0.0.1: it reads each request (one per connection),
-/// keeps it, and answers 200 with an empty export response.
-struct Receiver {
-    addr: std::net::SocketAddr,
-    requests: Arc<Mutex<Vec<Request>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        Receiver::answering("200 OK")
-    }
-
-    /// A receiver that answers every request with this status line (e.g. `404 Not Found`).
-    fn answering(status: &'static str) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-        let addr = listener.local_addr().unwrap();
-        let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (requests, stop) = (Arc::clone(&requests), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(mut conn) = conn else { continue };
-                    if let Some(r) = read_request(&mut conn) {
-                        requests.lock().unwrap().push(r);
-                        let body = if status.starts_with("200") {
-                            ""
-                        } else {
-                            "no such route"
-                        };
-                        let _ = conn.write_all(
-                            format!(
-                                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\n\
-                                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        );
-                    }
-                }
-            })
-        };
-        Receiver {
-            addr,
-            requests,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn take(&self) -> Vec<Request> {
-        std::mem::take(&mut *self.requests.lock().unwrap())
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn read_request(conn: &mut TcpStream) -> Option<Request> {
-    conn.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut lines = head.lines();
-    let mut first = lines.next()?.split_whitespace();
-    let (method, path) = (first.next()?.to_string(), first.next()?.to_string());
-    let headers: HashMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers.get("content-length")?.parse().ok()?;
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    Some(Request {
-        method,
-        path,
-        content_type: headers.get("content-type").cloned().unwrap_or_default(),
-        body,
-    })
-}
 
 /// `cairn --store <store> <args>` with no OTEL_* variables from the caller's environment.
 fn cairn(env: &Env, args: &[&str]) -> Out {
@@ -193,54 +63,6 @@ fn export(
         })
         .collect();
     (out, decoded)
-}
-
-fn spans_of(reqs: &[ExportTraceServiceRequest]) -> Vec<Span> {
-    reqs.iter()
-        .flat_map(|r| &r.resource_spans)
-        .flat_map(|rs| &rs.scope_spans)
-        .flat_map(|ss| ss.spans.clone())
-        .collect()
-}
-
-fn value_of(attrs: &[KeyValue], key: &str) -> Option<any_value::Value> {
-    attrs
-        .iter()
-        .find(|a| a.key == key)
-        .and_then(|a| a.value.as_ref())
-        .and_then(|v| v.value.clone())
-}
-
-fn attr_str(s: &Span, key: &str) -> Option<String> {
-    match value_of(&s.attributes, key) {
-        Some(any_value::Value::StringValue(v)) => Some(v),
-        None => None,
-        Some(other) => panic!("{key} of span {} is not a string: {other:?}", s.name),
-    }
-}
-
-fn attr_int(s: &Span, key: &str) -> Option<i64> {
-    match value_of(&s.attributes, key) {
-        Some(any_value::Value::IntValue(v)) => Some(v),
-        None => None,
-        Some(other) => panic!("{key} of span {} is not an int: {other:?}", s.name),
-    }
-}
-
-fn attr_strs(s: &Span, key: &str) -> Option<Vec<String>> {
-    match value_of(&s.attributes, key) {
-        Some(any_value::Value::ArrayValue(a)) => Some(
-            a.values
-                .iter()
-                .map(|v: &AnyValue| match &v.value {
-                    Some(any_value::Value::StringValue(s)) => s.clone(),
-                    other => panic!("{key}: not a string {other:?}"),
-                })
-                .collect(),
-        ),
-        None => None,
-        Some(other) => panic!("{key} of span {} is not an array: {other:?}", s.name),
-    }
 }
 
 fn blake3_prefix(parts: &[&[u8]], n: usize) -> Vec<u8> {
@@ -630,7 +452,7 @@ fn an_unreachable_collector_is_a_one_line_error() {
     let before = env.events_json(&id);
     // A port nobody listens on: bound, then closed.
     let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
     let url = format!("http://{closed}");

@@ -515,8 +515,10 @@ impl WorkflowContext {
                 cairn.run_id = %shared.run_id,
                 cairn.step_path = %path,
                 cairn.step_name = %name,
-                cairn.attempt = attempt,
-                error = tracing::field::Empty,
+                cairn.attempt = i64::from(attempt),
+                otel.status_code = tracing::field::Empty,
+                exception.message = tracing::field::Empty,
+                cairn.step.will_retry = tracing::field::Empty,
             );
             let attempt_fut = span.in_scope(&mut f);
             let run = async {
@@ -576,8 +578,6 @@ impl WorkflowContext {
                     return Ok(value);
                 }
                 Err(e) => {
-                    span.record("error", e.message());
-                    tracing::warn!(parent: &span, error = e.message(), retryable = e.is_retryable(), "step attempt failed");
                     let retryable = opts.retry.retry_all_errors || e.is_retryable();
                     let now = now_micros();
                     let retry_at_us = retryable
@@ -587,6 +587,12 @@ impl WorkflowContext {
                         .map(|d| d.max(e.retry_after().unwrap_or_default()))
                         .map(|d| now.saturating_add(micros(d)))
                         .filter(|t| deadline_us.is_none_or(|dl| *t < dl));
+                    // The attempt's span ends in error (OpenTelemetry: ERROR status and the
+                    // exception), saying whether another attempt follows.
+                    span.record("otel.status_code", "ERROR");
+                    span.record("exception.message", e.message());
+                    span.record("cairn.step.will_retry", retry_at_us.is_some());
+                    tracing::warn!(parent: &span, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
                     shared
                         .record(Event::StepFailed {
                             path: path.clone(),

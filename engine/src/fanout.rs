@@ -212,10 +212,24 @@ impl WorkflowContext {
                 cairn.run_id = %self.shared.run_id,
                 cairn.step_path = %path,
                 cairn.fan_out.name = %name,
+                cairn.fan_out.branches = items.len() as i64,
+                cairn.fan_out.succeeded = tracing::field::Empty,
+                cairn.fan_out.failed = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                exception.message = tracing::field::Empty,
             );
-            self.run_fan_out(path, name, items, opts, Arc::new(f))
+            let record = span.clone();
+            let r = self
+                .run_fan_out(path, name, items, opts, Arc::new(f))
                 .instrument(span)
-                .await
+                .await;
+            if let Err(e) = &r
+                && !matches!(e, WorkflowError::Interrupted(_))
+            {
+                record.record("otel.status_code", "ERROR");
+                record.record("exception.message", tracing::field::display(e));
+            }
+            r
         }
     }
 
@@ -329,9 +343,14 @@ impl WorkflowContext {
                 in_flight.insert(i);
                 let span = tracing::info_span!(
                     "branch",
+                    cairn.run_id = %shared.run_id,
                     cairn.step_path = %path.child(i),
-                    index = i,
+                    index = i64::from(i),
+                    cairn.branch.outcome = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                    exception.message = tracing::field::Empty,
                 );
+                let branch_span = span.clone();
                 set.spawn(async move {
                     let r = f(ctx, item).await;
                     let max_bytes = sh.store.max_payload_bytes();
@@ -368,6 +387,16 @@ impl WorkflowContext {
                             error: e.to_string(),
                         },
                     };
+                    match &ev {
+                        Event::BranchFailed { error, .. } => {
+                            branch_span.record("cairn.branch.outcome", "failed");
+                            branch_span.record("otel.status_code", "ERROR");
+                            branch_span.record("exception.message", error.as_str());
+                        }
+                        _ => {
+                            branch_span.record("cairn.branch.outcome", "succeeded");
+                        }
+                    }
                     // The branch's steps are durable already; its outcome need not be
                     // awaited before the next branch starts (a crash only re-runs the branch's
                     // closure, whose steps are answered from the log). The fan-in waits for it.
@@ -445,6 +474,10 @@ impl WorkflowContext {
         });
         // Every recorded outcome must be durable before the fan-in that counts it.
         await_durable(&shared, &mut outcomes_written).await?;
+        // On the `fan_out` span (the current one): the final counts.
+        let current = tracing::Span::current();
+        current.record("cairn.fan_out.succeeded", i64::from(succeeded));
+        current.record("cairn.fan_out.failed", i64::from(failed));
         shared
             .record(Event::FanInCompleted {
                 path: path.clone(),

@@ -955,8 +955,12 @@ impl Engine {
             "run",
             cairn.run_id = %id,
             cairn.workflow = %state.workflow,
-            cairn.version = state.version,
+            cairn.version = i64::from(state.version),
+            cairn.run.status = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            exception.message = tracing::field::Empty,
         );
+        let run_span = span.clone();
         let queued = pending || (self.inner.slots.is_some() && state.parent.is_none());
         let shared = Arc::new(RunShared {
             run_id: id,
@@ -1046,6 +1050,23 @@ impl Engine {
                 finish(&shared, &root, result, reason).await
             }
             .await;
+                // How this incarnation of the run ended, on its span: a failed run is an
+                // error (OpenTelemetry: ERROR status and the exception).
+                match &r {
+                    Ok(o) => {
+                        run_span.record("cairn.run.status", o.status.as_str());
+                        if o.status == RunStatus::Failed {
+                            run_span.record("otel.status_code", "ERROR");
+                            if let Some(e) = &o.error {
+                                run_span.record("exception.message", e.as_str());
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        run_span.record("otel.status_code", "ERROR");
+                        run_span.record("exception.message", tracing::field::display(e));
+                    }
+                }
                 lock(&inner.active).remove(&id);
                 active.stopped.send_replace(true);
                 if let Ok(o) = &r

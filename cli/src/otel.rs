@@ -1,0 +1,1084 @@
+//! Live OpenTelemetry export: the `tracing` spans of the engine and the agents, bridged to
+//! OpenTelemetry by `tracing-opentelemetry` and sent over OTLP/HTTP (protobuf) while workflows
+//! run, with the metrics derived from them (`crate::otel_metrics`).
+//!
+//! Off unless `--otlp URL` or one of the OTLP endpoint variables is set; then no layer is
+//! installed at all, and the spans cost what they cost before (a cached callsite check). On,
+//! spans are batched by the SDK's batch processor on its own thread and POSTed by a blocking
+//! reqwest client there: a workflow never waits for the collector. Spans the collector did not
+//! take (queue full, collector down, error status) are dropped and counted; the count is
+//! printed in one warning line when the process ends ([`Pipeline::shutdown`]).
+//!
+//! The trace id of a run's spans is the one `cairn trace` derives from the run id
+//! ([`crate::trace::trace_id`]), so a live trace and a later re-export of the same run land in
+//! the same trace. See docs/OBSERVABILITY.md for what matches and what does not.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use opentelemetry::trace::{SpanBuilder, TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, IdGenerator, RandomIdGenerator, SdkTracer,
+    SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
+};
+use tracing::Subscriber;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::Layer;
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::commands::UsageError;
+
+/// Where exported telemetry goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sink {
+    /// POST to OTLP/HTTP endpoints.
+    Otlp {
+        /// The traces endpoint, e.g. `http://localhost:4318/v1/traces`.
+        traces: String,
+        /// The metrics endpoint, if metrics are sent.
+        metrics: Option<String>,
+    },
+    /// Build the whole pipeline but discard what it exports (for measuring its cost).
+    Discard,
+}
+
+/// The live-export configuration, read from `--otlp` and the standard variables.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where it goes.
+    pub sink: Sink,
+    /// The `service.name` resource attribute (`OTEL_SERVICE_NAME`, default `cairn`).
+    pub service_name: String,
+    /// Headers sent with every request (`OTEL_EXPORTER_OTLP_HEADERS`, `a=b,c=d`).
+    pub headers: reqwest::header::HeaderMap,
+    /// How long one export request may take (`OTEL_EXPORTER_OTLP_TIMEOUT`, in ms; default 10 s).
+    pub timeout: Duration,
+}
+
+/// How long the exit flush may take at most, so that a dead collector delays the end of the
+/// process by at most this much.
+const EXIT_FLUSH_MAX: Duration = Duration::from_secs(3);
+/// After a failed export, batches are dropped without a request for this long: a collector
+/// that is down costs one connection attempt per window, not one per batch.
+const DOWN_WINDOW: Duration = Duration::from_secs(2);
+/// The default request timeout.
+const TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Spans queued for export at most (unless `OTEL_BSP_MAX_QUEUE_SIZE` says otherwise); more are
+/// dropped and counted. About 1 KiB each.
+const QUEUE_SPANS_MAX: usize = 16_384;
+/// Spans per export request (unless `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says otherwise).
+const BATCH_SPANS_MAX: usize = 2_048;
+/// The longest an ended span waits before its batch is sent (unless `OTEL_BSP_SCHEDULE_DELAY`).
+const BATCH_DELAY: Duration = Duration::from_secs(1);
+
+fn usage(msg: String) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg))
+}
+
+/// A base endpoint with a signal's path appended (`/v1/traces`), unless it already ends so.
+pub fn signal_url(base: &str, signal_path: &str, what: &str) -> Result<String> {
+    let base = base.trim();
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(usage(format!(
+            "{what} must be an http:// or https:// URL (the collector's OTLP/HTTP endpoint, e.g. http://localhost:4318), not `{base}`"
+        )));
+    }
+    let base = base.trim_end_matches('/');
+    Ok(if base.ends_with(signal_path) {
+        base.to_string()
+    } else {
+        format!("{base}{signal_path}")
+    })
+}
+
+/// A signal-specific endpoint variable (used as it is), checked.
+fn exact_url(url: &str, what: &str) -> Result<String> {
+    let url = url.trim();
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(usage(format!(
+            "{what} must be an http:// or https:// URL, not `{url}`"
+        )));
+    }
+    Ok(url.to_string())
+}
+
+/// The traces endpoint from `flag` (a base URL, as `--otlp`), else
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as it is), else `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// (a base URL); `None` if none is set.
+pub fn traces_endpoint(
+    flag: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<String>> {
+    let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    if let Some(f) = flag {
+        return signal_url(f, "/v1/traces", "--otlp").map(Some);
+    }
+    if let Some(u) = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        return exact_url(&u, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").map(Some);
+    }
+    match set("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Some(u) => signal_url(&u, "/v1/traces", "OTEL_EXPORTER_OTLP_ENDPOINT").map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads the live-export settings: on with `--otlp URL` (`flag`), with `discard`, or when an
+/// OTLP endpoint variable is set (and `OTEL_SDK_DISABLED` is not `true`); `None` means off.
+/// `env` reads a variable (the process environment, or a map in tests).
+pub fn settings(
+    flag: Option<&str>,
+    discard: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Settings>> {
+    let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let disabled = set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let sink = if discard {
+        Sink::Discard
+    } else {
+        if flag.is_none() && disabled {
+            return Ok(None);
+        }
+        let Some(traces) = traces_endpoint(flag, env)? else {
+            return Ok(None);
+        };
+        let metrics = match (flag, set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")) {
+            (Some(f), _) => Some(signal_url(f, "/v1/metrics", "--otlp")?),
+            (None, Some(u)) => Some(exact_url(&u, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")?),
+            (None, None) => match set("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                Some(u) => Some(signal_url(
+                    &u,
+                    "/v1/metrics",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                )?),
+                None => None,
+            },
+        };
+        Sink::Otlp { traces, metrics }
+    };
+    let timeout = match set("OTEL_EXPORTER_OTLP_TIMEOUT") {
+        None => TIMEOUT_DEFAULT,
+        Some(ms) => match ms.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => {
+                return Err(usage(format!(
+                    "OTEL_EXPORTER_OTLP_TIMEOUT must be a positive number of milliseconds, not `{ms}`"
+                )));
+            }
+        },
+    };
+    let headers = crate::trace::parse_headers(&[], &|k| set(k))?;
+    Ok(Some(Settings {
+        sink,
+        service_name: set("OTEL_SERVICE_NAME").unwrap_or_else(|| "cairn".to_string()),
+        headers,
+        timeout,
+    }))
+}
+
+// ---- ids ----
+
+thread_local! {
+    /// The trace id the next root span built on this thread must get (set by [`RunTracer`]
+    /// around one `build_with_context` call, read by [`RunIds`]).
+    static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+}
+
+/// The SDK's random ids, except the trace id of a run's root span: the one [`RunTracer`] asks
+/// for.
+#[derive(Debug, Default)]
+struct RunIds(RandomIdGenerator);
+
+impl IdGenerator for RunIds {
+    fn new_trace_id(&self) -> TraceId {
+        NEXT_TRACE_ID
+            .with(Cell::take)
+            .unwrap_or_else(|| self.0.new_trace_id())
+    }
+
+    fn new_span_id(&self) -> opentelemetry::trace::SpanId {
+        self.0.new_span_id()
+    }
+}
+
+/// The SDK tracer, giving a root span that carries `cairn.run_id` (the engine's `run` span)
+/// the trace id `cairn trace` derives from that run id. The SDK draws ids from its
+/// [`IdGenerator`] inside `build_with_context`, on this thread: the id is handed over through
+/// a thread-local for the length of that call.
+#[derive(Clone, Debug)]
+pub struct RunTracer(SdkTracer);
+
+impl opentelemetry::trace::Tracer for RunTracer {
+    type Span = <SdkTracer as opentelemetry::trace::Tracer>::Span;
+
+    fn build_with_context(&self, builder: SpanBuilder, parent_cx: &Context) -> Self::Span {
+        let root = !parent_cx.span().span_context().is_valid();
+        let hint = if root { run_trace_id(&builder) } else { None };
+        if hint.is_none() {
+            return self.0.build_with_context(builder, parent_cx);
+        }
+        NEXT_TRACE_ID.with(|c| c.set(hint));
+        let span = self.0.build_with_context(builder, parent_cx);
+        NEXT_TRACE_ID.with(|c| c.set(None));
+        span
+    }
+}
+
+/// The run's trace id, if the span being built carries a valid `cairn.run_id`.
+fn run_trace_id(builder: &SpanBuilder) -> Option<TraceId> {
+    let attrs = builder.attributes.as_ref()?;
+    let kv = attrs.iter().find(|kv| kv.key.as_str() == "cairn.run_id")?;
+    let run: cairn_storage::RunId = kv.value.as_str().parse().ok()?;
+    Some(TraceId::from_bytes(crate::trace::trace_id(run)))
+}
+
+// ---- counting ----
+
+/// What the pipeline offered and delivered, for the exit line.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Spans that ended and were handed to the batch processor.
+    pub ended: AtomicU64,
+    /// Spans the collector accepted.
+    pub exported: AtomicU64,
+    /// Spans whose export request failed (or that were dropped while the collector was down).
+    pub failed: AtomicU64,
+    /// Metric export requests that failed.
+    pub metric_failures: AtomicU64,
+    /// The last export error, one line.
+    last_error: Mutex<Option<String>>,
+    /// Until when batches are dropped without a request (after a failure).
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl ExportStats {
+    /// Spans ended but not delivered: dropped from a full queue, refused, or unsent at exit.
+    pub fn dropped(&self) -> u64 {
+        self.ended
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.exported.load(Ordering::Relaxed))
+    }
+
+    fn note_error(&self, e: &OTelSdkError) {
+        let text = e.to_string().replace('\n', " ");
+        let text: String = text.chars().take(300).collect();
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + DOWN_WINDOW);
+    }
+
+    fn collector_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// The last export error, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The batch processor, counting the spans it is handed.
+#[derive(Debug)]
+struct Counted<P> {
+    inner: P,
+    stats: Arc<ExportStats>,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Counted<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if span.span_context.is_sampled() {
+            self.stats.ended.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// An exporter that counts what it delivers, skips requests for a while after a failure, and
+/// turns what `tracing` fields cannot express into the conventions' types
+/// ([`fix_conventions`]).
+#[derive(Debug)]
+pub struct CountingExporter<E> {
+    inner: E,
+    stats: Arc<ExportStats>,
+}
+
+impl<E> CountingExporter<E> {
+    /// Wraps `inner`, counting into `stats`.
+    pub fn new(inner: E, stats: Arc<ExportStats>) -> Self {
+        CountingExporter { inner, stats }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, mut batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        if self.stats.collector_down() {
+            self.stats.failed.fetch_add(n, Ordering::Relaxed);
+            return Err(OTelSdkError::InternalFailure(
+                "the collector failed recently; batch dropped".into(),
+            ));
+        }
+        for s in &mut batch {
+            fix_conventions(s);
+        }
+        let r = self.inner.export(batch).await;
+        match &r {
+            Ok(()) => {
+                self.stats.exported.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.failed.fetch_add(n, Ordering::Relaxed);
+                self.stats.note_error(e);
+            }
+        }
+        r
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// `tracing` fields are scalars: `gen_ai.response.finish_reasons`, an array of strings in the
+/// GenAI conventions, is recorded as one string and becomes a one-element array here.
+pub fn fix_conventions(span: &mut SpanData) {
+    for kv in &mut span.attributes {
+        if kv.key.as_str() == "gen_ai.response.finish_reasons"
+            && let Value::String(s) = &kv.value
+        {
+            kv.value = Value::Array(Array::String(vec![StringValue::from(s.to_string())]));
+        }
+    }
+}
+
+/// A span exporter that accepts everything and keeps nothing (`--otel-discard`).
+#[derive(Debug, Default)]
+pub struct DiscardSpans;
+
+impl SpanExporter for DiscardSpans {
+    async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// A metric exporter that counts failed exports; `None` inside discards.
+#[derive(Debug)]
+struct CountingMetrics<E> {
+    inner: Option<E>,
+    stats: Arc<ExportStats>,
+}
+
+impl<E: PushMetricExporter> PushMetricExporter for CountingMetrics<E> {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        let r = inner.export(metrics).await;
+        if let Err(e) = &r {
+            self.stats.metric_failures.fetch_add(1, Ordering::Relaxed);
+            self.stats.note_error(e);
+        }
+        r
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.as_ref().map_or(Ok(()), |i| i.force_flush())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner
+            .as_ref()
+            .map_or(Ok(()), |i| i.shutdown_with_timeout(timeout))
+    }
+
+    fn temporality(&self) -> Temporality {
+        Temporality::Cumulative
+    }
+}
+
+// ---- the pipeline ----
+
+/// The live export pipeline: a tracer provider with a batch processor, a meter provider with a
+/// periodic reader, and the counts for the exit line.
+pub struct Pipeline {
+    tracers: SdkTracerProvider,
+    meters: Option<SdkMeterProvider>,
+    stats: Arc<ExportStats>,
+    /// Where spans go, for the exit line.
+    target: String,
+}
+
+impl Pipeline {
+    /// Builds the pipeline of `settings`: OTLP/HTTP exporters with a blocking reqwest client,
+    /// or discarding ones.
+    pub fn start(settings: &Settings) -> Result<Pipeline> {
+        let stats = Arc::new(ExportStats::default());
+        let resource = Resource::builder()
+            .with_service_name(settings.service_name.clone())
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+            .build();
+        match &settings.sink {
+            Sink::Discard => {
+                let metrics: CountingMetrics<DiscardMetrics> = CountingMetrics {
+                    inner: None,
+                    stats: Arc::clone(&stats),
+                };
+                Ok(Pipeline::assemble(
+                    DiscardSpans,
+                    Some(metrics),
+                    resource,
+                    stats,
+                    "a discarding exporter".into(),
+                ))
+            }
+            Sink::Otlp { traces, metrics } => {
+                let client = http_client(settings)?;
+                let spans = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_http_client(client.clone())
+                    .with_endpoint(traces.clone())
+                    .with_timeout(settings.timeout)
+                    .with_retry_policy(retry_policy())
+                    .build()
+                    .context("cannot build the OTLP span exporter")?;
+                let metric_exporter = match metrics {
+                    None => None,
+                    Some(url) => Some(CountingMetrics {
+                        inner: Some(
+                            opentelemetry_otlp::MetricExporter::builder()
+                                .with_http()
+                                .with_http_client(client)
+                                .with_endpoint(url.clone())
+                                .with_timeout(settings.timeout)
+                                .with_retry_policy(retry_policy())
+                                .build()
+                                .context("cannot build the OTLP metric exporter")?,
+                        ),
+                        stats: Arc::clone(&stats),
+                    }),
+                };
+                Ok(Pipeline::assemble(
+                    spans,
+                    metric_exporter,
+                    resource,
+                    stats,
+                    traces.clone(),
+                ))
+            }
+        }
+    }
+
+    /// A pipeline around any span and metric exporters (the in-memory ones in tests).
+    pub fn assemble<E, M>(
+        spans: E,
+        metrics: Option<M>,
+        resource: Resource,
+        stats: Arc<ExportStats>,
+        target: String,
+    ) -> Pipeline
+    where
+        E: SpanExporter + 'static,
+        M: PushMetricExporter,
+    {
+        let env_set = |k: &str| std::env::var_os(k).is_some();
+        let mut config = BatchConfigBuilder::default();
+        if !env_set("OTEL_BSP_MAX_QUEUE_SIZE") {
+            config = config.with_max_queue_size(QUEUE_SPANS_MAX);
+        }
+        if !env_set("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
+            config = config.with_max_export_batch_size(BATCH_SPANS_MAX);
+        }
+        if !env_set("OTEL_BSP_SCHEDULE_DELAY") {
+            config = config.with_scheduled_delay(BATCH_DELAY);
+        }
+        let batch = BatchSpanProcessor::builder(CountingExporter::new(spans, Arc::clone(&stats)))
+            .with_batch_config(config.build())
+            .build();
+        let tracers = SdkTracerProvider::builder()
+            .with_span_processor(Counted {
+                inner: batch,
+                stats: Arc::clone(&stats),
+            })
+            .with_id_generator(RunIds::default())
+            .with_resource(resource.clone())
+            .build();
+        let meters = metrics.map(|m| {
+            SdkMeterProvider::builder()
+                .with_resource(resource)
+                .with_reader(PeriodicReader::builder(m).build())
+                .build()
+        });
+        Pipeline {
+            tracers,
+            meters,
+            stats,
+            target,
+        }
+    }
+
+    /// The `tracing` layers: spans of cairn's crates at INFO and above to OpenTelemetry, and
+    /// the metrics derived from them. Nothing else (other crates, `cairn::metrics` events,
+    /// DEBUG spans) reaches them.
+    pub fn layer<S>(&self) -> Box<dyn Layer<S> + Send + Sync>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
+        let filter = || {
+            Targets::new()
+                .with_target("cairn_engine", tracing::Level::INFO)
+                .with_target("cairn_agents", tracing::Level::INFO)
+                .with_target("cairn_cli", tracing::Level::INFO)
+        };
+        let tracer = RunTracer(self.tracers.tracer("cairn"));
+        let spans = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_level(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
+            .with_filter(filter());
+        let metrics = self.meters.as_ref().map(|m| {
+            use opentelemetry::metrics::MeterProvider as _;
+            crate::otel_metrics::SpanMetrics::new(&m.meter("cairn")).with_filter(filter())
+        });
+        Box::new(spans.and_then(metrics))
+    }
+
+    /// The counts so far.
+    #[cfg(test)]
+    pub fn stats(&self) -> &ExportStats {
+        &self.stats
+    }
+
+    /// Sends what is still queued (within [`EXIT_FLUSH_MAX`]) and stops the exporters; returns
+    /// the warning line to print when spans or metrics were not delivered.
+    pub fn shutdown(&self) -> Option<String> {
+        let started = Instant::now();
+        let _ = self.tracers.shutdown_with_timeout(EXIT_FLUSH_MAX);
+        if let Some(m) = &self.meters {
+            let left = EXIT_FLUSH_MAX.saturating_sub(started.elapsed());
+            let _ = m.shutdown_with_timeout(left.max(Duration::from_millis(100)));
+        }
+        let s = &self.stats;
+        let dropped = s.dropped();
+        let metric_failures = s.metric_failures.load(Ordering::Relaxed);
+        if dropped == 0 && metric_failures == 0 {
+            return None;
+        }
+        let ended = s.ended.load(Ordering::Relaxed);
+        let why = s
+            .last_error()
+            .map(|e| format!(" (last error: {e}{})", port_hint(&self.target)))
+            .unwrap_or_default();
+        let metrics = if metric_failures > 0 {
+            format!("; {metric_failures} metrics export(s) failed")
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "telemetry: {dropped} of {ended} spans were dropped, not delivered to {}{metrics}{why}",
+            self.target
+        ))
+    }
+}
+
+/// A hint when the URL names the OTLP/gRPC port.
+fn port_hint(url: &str) -> &'static str {
+    if crate::trace::port_of(url) == Some("4317") {
+        "; 4317 is the OTLP/gRPC port, cairn speaks OTLP/HTTP, usually on 4318"
+    } else {
+        ""
+    }
+}
+
+/// Few, quick retries: spans are telemetry, and a batch waiting on retries holds the queue.
+fn retry_policy() -> opentelemetry_otlp::RetryPolicy {
+    opentelemetry_otlp::RetryPolicy::recommended()
+        .with_max_retries(1)
+        .with_initial_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_millis(500))
+}
+
+/// The blocking client the exporters POST with, on the batch thread (reqwest 0.13, rustls with
+/// ring, as the rest of cairn). Built before any async runtime exists.
+fn http_client(settings: &Settings) -> Result<reqwest::blocking::Client> {
+    // reqwest is built without a bundled TLS provider: install ring's, so https:// collectors
+    // work. Err means one is installed already, which reqwest then uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::blocking::Client::builder()
+        .user_agent(concat!("cairn/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
+        .timeout(settings.timeout)
+        .default_headers(settings.headers.clone())
+        .build()
+        .context("cannot build the OTLP HTTP client")
+}
+
+/// The metric exporter type of a discarding pipeline (never constructed: `None` inside
+/// [`CountingMetrics`] discards).
+#[derive(Debug)]
+struct DiscardMetrics;
+
+impl PushMetricExporter for DiscardMetrics {
+    async fn export(&self, _metrics: &ResourceMetrics) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn temporality(&self) -> Temporality {
+        Temporality::Cumulative
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    use cairn_engine::{Engine, StartOptions};
+    use cairn_storage::{RedbStore, RunStatus};
+    use opentelemetry::trace::{SpanKind, Status};
+    use opentelemetry_sdk::metrics::InMemoryMetricExporter;
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    use opentelemetry_sdk::trace::InMemorySpanExporter;
+    use serde_json::json;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn sink(flag: Option<&str>, vars: &[(&str, &str)]) -> Option<Sink> {
+        settings(flag, false, &env_of(vars))
+            .unwrap()
+            .map(|s| s.sink)
+    }
+
+    #[test]
+    fn export_is_off_unless_an_endpoint_is_given() {
+        assert_eq!(sink(None, &[]), None);
+        assert_eq!(sink(None, &[("OTEL_SERVICE_NAME", "x")]), None);
+        assert_eq!(
+            sink(None, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:4318")]),
+            Some(Sink::Otlp {
+                traces: "http://h:4318/v1/traces".into(),
+                metrics: Some("http://h:4318/v1/metrics".into()),
+            })
+        );
+        // A signal's own variable is used as it is; the other signal stays off.
+        assert_eq!(
+            sink(
+                None,
+                &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://h:9/custom")]
+            ),
+            Some(Sink::Otlp {
+                traces: "http://h:9/custom".into(),
+                metrics: None,
+            })
+        );
+        // The flag wins over the variables, and over OTEL_SDK_DISABLED.
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ];
+        assert_eq!(sink(None, &vars), None);
+        assert_eq!(
+            sink(Some("http://flag:4318/"), &vars),
+            Some(Sink::Otlp {
+                traces: "http://flag:4318/v1/traces".into(),
+                metrics: Some("http://flag:4318/v1/metrics".into()),
+            })
+        );
+        assert!(settings(Some("flag:4318"), false, &env_of(&[])).is_err());
+        let s = settings(
+            Some("http://h:4318"),
+            false,
+            &env_of(&[
+                ("OTEL_SERVICE_NAME", "svc"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s3cret,x=y"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.service_name, "svc");
+        assert_eq!(s.headers.get("api-key").unwrap(), "s3cret");
+        assert_eq!(s.timeout, Duration::from_millis(2500));
+        assert!(
+            settings(
+                Some("http://h:4318"),
+                false,
+                &env_of(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "soon")])
+            )
+            .is_err()
+        );
+    }
+
+    /// What an agent run exported, in memory.
+    struct Captured {
+        run: String,
+        status: RunStatus,
+        spans: Vec<SpanData>,
+        metrics: Vec<ResourceMetrics>,
+    }
+
+    /// Runs the built-in `agent` workflow on a scripted model (a turn with two `word_count`
+    /// calls, one with bad arguments, then the answer) under a subscriber with only the export
+    /// layers, on this thread (a current-thread runtime), and collects what was exported.
+    async fn agent_run() -> Captured {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("script.jsonl");
+        let lines = [
+            json!({"id": "s1", "model": "scripted-resp", "stop_reason": "tool_use",
+                   "content": [
+                       {"type": "tool_use", "id": "t1", "name": "word_count",
+                        "input": {"text": "one two three"}},
+                       {"type": "tool_use", "id": "t2", "name": "word_count",
+                        "input": {"txt": "no"}}],
+                   "usage": {"input_tokens": 111, "output_tokens": 22}}),
+            json!({"id": "s2", "model": "scripted-resp", "stop_reason": "end_turn",
+                   "content": [{"type": "text", "text": "three words"}],
+                   "usage": {"input_tokens": 133, "output_tokens": 4}}),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&script, text).unwrap();
+
+        let spans = InMemorySpanExporter::default();
+        let metrics = InMemoryMetricExporter::default();
+        let stats = Arc::new(ExportStats::default());
+        let pipeline = Pipeline::assemble(
+            spans.clone(),
+            Some(CountingMetrics {
+                inner: Some(metrics.clone()),
+                stats: Arc::clone(&stats),
+            }),
+            Resource::builder_empty().build(),
+            Arc::clone(&stats),
+            "memory".into(),
+        );
+        let subscriber = tracing_subscriber::registry().with(pipeline.layer());
+        let guard = tracing::subscriber::set_default(subscriber);
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let engine = Engine::new(store, crate::workflows::registry(Arc::default()));
+        let input = json!({
+            "provider": "scripted", "model": "scripted-1", "task": "count",
+            "script": script.to_str().unwrap(), "max_turns": 4,
+        });
+        let h = engine
+            .start_with(StartOptions::new("agent", input))
+            .await
+            .unwrap();
+        let out = h.wait().await.unwrap();
+        // The run's task (and its span) ends just after it reports the outcome.
+        engine.wait_idle().await;
+        drop(engine);
+        drop(guard);
+        // The in-memory exporters forget everything when shut down: read them after a flush.
+        pipeline.tracers.force_flush().unwrap();
+        if let Some(m) = &pipeline.meters {
+            m.force_flush().unwrap();
+        }
+        let captured = Captured {
+            run: out.run_id,
+            status: out.status,
+            spans: spans.get_finished_spans().unwrap(),
+            metrics: metrics.get_finished_metrics().unwrap(),
+        };
+        assert_eq!(pipeline.shutdown(), None, "nothing dropped");
+        assert_eq!(stats.dropped(), 0);
+        captured
+    }
+
+    fn attr<'a>(s: &'a SpanData, key: &str) -> Option<&'a Value> {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| &kv.value)
+    }
+
+    fn attr_str(s: &SpanData, key: &str) -> Option<String> {
+        attr(s, key).map(|v| v.as_str().into_owned())
+    }
+
+    fn named<'a>(spans: &'a [SpanData], name: &str) -> Vec<&'a SpanData> {
+        spans.iter().filter(|s| s.name == name).collect()
+    }
+
+    fn parent<'a>(spans: &'a [SpanData], s: &SpanData) -> &'a SpanData {
+        spans
+            .iter()
+            .find(|p| p.span_context.span_id() == s.parent_span_id)
+            .unwrap_or_else(|| panic!("no parent of {}", s.name))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_agent_run_exports_its_span_tree_with_gen_ai_attributes_and_errors() {
+        let c = agent_run().await;
+        assert_eq!(c.status, RunStatus::Completed);
+        let spans = &c.spans;
+        let run: cairn_storage::RunId = c.run.parse().unwrap();
+        let tid = TraceId::from_bytes(crate::trace::trace_id(run));
+        assert!(
+            spans.iter().all(|s| s.span_context.trace_id() == tid),
+            "every span is in the run's trace"
+        );
+
+        // run → invoke_agent → step (model) → chat, and step (tool:word_count) → execute_tool.
+        let root = named(spans, "run");
+        assert_eq!(root.len(), 1);
+        assert_eq!(
+            root[0].parent_span_id,
+            opentelemetry::trace::SpanId::INVALID
+        );
+        let agent = named(spans, "invoke_agent assistant");
+        assert_eq!(agent.len(), 1);
+        assert_eq!(parent(spans, agent[0]).name, "run");
+        let chats = named(spans, "chat scripted-1");
+        assert_eq!(chats.len(), 2);
+        for c in &chats {
+            let step = parent(spans, c);
+            assert_eq!(attr_str(step, "cairn.step_name").as_deref(), Some("model"));
+            assert_eq!(attr(step, "cairn.attempt"), Some(&Value::I64(1)));
+            assert_eq!(attr_str(step, "cairn.run_id"), Some(run.to_string()));
+            assert!(attr_str(step, "cairn.step_path").unwrap().starts_with("0."));
+            assert_eq!(parent(spans, step).name, "invoke_agent assistant");
+            assert_eq!(c.span_kind, SpanKind::Client);
+            assert_eq!(c.status, Status::Unset);
+        }
+        let first = chats
+            .iter()
+            .find(|c| attr(c, "gen_ai.usage.input_tokens") == Some(&Value::I64(111)))
+            .expect("the first call");
+        for (k, v) in [
+            ("gen_ai.operation.name", "chat"),
+            ("gen_ai.provider.name", "scripted"),
+            ("gen_ai.system", "scripted"),
+            ("gen_ai.request.model", "scripted-1"),
+            ("gen_ai.response.model", "scripted-resp"),
+            ("gen_ai.response.id", "s1"),
+            ("gen_ai.agent.name", "assistant"),
+        ] {
+            assert_eq!(attr_str(first, k).as_deref(), Some(v), "{k}");
+        }
+        assert_eq!(
+            attr(first, "gen_ai.usage.output_tokens"),
+            Some(&Value::I64(22))
+        );
+        assert_eq!(
+            attr(first, "gen_ai.response.finish_reasons"),
+            Some(&Value::Array(Array::String(vec!["tool_use".into()])))
+        );
+
+        let tools = named(spans, "execute_tool word_count");
+        assert_eq!(tools.len(), 2);
+        for t in &tools {
+            assert_eq!(
+                attr_str(parent(spans, t), "cairn.step_name").as_deref(),
+                Some("tool:word_count")
+            );
+            assert_eq!(
+                attr_str(t, "gen_ai.operation.name").as_deref(),
+                Some("execute_tool")
+            );
+            assert_eq!(
+                attr_str(t, "gen_ai.tool.name").as_deref(),
+                Some("word_count")
+            );
+        }
+        let failed = tools
+            .iter()
+            .find(|t| attr_str(t, "gen_ai.tool.call.id").as_deref() == Some("t2"))
+            .unwrap();
+        assert!(matches!(failed.status, Status::Error { .. }), "{failed:?}");
+        assert_eq!(
+            attr_str(failed, "error.type").as_deref(),
+            Some("tool_error")
+        );
+        assert!(
+            attr_str(failed, "exception.message")
+                .unwrap()
+                .contains("bad arguments for `word_count`")
+        );
+        let ok = tools
+            .iter()
+            .find(|t| attr_str(t, "gen_ai.tool.call.id").as_deref() == Some("t1"))
+            .unwrap();
+        assert_eq!(ok.status, Status::Unset);
+        // No `tracing` field leaks as an attribute under its special name.
+        assert!(spans.iter().all(|s| attr(s, "otel.status_code").is_none()));
+    }
+
+    /// The sum of a u64 counter's points whose attributes include all of `with`.
+    fn counter(metrics: &[ResourceMetrics], name: &str, with: &[(&str, &str)]) -> u64 {
+        let last = metrics.last().expect("a metrics export");
+        let mut total = 0;
+        for m in last.scope_metrics().flat_map(|s| s.metrics()) {
+            if m.name() != name {
+                continue;
+            }
+            let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data() else {
+                panic!("{name} is not a u64 counter");
+            };
+            for p in sum.data_points() {
+                let attrs: Vec<(String, String)> = p
+                    .attributes()
+                    .map(|kv| (kv.key.to_string(), kv.value.as_str().into_owned()))
+                    .collect();
+                if with
+                    .iter()
+                    .all(|(k, v)| attrs.iter().any(|(ak, av)| ak == k && av == v))
+                {
+                    total += p.value();
+                }
+            }
+        }
+        total
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_agent_run_counts_its_steps_calls_and_tokens() {
+        let c = agent_run().await;
+        let m = &c.metrics;
+        assert_eq!(
+            counter(m, "cairn.runs", &[("cairn.run.status", "completed")]),
+            1
+        );
+        assert_eq!(
+            counter(
+                m,
+                "cairn.model.calls",
+                &[("gen_ai.agent.name", "assistant")]
+            ),
+            2
+        );
+        assert_eq!(
+            counter(m, "cairn.model.tokens", &[("gen_ai.token.type", "input")]),
+            111 + 133
+        );
+        assert_eq!(
+            counter(m, "cairn.model.tokens", &[("gen_ai.token.type", "output")]),
+            22 + 4
+        );
+        assert_eq!(
+            counter(m, "cairn.tool.calls", &[("cairn.outcome", "failed")]),
+            1
+        );
+        assert_eq!(
+            counter(m, "cairn.tool.calls", &[("cairn.outcome", "succeeded")]),
+            1
+        );
+        // Two model steps, two tool steps (the failed tool call is sent back to the model:
+        // its step succeeds), and the agent's scope marker step.
+        assert_eq!(
+            counter(m, "cairn.step.attempts", &[("cairn.outcome", "succeeded")]),
+            counter(m, "cairn.step.attempts", &[])
+        );
+        assert!(counter(m, "cairn.step.attempts", &[("cairn.step_name", "model")]) == 2);
+    }
+
+    #[test]
+    fn finish_reasons_become_an_array() {
+        let mut s = SpanData {
+            span_context: opentelemetry::trace::SpanContext::empty_context(),
+            parent_span_id: opentelemetry::trace::SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Client,
+            name: "chat".into(),
+            start_time: std::time::SystemTime::UNIX_EPOCH,
+            end_time: std::time::SystemTime::UNIX_EPOCH,
+            attributes: vec![KeyValue::new("gen_ai.response.finish_reasons", "end_turn")],
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        };
+        fix_conventions(&mut s);
+        assert_eq!(
+            s.attributes[0].value,
+            Value::Array(Array::String(vec!["end_turn".into()]))
+        );
+    }
+
+    #[test]
+    fn a_dead_collector_drops_and_counts_without_waiting() {
+        // Nothing listens on a port just released.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let s = settings(Some(&url), false, &env_of(&[])).unwrap().unwrap();
+        let p = Pipeline::start(&s).unwrap();
+        let subscriber = tracing_subscriber::registry().with(p.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..10 {
+                let _s = tracing::info_span!(target: "cairn_engine::x", "step", i).entered();
+            }
+            // Not ours: not exported.
+            let _s = tracing::info_span!(target: "hyper", "conn").entered();
+        });
+        let started = Instant::now();
+        let warning = p.shutdown().expect("a warning");
+        assert!(started.elapsed() < EXIT_FLUSH_MAX + Duration::from_secs(1));
+        assert!(
+            warning.starts_with(&format!(
+                "telemetry: 10 of 10 spans were dropped, not delivered to {url}/v1/traces"
+            )),
+            "{warning}"
+        );
+        assert_eq!(p.stats().dropped(), 10);
+    }
+}
