@@ -53,6 +53,15 @@ pub mod agents {
         Role, Routed, Router, ScriptedModel, StopReason, Tool, ToolCall, ToolChoice, ToolError,
         ToolRegistry, ToolSpec, Usage, handoff, tool, tool_at_most_once,
     };
+
+    /// Workflow files: TOML declarations of models, tools, agents and a flow, validated and
+    /// run on the engine (docs/WORKFLOW_FILES.md).
+    pub mod spec {
+        pub use cairn_agents::spec::{
+            FLOW_PREFIX, FLOW_VERSION, FlowEnv, FlowFollower, FlowInput, FlowProgress, FlowSpec,
+            ItemResult, SPEC_BYTES_MAX, SpecError, SpecIssue, apply_overrides, register_flows,
+        };
+    }
 }
 
 pub use cairn_engine::{

@@ -15,6 +15,7 @@ mod join;
 mod model;
 mod orchestration;
 mod scripted;
+pub mod spec;
 mod tools;
 
 pub use agent::{Agent, AgentRun, MAX_TURNS_DEFAULT, ModelCall, Price, ToolCall};

@@ -126,7 +126,29 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Replay { run, check: false } => replay(path, &run).await,
         Command::Replay { run, check: true } => replay_check(path, &run).await,
         Command::Verify { run, all } => verify(path, run.as_deref(), all).await,
-        Command::Resume { run } => resume(path, &run).await,
+        Command::Resume {
+            run,
+            output,
+            allow_changed,
+        } => resume(path, &run, output, allow_changed).await,
+        Command::Run {
+            file,
+            input,
+            output,
+            param,
+            set,
+            check,
+        } => {
+            let args = crate::run::RunArgs {
+                file,
+                input,
+                output,
+                params: param,
+                sets: set,
+                check,
+            };
+            crate::run::run(path, args).await
+        }
         Command::Recover => recover(path).await,
         Command::Cancel { run, reason } => cancel(path, &run, &reason).await,
         Command::Signal { run, name, data } => signal(path, &run, &name, &data).await,
@@ -155,13 +177,21 @@ static PARK_AFTER_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 /// `--max-running` for every engine this process makes (0: no limit).
 static MAX_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-pub(crate) fn engine_for(store: RedbStore, progress: Arc<Progress>) -> Engine {
+/// The engine options the global flags (`--park-after`, `--max-running`) ask for.
+pub(crate) fn engine_options() -> cairn_engine::EngineOptions {
     let max = MAX_RUNNING.load(Ordering::Relaxed);
-    let options = cairn_engine::EngineOptions {
+    cairn_engine::EngineOptions {
         suspend_after: Duration::from_millis(PARK_AFTER_MS.load(Ordering::Relaxed)),
         max_running: (max > 0).then_some(max),
-    };
-    Engine::with_options(Arc::new(store), workflows::registry(progress), options)
+    }
+}
+
+pub(crate) fn engine_for(store: RedbStore, progress: Arc<Progress>) -> Engine {
+    Engine::with_options(
+        Arc::new(store),
+        workflows::registry(progress),
+        engine_options(),
+    )
 }
 
 async fn demo(path: &Path, items: u32, step_ms: u64) -> Result<ExitCode> {
@@ -228,10 +258,25 @@ async fn start(path: &Path, workflow: &str, input: &str, timeout: Option<f64>) -
     Ok(report(path, &outcomes))
 }
 
-async fn resume(path: &Path, run: &str) -> Result<ExitCode> {
+async fn resume(
+    path: &Path,
+    run: &str,
+    output: Option<std::path::PathBuf>,
+    allow_changed: bool,
+) -> Result<ExitCode> {
     let id = parse_run(run)?;
     let store = open_existing_rw(path)?;
     let meta = meta_of(&store, id).await?;
+    if crate::run::is_flow(&meta) && !meta.status.is_terminal() {
+        drop(store);
+        return crate::run::resume(path, id, &meta, output, allow_changed).await;
+    }
+    if output.is_some() || allow_changed {
+        return Err(usage(format!(
+            "--output and --allow-changed apply to runs of workflow files; run {id} runs `{}`",
+            meta.workflow
+        )));
+    }
     let progress = Arc::new(Progress::default());
     let engine = engine_for(store, Arc::clone(&progress));
     if meta.status.is_terminal() {

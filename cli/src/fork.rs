@@ -48,9 +48,38 @@ pub fn apply_sets(
     if sets.is_empty() {
         return Ok(input);
     }
-    Err(usage(format!(
-        "--set applies to runs of workflow files; `{workflow}` is a Rust workflow: use --input"
-    )))
+    if !workflow.starts_with(cairn_agents::spec::FLOW_PREFIX) {
+        return Err(usage(format!(
+            "--set applies to runs of workflow files; `{workflow}` is a Rust workflow: use --input"
+        )));
+    }
+    // A run of a workflow file records the text it executes: the fork executes that text with
+    // the changes applied (the file on disk is not read).
+    let mut flow: cairn_agents::spec::FlowInput = serde_json::from_value(input).map_err(|e| {
+        anyhow::anyhow!("the run's recorded input is not a workflow file run's: {e}")
+    })?;
+    let changes: Vec<String> = sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    flow.spec = cairn_agents::spec::apply_overrides(&flow.spec, &changes)
+        .map_err(|e| usage(format!("--set: {e}")))?;
+    let env = cairn_agents::spec::FlowEnv::new();
+    let spec = cairn_agents::spec::FlowSpec::from_input(&flow, &env).map_err(|e| {
+        usage(format!(
+            "with the --set changes the workflow file is invalid: {}",
+            e.issues
+                .iter()
+                .map(|i| i.message.clone())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    })?;
+    if spec.workflow() != workflow {
+        return Err(usage(
+            "--set cannot change the workflow's name (the fork runs the same workflow)",
+        ));
+    }
+    spec.check_runnable(&env).map_err(usage)?;
+    flow.overrides.extend(changes);
+    Ok(serde_json::to_value(flow)?)
 }
 
 /// Splits `KEY=VALUE` arguments.

@@ -8,6 +8,7 @@ mod fake_llm;
 mod fork;
 mod otel;
 mod otel_metrics;
+mod run;
 mod telemetry;
 mod trace;
 mod transfer;
@@ -132,6 +133,36 @@ enum Command {
     Resume {
         /// The run id.
         run: String,
+        /// For a run of a workflow file: write item results here instead of the file the run
+        /// was started with.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+        /// For a run of a workflow file that changed since the run started: run the new file
+        /// (steps already recorded are still checked against it).
+        #[arg(long)]
+        allow_changed: bool,
+    },
+    /// Run a workflow file (TOML, see docs/WORKFLOW_FILES.md) over a file of items, durably:
+    /// prints the run id, a progress line, and streams item results to --output.
+    Run {
+        /// The workflow file.
+        file: std::path::PathBuf,
+        /// The items: JSON lines (one item per line) or a .csv file with a header row.
+        #[arg(long)]
+        input: Option<std::path::PathBuf>,
+        /// Write one JSON line per finished item here (each item exactly once, across resumes).
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+        /// A parameter declared under [params], as NAME=VALUE (repeatable).
+        #[arg(long)]
+        param: Vec<String>,
+        /// Change a setting of the file for this run, as KEY=VALUE, e.g.
+        /// models.fast.provider=anthropic (repeatable; recorded with the run).
+        #[arg(long)]
+        set: Vec<String>,
+        /// Validate the file, the items and the parameters; run nothing.
+        #[arg(long)]
+        check: bool,
     },
     /// Resume every run a stopped or crashed process left running.
     Recover,

@@ -103,6 +103,8 @@ fn default_payload() -> usize {
 /// Registers the built-in workflows; `progress` receives the demo's progress.
 pub fn registry(progress: Arc<Progress>) -> Registry {
     let mut r = Registry::new();
+    // Runs of workflow files (`cairn run FILE`) resume, recover and fork like any other run.
+    cairn_agents::spec::register_flows(&mut r, cairn_agents::spec::FlowEnv::new());
     r.register("demo", 1, move |ctx, input: DemoInput| {
         let progress = Arc::clone(&progress);
         async move {

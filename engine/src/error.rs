@@ -150,6 +150,17 @@ pub enum Interrupt {
         /// What the store said.
         detail: String,
     },
+    /// This process cannot run the workflow's code now (a missing API key, an unreadable
+    /// file); nothing is recorded and the run can be resumed once that is fixed.
+    #[error(
+        "run {run} cannot run in this process: {detail}; the run is unchanged, fix this and resume it"
+    )]
+    Unavailable {
+        /// The run.
+        run: RunId,
+        /// What is missing.
+        detail: String,
+    },
 }
 
 /// What a workflow function and the context's operations return on failure.

@@ -30,6 +30,9 @@ pub(crate) struct Registered {
 #[derive(Clone, Default)]
 pub struct Registry {
     workflows: BTreeMap<String, Registered>,
+    /// Workflows registered for every name that starts with a prefix (e.g. `file:` for
+    /// workflow files, whose runs carry their definition in their input).
+    families: Vec<(String, Registered)>,
 }
 
 impl Registry {
@@ -44,6 +47,34 @@ impl Registry {
     /// Bump `version` when a change would make recorded histories diverge; runs recorded with
     /// another version are refused instead of replayed against the wrong code.
     pub fn register<I, O, F, Fut>(&mut self, name: &str, version: u32, f: F) -> &mut Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let registered = Self::wrap(version, f);
+        self.workflows.insert(name.to_string(), registered);
+        self
+    }
+
+    /// Registers `f` for every workflow name starting with `prefix` that has no exact
+    /// registration: one interpreter serving many named definitions (workflow files carry
+    /// their definition in the run's input, so any of them resumes with the same function).
+    pub fn register_family<I, O, F, Fut>(&mut self, prefix: &str, version: u32, f: F) -> &mut Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let registered = Self::wrap(version, f);
+        self.families.retain(|(p, _)| p != prefix);
+        self.families.push((prefix.to_string(), registered));
+        self
+    }
+
+    fn wrap<I, O, F, Fut>(version: u32, f: F) -> Registered
     where
         I: DeserializeOwned + Send + 'static,
         O: Serialize + Send + 'static,
@@ -69,19 +100,20 @@ impl Registry {
         });
         let check_input: Arc<CheckFn> =
             Arc::new(|p: &Payload| p.to_typed::<I>().map(|_| ()).map_err(|e| e.to_string()));
-        self.workflows.insert(
-            name.to_string(),
-            Registered {
-                version,
-                run,
-                check_input,
-            },
-        );
-        self
+        Registered {
+            version,
+            run,
+            check_input,
+        }
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&Registered> {
-        self.workflows.get(name)
+        self.workflows.get(name).or_else(|| {
+            self.families
+                .iter()
+                .find(|(prefix, _)| name.starts_with(prefix.as_str()))
+                .map(|(_, r)| r)
+        })
     }
 
     /// The registered workflow names and versions, sorted by name.
@@ -93,7 +125,8 @@ impl Registry {
     }
 
     pub(crate) fn known(&self) -> String {
-        let v: Vec<&str> = self.workflows.keys().map(String::as_str).collect();
+        let mut v: Vec<String> = self.workflows.keys().cloned().collect();
+        v.extend(self.families.iter().map(|(p, _)| format!("{p}<name>")));
         if v.is_empty() {
             "none".into()
         } else {

@@ -1,0 +1,498 @@
+//! `cairn run FILE`: runs a workflow file over a file of items, durably, with a progress line
+//! and the items' results streamed to an output file; and the resume of such a run.
+//!
+//! The output file is written from the run's log, not from the workers: a follower reads the
+//! events recorded since its last look and appends one line per item whose outcome is
+//! recorded, skipping items the file already has. So the file holds each finished item exactly
+//! once, whether the process was stopped, killed or resumed any number of times, and a line is
+//! only written for an outcome that is durable.
+
+use std::collections::HashSet;
+use std::io::{BufRead, IsTerminal, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use cairn_agents::spec::{
+    self, FLOW_PREFIX, FlowEnv, FlowFollower, FlowInput, FlowProgress, FlowSpec, ItemResult,
+};
+use cairn_engine::{Engine, Event, RunHandle, RunOutcome};
+use cairn_storage::{EventStore, RunId, RunMeta, Seq};
+use serde_json::Value;
+
+use crate::commands::{self, open_existing_rw, open_rw, usage};
+use crate::workflows;
+
+/// Most items one run takes from an input file.
+pub const ITEMS_MAX: usize = 1_000_000;
+
+/// What `cairn run` was asked to do.
+pub struct RunArgs {
+    /// The workflow file.
+    pub file: PathBuf,
+    /// JSON lines or CSV items.
+    pub input: Option<PathBuf>,
+    /// Where item results go (JSON lines).
+    pub output: Option<PathBuf>,
+    /// `NAME=VALUE` parameters.
+    pub params: Vec<String>,
+    /// `KEY=VALUE` changes to the file.
+    pub sets: Vec<String>,
+    /// Validate only.
+    pub check: bool,
+}
+
+/// Prints every issue of an invalid file and returns exit code 2.
+fn invalid(e: &spec::SpecError) -> ExitCode {
+    for i in &e.issues {
+        eprintln!("error: {i}");
+    }
+    eprintln!(
+        "the workflow file is invalid ({} problem{}); nothing was run or recorded",
+        e.issues.len(),
+        if e.issues.len() == 1 { "" } else { "s" }
+    );
+    ExitCode::from(2)
+}
+
+fn split_pairs(list: &[String], flag: &str) -> Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .ok_or_else(|| usage(format!("{flag} {p}: expected NAME=VALUE")))
+        })
+        .collect()
+}
+
+/// Reads items from JSON lines (`.jsonl`, `.ndjson`, `.json` with one value per line) or CSV
+/// (`.csv`, a header row naming the fields), each with its line number.
+pub fn read_items(path: &Path) -> Result<Vec<(usize, Value)>> {
+    let shown = path.display();
+    let file = std::fs::File::open(path)
+        .map_err(|e| usage(format!("cannot read the input file {shown}: {e}")))?;
+    let csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let mut items = Vec::new();
+    if csv {
+        let mut r = csv::Reader::from_reader(file);
+        let headers = r
+            .headers()
+            .map_err(|e| usage(format!("{shown}: cannot read the CSV header row: {e}")))?
+            .clone();
+        for rec in r.records() {
+            let rec = rec.map_err(|e| usage(format!("{shown}: {e}")))?;
+            let line = rec.position().map_or(0, |p| p.line() as usize);
+            let obj: serde_json::Map<String, Value> = headers
+                .iter()
+                .zip(rec.iter())
+                .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
+                .collect();
+            items.push((line, Value::Object(obj)));
+            if items.len() > ITEMS_MAX {
+                return Err(usage(format!(
+                    "{shown}: more than {ITEMS_MAX} items; split the input"
+                )));
+            }
+        }
+    } else {
+        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|e| usage(format!("{shown}:{}: {e}", n + 1)))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| {
+                usage(format!(
+                    "{shown}:{}: not a JSON value ({e}); the input is JSON lines (one item per line) or a .csv file",
+                    n + 1
+                ))
+            })?;
+            items.push((n + 1, v));
+            if items.len() > ITEMS_MAX {
+                return Err(usage(format!(
+                    "{shown}: more than {ITEMS_MAX} items; split the input"
+                )));
+            }
+        }
+    }
+    Ok(items)
+}
+
+/// An engine whose registry runs workflow files with `env`.
+fn engine_with(store: cairn_storage::RedbStore, env: FlowEnv) -> Engine {
+    let engine = commands::engine_for(store, Arc::default());
+    let mut registry = workflows::registry(Arc::default());
+    spec::register_flows(&mut registry, env);
+    Engine::with_options(
+        Arc::clone(engine.store()),
+        registry,
+        commands::engine_options(),
+    )
+}
+
+/// `cairn run FILE …`.
+pub async fn run(path: &Path, a: RunArgs) -> Result<ExitCode> {
+    let env = FlowEnv::new();
+    let spec = match FlowSpec::load(&a.file, &a.sets, &env) {
+        Ok(s) => s,
+        Err(e) => return Ok(invalid(&e)),
+    };
+    let params = split_pairs(&a.params, "--param")?;
+    let items = match &a.input {
+        Some(p) => read_items(p)?,
+        None => Vec::new(),
+    };
+    let n_items = items.len();
+    let input = spec.input(items, &params).map_err(|e| {
+        usage(match &a.input {
+            Some(p) => e.replace("input line", &format!("{}: line", p.display())),
+            None => e,
+        })
+    })?;
+    spec.check_runnable(&env).map_err(usage)?;
+    if a.check {
+        println!(
+            "{}: workflow `{}` is valid ({} items, {} parameters); nothing was run",
+            a.file.display(),
+            spec.name(),
+            n_items,
+            spec.params().len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let output = match &a.output {
+        Some(p) => {
+            if std::fs::metadata(p).is_ok_and(|m| m.len() > 0) {
+                return Err(usage(format!(
+                    "the output file {} already exists and is not empty; remove it or choose another --output (to continue a run, use `cairn resume RUN`)",
+                    p.display()
+                )));
+            }
+            Some(std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        }
+        None => None,
+    };
+    let mut opts = spec.start_options(&input).map_err(usage)?;
+    if let Some(o) = &output {
+        opts.labels.insert("output".into(), o.display().to_string());
+    }
+    let store = open_rw(path)?;
+    let engine = engine_with(store, env);
+    let _control = crate::control::serve(path, engine.clone());
+    let h = engine.start_with(opts).await?;
+    println!(
+        "run {} started: {} over {n_items} items (store {})",
+        h.id,
+        spec.workflow(),
+        path.display()
+    );
+    if let Some(o) = &output {
+        println!("results: {}", o.display());
+    }
+    let _ = std::io::stdout().flush();
+    follow(path, &engine, h, output.as_deref()).await
+}
+
+/// `cairn resume RUN` for a run of a workflow file: checks the file, then continues the run
+/// and its output file.
+pub async fn resume(
+    path: &Path,
+    id: RunId,
+    meta: &RunMeta,
+    output: Option<PathBuf>,
+    allow_changed: bool,
+) -> Result<ExitCode> {
+    let store = open_existing_rw(path)?;
+    let first = store.read(id, Seq(0), 1).await?;
+    let input: FlowInput = match first.first().map(|e| Event::decode(&e.payload)) {
+        Some(Ok(Event::RunStarted { input, .. })) => input
+            .to_typed()
+            .context("the run's recorded input is not a workflow file run's")?,
+        _ => anyhow::bail!("run {id} has no readable start event"),
+    };
+    let env = FlowEnv::new();
+    let file = PathBuf::from(&input.file);
+    match std::fs::read(&file) {
+        Ok(bytes) => {
+            let now = blake3::hash(&bytes).to_hex().to_string();
+            if now != input.source_hash {
+                if !allow_changed {
+                    return Err(usage(format!(
+                        "the workflow file {} changed since run {id} started (recorded {}…, now {}…); put the original back, or resume with --allow-changed to run the new file (steps already recorded are checked against it, so only steps not yet recorded may change)",
+                        file.display(),
+                        &input.source_hash[..12],
+                        &now[..12]
+                    )));
+                }
+                let spec = match FlowSpec::load(&file, &input.overrides, &env) {
+                    Ok(s) => s,
+                    Err(e) => return Ok(invalid(&e)),
+                };
+                if spec.workflow() != meta.workflow {
+                    return Err(usage(format!(
+                        "the changed file declares workflow `{}`, but run {id} runs `{}`",
+                        spec.workflow(),
+                        meta.workflow
+                    )));
+                }
+                spec.check_runnable(&env).map_err(usage)?;
+                eprintln!(
+                    "note: resuming with the changed workflow file {} (--allow-changed)",
+                    file.display()
+                );
+                env.use_spec(id, spec.text().to_string());
+            }
+        }
+        Err(_) => eprintln!(
+            "note: the workflow file {} is gone; resuming with the copy recorded in the run",
+            file.display()
+        ),
+    }
+    let output = output
+        .map(|p| std::path::absolute(&p).unwrap_or(p))
+        .or_else(|| meta.labels.get("output").map(PathBuf::from));
+    let engine = engine_with(store, env);
+    let _control = crate::control::serve(path, engine.clone());
+    let h = engine.resume(id).await?;
+    println!("run {id} resumed from event {}", meta.events);
+    if let Some(o) = &output {
+        println!("results: {}", o.display());
+    }
+    let _ = std::io::stdout().flush();
+    follow(path, &engine, h, output.as_deref()).await
+}
+
+/// Whether a run is a run of a workflow file.
+pub fn is_flow(meta: &RunMeta) -> bool {
+    meta.workflow.starts_with(FLOW_PREFIX)
+}
+
+/// Waits for the run, keeping the output file and the progress line current; Ctrl-C stops the
+/// run cleanly (it stays resumable).
+async fn follow(
+    path: &Path,
+    engine: &Engine,
+    h: RunHandle,
+    output: Option<&Path>,
+) -> Result<ExitCode> {
+    let id = h.id;
+    let store = Arc::clone(engine.store());
+    let mut follower = FlowFollower::new(id);
+    let mut out = match output {
+        Some(p) => Some(OutputFile::open(p, id)?),
+        None => None,
+    };
+    let mut bar = Bar::new();
+    let wait = tokio::spawn(h.wait());
+    tokio::pin!(wait);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut stopping = false;
+    let outcome: Result<RunOutcome, cairn_engine::EngineError> = loop {
+        tokio::select! {
+            r = &mut wait => {
+                break r.unwrap_or_else(|e| Err(cairn_engine::EngineError::Panicked { run: id, detail: e.to_string() }));
+            }
+            _ = &mut ctrl_c, if !stopping => {
+                stopping = true;
+                eprintln!("\ninterrupt: stopping; items in flight run again on resume (Ctrl-C again to kill)");
+                engine.shutdown();
+                tokio::spawn(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                    std::process::exit(130);
+                });
+            }
+            _ = tick.tick() => {
+                let new = follower.poll(store.as_ref()).await?;
+                if let Some(o) = out.as_mut() { o.write(&new)?; }
+                bar.update(follower.progress());
+            }
+        }
+    };
+    let new = follower.poll(store.as_ref()).await?;
+    if let Some(o) = out.as_mut() {
+        o.write(&new)?;
+        o.finish()?;
+    }
+    bar.finish(follower.progress());
+    let p = follower.progress();
+    println!(
+        "items: {} of {} done ({} ok, {} failed); {} model calls, {} input + {} output tokens, ${:.4}",
+        p.succeeded + p.failed,
+        p.items_total,
+        p.succeeded,
+        p.failed,
+        p.model_calls,
+        p.input_tokens,
+        p.output_tokens,
+        p.cost_usd
+    );
+    if let (Some(o), Some(p)) = (&out, output) {
+        println!("results: {} lines in {}", o.lines(), p.display());
+    }
+    Ok(commands::report(path, &[outcome]))
+}
+
+/// The item results file: one JSON line per finished item, each exactly once.
+struct OutputFile {
+    file: std::io::BufWriter<std::fs::File>,
+    written: HashSet<(String, u32)>,
+    run: String,
+}
+
+impl OutputFile {
+    /// Opens (or creates) `path` for run `run`, reading which items it already has. A last
+    /// line cut short by a crash is removed; lines of another run are refused.
+    fn open(path: &Path, run: RunId) -> Result<Self> {
+        let shown = path.display();
+        let run = run.to_string();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("cannot open the output file {shown}"))?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text)
+            .with_context(|| format!("cannot read the output file {shown}"))?;
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        if complete < text.len() {
+            f.set_len(complete as u64)
+                .with_context(|| format!("cannot trim the cut-off last line of {shown}"))?;
+            f.seek(std::io::SeekFrom::End(0))?;
+        }
+        let mut written = HashSet::new();
+        for (n, line) in text[..complete].lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(line).map_err(|e| {
+                usage(format!(
+                    "{shown}:{}: not a result line ({e}); choose another --output",
+                    n + 1
+                ))
+            })?;
+            if v["run"].as_str() != Some(run.as_str()) {
+                return Err(usage(format!(
+                    "{shown}:{}: a result of run {}, not of run {run}; choose another --output",
+                    n + 1,
+                    v["run"].as_str().unwrap_or("?")
+                )));
+            }
+            let step = v["step"].as_str().unwrap_or_default().to_string();
+            let index = v["index"].as_u64().unwrap_or(u64::MAX) as u32;
+            written.insert((step, index));
+        }
+        Ok(OutputFile {
+            file: std::io::BufWriter::new(f),
+            written,
+            run,
+        })
+    }
+
+    fn write(&mut self, results: &[ItemResult]) -> Result<()> {
+        for r in results {
+            if !self.written.insert((r.step.clone(), r.index)) {
+                continue;
+            }
+            let mut v = serde_json::to_value(r)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("run".into(), Value::String(self.run.clone()));
+            }
+            serde_json::to_writer(&mut self.file, &v)?;
+            self.file.write_all(b"\n")?;
+        }
+        self.file.flush().context("cannot write the output file")?;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.file.flush()?;
+        self.file
+            .get_ref()
+            .sync_data()
+            .context("cannot sync the output file")
+    }
+
+    fn lines(&self) -> usize {
+        self.written.len()
+    }
+}
+
+/// The progress line: an indicatif bar on a terminal, a plain line a second otherwise.
+struct Bar {
+    bar: Option<indicatif::ProgressBar>,
+    started: Instant,
+    last_plain: Instant,
+    first_done: Option<u64>,
+}
+
+impl Bar {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} items · {msg} · ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            b.set_style(style);
+            b
+        });
+        Bar {
+            bar,
+            started: Instant::now(),
+            last_plain: Instant::now(),
+            first_done: None,
+        }
+    }
+
+    fn message(p: &FlowProgress) -> String {
+        format!(
+            "{} failed · {} calls · {} tokens · ${:.4}",
+            p.failed,
+            p.model_calls,
+            p.input_tokens + p.output_tokens,
+            p.cost_usd
+        )
+    }
+
+    fn update(&mut self, p: &FlowProgress) {
+        let done = p.succeeded + p.failed;
+        let first = *self.first_done.get_or_insert(done);
+        match &self.bar {
+            Some(b) => {
+                b.set_length(p.items_total);
+                b.set_position(done);
+                b.set_message(Self::message(p));
+            }
+            None => {
+                if self.last_plain.elapsed() >= Duration::from_secs(1) {
+                    self.last_plain = Instant::now();
+                    let secs = self.started.elapsed().as_secs_f64();
+                    let rate = (done - first) as f64 / secs.max(1e-3);
+                    let eta = if rate > 0.0 {
+                        format!("{:.0}s", (p.items_total - done) as f64 / rate)
+                    } else {
+                        "?".into()
+                    };
+                    eprintln!(
+                        "progress: {done}/{} items · {} · ETA {eta}",
+                        p.items_total,
+                        Self::message(p)
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, p: &FlowProgress) {
+        if let Some(b) = &self.bar {
+            b.set_position(p.succeeded + p.failed);
+            b.finish_and_clear();
+        }
+    }
+}
