@@ -826,8 +826,13 @@ async fn replay_check(path: &Path, run: &str) -> Result<ExitCode> {
     let id = parse_run(run)?;
     // Read-only: even a bug in the check could not write.
     let store = open_ro(path)?;
-    meta_of(&store, id).await?;
-    let engine = engine_for(store, Arc::default());
+    let meta = meta_of(&store, id).await?;
+    let engine = if crate::run::is_flow(&meta) {
+        // A run of a workflow file is checked against the file as it is today.
+        crate::run::check_engine(store, id).await?
+    } else {
+        engine_for(store, Arc::default())
+    };
     let report = engine.check(id).await?;
     match &report.divergence {
         None => {

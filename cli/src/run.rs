@@ -196,6 +196,53 @@ pub async fn run(path: &Path, a: RunArgs) -> Result<ExitCode> {
     follow(path, &engine, h, output.as_deref()).await
 }
 
+/// The recorded input of a run of a workflow file.
+async fn recorded_input(store: &cairn_storage::RedbStore, id: RunId) -> Result<FlowInput> {
+    let first = store.read(id, Seq(0), 1).await?;
+    match first.first().map(|e| Event::decode(&e.payload)) {
+        Some(Ok(Event::RunStarted { input, .. })) => input
+            .to_typed()
+            .context("the run's recorded input is not a workflow file run's"),
+        _ => anyhow::bail!("run {id} has no readable start event"),
+    }
+}
+
+/// An engine for `cairn replay RUN --check` on a run of a workflow file: it runs the file as
+/// it is now at the run's recorded path (with the run's `--set` changes), or the recorded copy
+/// if the file is gone.
+pub async fn check_engine(store: cairn_storage::RedbStore, id: RunId) -> Result<Engine> {
+    let input = recorded_input(&store, id).await?;
+    let env = FlowEnv::for_checking();
+    let file = PathBuf::from(&input.file);
+    if file.exists() {
+        let spec = match FlowSpec::load(&file, &input.overrides, &env) {
+            Ok(s) => s,
+            Err(e) => {
+                for i in &e.issues {
+                    eprintln!("error: {i}");
+                }
+                return Err(usage(format!(
+                    "the workflow file {} is invalid today; fix it to check it against run {id}",
+                    file.display()
+                )));
+            }
+        };
+        if spec.source_hash() != input.source_hash {
+            eprintln!(
+                "note: checking the changed file {} against the history",
+                file.display()
+            );
+        }
+        env.use_spec(id, spec.text().to_string());
+    } else {
+        eprintln!(
+            "note: the workflow file {} is gone; checking the copy recorded in the run",
+            file.display()
+        );
+    }
+    Ok(engine_with(store, env))
+}
+
 /// `cairn resume RUN` for a run of a workflow file: checks the file, then continues the run
 /// and its output file.
 pub async fn resume(
@@ -206,13 +253,7 @@ pub async fn resume(
     allow_changed: bool,
 ) -> Result<ExitCode> {
     let store = open_existing_rw(path)?;
-    let first = store.read(id, Seq(0), 1).await?;
-    let input: FlowInput = match first.first().map(|e| Event::decode(&e.payload)) {
-        Some(Ok(Event::RunStarted { input, .. })) => input
-            .to_typed()
-            .context("the run's recorded input is not a workflow file run's")?,
-        _ => anyhow::bail!("run {id} has no readable start event"),
-    };
+    let input = recorded_input(&store, id).await?;
     let env = FlowEnv::new();
     let file = PathBuf::from(&input.file);
     match std::fs::read(&file) {

@@ -41,7 +41,7 @@ impl Built {
         for (name, m) in &def.models {
             let model: Arc<dyn Model> = match env.models.get(name) {
                 Some(replacement) => Arc::clone(replacement),
-                None => build_model(name, m, base_dir)?,
+                None => build_model(name, m, base_dir, env.checking)?,
             };
             models.insert(name.clone(), (model, m.model.clone()));
         }
@@ -132,12 +132,14 @@ fn build_model(
     name: &str,
     m: &super::validate::ModelDef,
     base_dir: &Path,
+    checking: bool,
 ) -> Result<Arc<dyn Model>, String> {
     let timeout = Duration::from_secs(m.timeout_secs.unwrap_or(300));
     let key = |default: &str| -> Result<Option<String>, String> {
         let var = m.api_key_env.as_deref().unwrap_or(default);
         match std::env::var(var) {
             Ok(k) if !k.trim().is_empty() => Ok(Some(k)),
+            _ if checking => Ok(None),
             _ if m.api_key_env.is_some() || default == AnthropicModel::API_KEY_ENV => Err(format!(
                 "model `{name}` (provider {}) needs an API key in ${var}",
                 match m.provider {

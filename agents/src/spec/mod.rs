@@ -98,12 +98,22 @@ pub struct FlowEnv {
     pub(crate) tools: ToolRegistry,
     pub(crate) models: BTreeMap<String, Arc<dyn Model>>,
     pub(crate) specs: Arc<Mutex<HashMap<RunId, String>>>,
+    pub(crate) checking: bool,
 }
 
 impl FlowEnv {
     /// An environment with no Rust tools and no model replacements.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An environment for checking recorded histories (`cairn replay --check`): models are
+    /// built without API keys, since a check never calls them.
+    pub fn for_checking() -> Self {
+        FlowEnv {
+            checking: true,
+            ..Self::default()
+        }
     }
 
     /// The same environment with a tool agents of workflow files may use.
