@@ -378,6 +378,11 @@ fn set_in_table(
 ) -> Result<(), String> {
     let (first, rest) = (parts[0], &parts[1..]);
     if rest.is_empty() {
+        let mut value = value;
+        if let Some(old) = t.get(first).and_then(toml_edit::Item::as_value) {
+            // The old value's surroundings (spacing, a comment after it) stay.
+            *value.decor_mut() = old.decor().clone();
+        }
         t.insert(first, toml_edit::Item::Value(value));
         return Ok(());
     }

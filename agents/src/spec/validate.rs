@@ -959,6 +959,29 @@ fn check_steps(
     out
 }
 
+/// Where the text of the string value starting at `start` begins in the file: after its
+/// opening quote(s) and, for a multi-line string, after the newline that follows them (TOML
+/// drops it). Offsets in the value then map to the file (exactly, unless the string has
+/// escapes), so a reference at the start of a line of a `"""` prompt is reported on its line,
+/// not the one before.
+fn content_start(text: &str, start: usize) -> usize {
+    let raw = text.get(start..).unwrap_or_default();
+    if raw.starts_with("\"\"\"") || raw.starts_with("'''") {
+        let rest = &raw[3..];
+        start
+            + 3
+            + if rest.starts_with("\r\n") {
+                2
+            } else {
+                usize::from(rest.starts_with('\n'))
+            }
+    } else if raw.starts_with('"') || raw.starts_with('\'') {
+        start + 1
+    } else {
+        start
+    }
+}
+
 /// Parses and checks a prompt template against the names visible at its step.
 fn template(
     is: &mut Issues<'_>,
@@ -969,8 +992,7 @@ fn template(
     item_fields: &mut BTreeMap<String, usize>,
     id: &str,
 ) -> Option<Template> {
-    // The string's text starts after its opening quote(s); close enough for a line number.
-    let base = p.span().start;
+    let base = content_start(is.text, p.span().start);
     let t = match Template::parse(p.get_ref()) {
         Ok(t) => t,
         Err((off, m)) => {
