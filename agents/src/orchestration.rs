@@ -66,6 +66,19 @@ impl Router {
         }
     }
 
+    /// The same router with the classifier model's prices, so classifications record their
+    /// cost.
+    pub fn price(mut self, price: crate::agent::Price) -> Self {
+        self.classifier = self.classifier.price(price);
+        self
+    }
+
+    /// The same router with its classifier drawing on a run budget.
+    pub fn budget(mut self, budget: std::sync::Arc<crate::budget::Budget>) -> Self {
+        self.classifier = self.classifier.budget(budget);
+        self
+    }
+
     /// Adds a category: its name, what it covers (for the classifier), and its agent.
     pub fn route(mut self, category: &str, description: &str, agent: Agent) -> Self {
         self.routes

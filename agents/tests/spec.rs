@@ -1459,7 +1459,10 @@ async fn a_fallback_agent_answers_when_the_primarys_model_fails_for_good() {
         output["steps"]["after"]["text"],
         "backup: Got: backup: help me via backup"
     );
-    assert!(output["steps"]["after"].get("fallback").is_none());
+    assert!(
+        output["steps"]["after"]["fallback"].is_null(),
+        "no fallback ran for `after`"
+    );
     // A non-retryable error is not retried.
     assert_eq!(flaky.calls(), 1);
 

@@ -151,7 +151,8 @@ pub enum Interrupt {
         detail: String,
     },
     /// This process cannot run the workflow's code now (a missing API key, an unreadable
-    /// file); nothing is recorded and the run can be resumed once that is fixed.
+    /// file); nothing but the resume marker is recorded, the run stays as it was and can be
+    /// resumed once that is fixed.
     #[error(
         "run {run} cannot run in this process: {detail}; the run is unchanged, fix this and resume it"
     )]

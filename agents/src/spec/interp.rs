@@ -100,6 +100,12 @@ impl Built {
                 .get(&r.model)
                 .ok_or_else(|| format!("router `{name}`: model `{}` is not built", r.model))?;
             let mut router = Router::new(name, Arc::clone(model), model_id);
+            if let Some(p) = def.models.get(&r.model).and_then(|m| m.price) {
+                router = router.price(p);
+            }
+            if let Some(b) = &budget {
+                router = router.budget(Arc::clone(b));
+            }
             for (cat, (agent, description)) in &r.routes {
                 let a = agents
                     .get(agent)
@@ -307,6 +313,7 @@ fn agent_value(run: &AgentRun) -> Value {
         "input_tokens": run.usage.input_tokens,
         "output_tokens": run.usage.output_tokens,
         "cost_usd": run.cost_usd,
+        "fallback": Value::Null,
     })
 }
 

@@ -252,6 +252,7 @@ enum Seen {
 
 const AGENT_FIELDS: &[&str] = &[
     "text",
+    "fallback",
     "agent",
     "turns",
     "tool_calls",
@@ -261,6 +262,7 @@ const AGENT_FIELDS: &[&str] = &[
 ];
 const ROUTER_FIELDS: &[&str] = &[
     "text",
+    "fallback",
     "agent",
     "category",
     "turns",
