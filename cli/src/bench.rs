@@ -85,6 +85,10 @@ pub struct BenchArgs {
     /// Agent runs `agents` runs at once (with and without the engine).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub agent_concurrency: u32,
+    /// Rounds of `telemetry` (each runs `seq` and `many` with telemetry off twice, to a
+    /// discarding pipeline and to a loopback OTLP receiver).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub telemetry_rounds: u32,
     /// Internal, for `fanout-large`: instead of benchmarking, run `cairn CHILD_ARGS…` as a child
     /// process, reap it with `wait4` and write its exit status, wall time, peak RSS and CPU
     /// time to this file as JSON.
@@ -118,6 +122,9 @@ pub enum Workload {
     /// 1,000 agent runs (3 model calls, 2 tool calls each) against an in-process fake
     /// Anthropic server, with and without the engine.
     Agents,
+    /// `seq` and `many` in child processes with live telemetry off, to a discarding pipeline
+    /// and to a loopback OTLP receiver (see `--telemetry-rounds`).
+    Telemetry,
 }
 
 /// Size of one write of the `fsync` workload.
@@ -447,6 +454,9 @@ struct Results {
     /// The `agents` figures.
     #[serde(skip_serializing_if = "Option::is_none")]
     agents: Option<AgentsResult>,
+    /// The `telemetry` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    telemetry: Option<crate::otel_bench::TelemetryResult>,
     /// The targets, judged on this run's figures.
     targets: Vec<Target>,
 }
@@ -577,6 +587,22 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
                 ));
                 res.agents =
                     Some(bench_agents(&dir.path, args.agent_runs, args.agent_concurrency).await?);
+            }
+            Workload::Telemetry => {
+                say(format!(
+                    "telemetry ({} rounds of seq + many in child processes: off ×2, memory, otlp)",
+                    args.telemetry_rounds
+                ));
+                res.telemetry = Some(
+                    crate::otel_bench::bench_telemetry(
+                        &dir.path,
+                        args.steps,
+                        args.workflows,
+                        args.steps_per_workflow,
+                        args.telemetry_rounds,
+                    )
+                    .await?,
+                );
             }
         }
     }
@@ -2193,6 +2219,16 @@ fn targets(r: &Results) -> Vec<Target> {
         },
         None => not_measured("agents_overhead", goal, "agents"),
     });
+    if let Some(t) = &r.telemetry {
+        for (name, goal, met, detail) in crate::otel_bench::targets(t) {
+            out.push(Target {
+                name,
+                goal,
+                met: Some(met),
+                detail,
+            });
+        }
+    }
     out
 }
 
@@ -2393,6 +2429,11 @@ fn print_human(r: &Results) {
                 fmt_bytes(a.file_bytes)
             ),
         ]);
+    }
+    if let Some(tel) = &r.telemetry {
+        for row in crate::otel_bench::rows(tel) {
+            t.add_row(row);
+        }
     }
     println!("stores in {}", r.dir);
     println!("{t}");

@@ -7,6 +7,7 @@ mod control;
 mod fake_llm;
 mod fork;
 mod otel;
+mod otel_bench;
 mod otel_metrics;
 mod run;
 mod telemetry;

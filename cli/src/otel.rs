@@ -1019,13 +1019,45 @@ mod tests {
             counter(m, "cairn.tool.calls", &[("cairn.outcome", "succeeded")]),
             1
         );
-        // Two model steps, two tool steps (the failed tool call is sent back to the model:
-        // its step succeeds), and the agent's scope marker step.
+        // Every step attempt succeeded (the failed tool call is sent back to the model: its
+        // step succeeds): two model steps, two tool steps.
         assert_eq!(
-            counter(m, "cairn.step.attempts", &[("cairn.outcome", "succeeded")]),
-            counter(m, "cairn.step.attempts", &[])
+            step_attempts(m, &[("cairn.outcome", "failed")]),
+            0,
+            "no failed attempt"
         );
-        assert!(counter(m, "cairn.step.attempts", &[("cairn.step_name", "model")]) == 2);
+        assert_eq!(step_attempts(m, &[("cairn.step_name", "model")]), 2);
+        assert_eq!(
+            step_attempts(m, &[("cairn.step_name", "tool:word_count")]),
+            2
+        );
+    }
+
+    /// The count of `cairn.step.duration` points whose attributes include all of `with`.
+    fn step_attempts(metrics: &[ResourceMetrics], with: &[(&str, &str)]) -> u64 {
+        let last = metrics.last().expect("a metrics export");
+        let mut total = 0;
+        for m in last.scope_metrics().flat_map(|s| s.metrics()) {
+            if m.name() != "cairn.step.duration" {
+                continue;
+            }
+            let AggregatedMetrics::F64(MetricData::Histogram(h)) = m.data() else {
+                panic!("cairn.step.duration is not an f64 histogram");
+            };
+            for p in h.data_points() {
+                let attrs: Vec<(String, String)> = p
+                    .attributes()
+                    .map(|kv| (kv.key.to_string(), kv.value.as_str().into_owned()))
+                    .collect();
+                if with
+                    .iter()
+                    .all(|(k, v)| attrs.iter().any(|(ak, av)| ak == k && av == v))
+                {
+                    total += p.count();
+                }
+            }
+        }
+        total
     }
 
     #[test]

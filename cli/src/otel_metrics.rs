@@ -8,8 +8,8 @@
 
 use std::time::Instant;
 
-use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
+use opentelemetry::{KeyValue, StringValue};
 use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -48,7 +48,6 @@ const TOKEN_BUCKETS: [f64; 14] = [
 pub struct SpanMetrics {
     runs: Counter<u64>,
     run_duration: Histogram<f64>,
-    step_attempts: Counter<u64>,
     step_duration: Histogram<f64>,
     step_retries: Counter<u64>,
     model_calls: Counter<u64>,
@@ -90,14 +89,11 @@ impl SpanMetrics {
                 "cairn.run.duration",
                 "How long a run executed in this process, by workflow and status.",
             ),
-            step_attempts: count(
-                "cairn.step.attempts",
-                "{attempt}",
-                "Executed step attempts (not those answered from the log), by step name and outcome.",
-            ),
+            // Its count is the number of executed attempts: one instrument per step keeps the
+            // cost per attempt to one measurement.
             step_duration: secs(
                 "cairn.step.duration",
-                "Duration of an executed step attempt, by step name and outcome.",
+                "Duration of an executed step attempt (not those answered from the log), by step name and outcome; its count is the attempts.",
             ),
             step_retries: count(
                 "cairn.step.retries",
@@ -156,58 +152,49 @@ impl SpanMetrics {
     }
 
     fn close(&self, name: &str, rec: &SpanRec) {
-        let secs = rec.started.elapsed().as_secs_f64();
-        let failed = rec.str("otel.status_code") == Some("ERROR");
-        let outcome = if failed { "failed" } else { "succeeded" };
+        let secs = rec.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let outcome = KeyValue::new(
+            "cairn.outcome",
+            if rec.failed { "failed" } else { "succeeded" },
+        );
         match name {
             "run" => {
                 let attrs = [
-                    rec.kv("cairn.workflow"),
+                    rec.kv("cairn.workflow", &rec.label),
                     KeyValue::new(
                         "cairn.run.status",
-                        rec.str("cairn.run.status").unwrap_or("stopped").to_string(),
+                        rec.outcome.clone().unwrap_or_else(|| "stopped".into()),
                     ),
                 ];
                 self.runs.add(1, &attrs);
                 self.run_duration.record(secs, &attrs);
             }
             "step" => {
-                let step = rec.kv("cairn.step_name");
-                let attrs = [step.clone(), KeyValue::new("cairn.outcome", outcome)];
-                self.step_attempts.add(1, &attrs);
-                self.step_duration.record(secs, &attrs);
-                if rec.bool("cairn.step.will_retry") == Some(true) {
-                    self.step_retries.add(1, &[step]);
+                let step = rec.kv("cairn.step_name", &rec.label);
+                if rec.will_retry {
+                    self.step_retries.add(1, std::slice::from_ref(&step));
                 }
+                self.step_duration.record(secs, &[step, outcome]);
             }
             "chat" => {
-                let agent = rec.kv("gen_ai.agent.name");
-                let model = rec.kv("gen_ai.request.model");
-                self.model_calls.add(
-                    1,
-                    &[
-                        agent.clone(),
-                        model.clone(),
-                        KeyValue::new("cairn.outcome", outcome),
-                    ],
-                );
+                let agent = rec.kv("gen_ai.agent.name", &rec.agent);
+                let model = rec.kv("gen_ai.request.model", &rec.label);
+                self.model_calls
+                    .add(1, &[agent.clone(), model.clone(), outcome]);
                 let mut conv = vec![
                     KeyValue::new("gen_ai.operation.name", "chat"),
-                    rec.kv("gen_ai.provider.name"),
+                    rec.kv("gen_ai.provider.name", &rec.provider),
                     model.clone(),
                 ];
-                if rec.str("gen_ai.response.model").is_some() {
-                    conv.push(rec.kv("gen_ai.response.model"));
+                if rec.response_model.is_some() {
+                    conv.push(rec.kv("gen_ai.response.model", &rec.response_model));
                 }
-                if rec.str("error.type").is_some() {
-                    conv.push(rec.kv("error.type"));
+                if rec.error_type.is_some() {
+                    conv.push(rec.kv("error.type", &rec.error_type));
                 }
                 self.gen_ai_duration.record(secs, &conv);
-                for (field, kind) in [
-                    ("gen_ai.usage.input_tokens", "input"),
-                    ("gen_ai.usage.output_tokens", "output"),
-                ] {
-                    if let Some(n) = rec.u64(field) {
+                for (n, kind) in [(rec.input_tokens, "input"), (rec.output_tokens, "output")] {
+                    if let Some(n) = n {
                         let t = KeyValue::new("gen_ai.token.type", kind);
                         self.model_tokens
                             .add(n, &[agent.clone(), model.clone(), t.clone()]);
@@ -216,22 +203,23 @@ impl SpanMetrics {
                         self.gen_ai_tokens.record(n, &a);
                     }
                 }
-                if let Some(c) = rec.f64("cairn.cost_usd") {
+                if let Some(c) = rec.cost_usd {
                     self.model_cost.add(c, &[agent, model]);
                 }
             }
             "execute_tool" => {
-                let tool = rec.kv("gen_ai.tool.name");
-                self.tool_calls
-                    .add(1, &[tool.clone(), KeyValue::new("cairn.outcome", outcome)]);
+                let tool = rec.kv("gen_ai.tool.name", &rec.label);
+                self.tool_calls.add(1, &[tool.clone(), outcome]);
                 self.tool_duration.record(secs, &[tool]);
             }
             "branch" => {
                 self.branches_active.add(-1, &[]);
-                let outcome = rec.str("cairn.branch.outcome").unwrap_or("stopped");
                 self.branches.add(
                     1,
-                    &[KeyValue::new("cairn.branch.outcome", outcome.to_string())],
+                    &[KeyValue::new(
+                        "cairn.branch.outcome",
+                        rec.outcome.clone().unwrap_or_else(|| "stopped".into()),
+                    )],
                 );
             }
             _ => {}
@@ -244,94 +232,110 @@ fn measured(name: &str) -> bool {
     matches!(name, "run" | "step" | "chat" | "execute_tool" | "branch")
 }
 
-/// A field value as recorded.
-#[derive(Clone, Debug)]
-enum Val {
-    Str(String),
-    U64(u64),
-    I64(i64),
-    F64(f64),
-    Bool(bool),
-}
-
-/// A measured span: when it started and the fields it has recorded.
+/// A measured span: when it started and the few fields [`SpanMetrics::close`] reads (the
+/// others, e.g. run ids and step paths, are neither kept nor formatted). Strings are kept as
+/// shared values, so an attribute made of one costs no copy.
+#[derive(Default)]
 struct SpanRec {
-    started: Instant,
-    fields: Vec<(&'static str, Val)>,
+    started: Option<Instant>,
+    /// `otel.status_code = "ERROR"` was recorded.
+    failed: bool,
+    /// `cairn.step.will_retry = true` was recorded.
+    will_retry: bool,
+    /// The span's subject: the workflow (`run`), the step name (`step`), the request model
+    /// (`chat`) or the tool (`execute_tool`).
+    label: Option<StringValue>,
+    /// `cairn.run.status` (`run`) or `cairn.branch.outcome` (`branch`).
+    outcome: Option<StringValue>,
+    agent: Option<StringValue>,
+    provider: Option<StringValue>,
+    response_model: Option<StringValue>,
+    error_type: Option<StringValue>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cost_usd: Option<f64>,
 }
 
 impl SpanRec {
-    fn get(&self, k: &str) -> Option<&Val> {
-        self.fields
-            .iter()
-            .rev()
-            .find(|(n, _)| *n == k)
-            .map(|(_, v)| v)
+    /// A string field as an attribute (empty if not recorded).
+    fn kv(&self, key: &'static str, v: &Option<StringValue>) -> KeyValue {
+        KeyValue::new(key, v.clone().unwrap_or_else(|| "".into()))
     }
 
-    fn str(&self, k: &str) -> Option<&str> {
-        match self.get(k) {
-            Some(Val::Str(s)) => Some(s),
-            _ => None,
-        }
-    }
-
-    fn u64(&self, k: &str) -> Option<u64> {
-        match self.get(k) {
-            Some(Val::U64(n)) => Some(*n),
-            Some(Val::I64(n)) => u64::try_from(*n).ok(),
-            _ => None,
-        }
-    }
-
-    fn f64(&self, k: &str) -> Option<f64> {
-        match self.get(k) {
-            Some(Val::F64(x)) => Some(*x),
-            _ => None,
-        }
-    }
-
-    fn bool(&self, k: &str) -> Option<bool> {
-        match self.get(k) {
-            Some(Val::Bool(b)) => Some(*b),
-            _ => None,
-        }
-    }
-
-    /// The field as a string attribute (empty if not recorded).
-    fn kv(&self, k: &'static str) -> KeyValue {
-        let v = match self.get(k) {
-            Some(Val::Str(s)) => s.clone(),
-            Some(Val::U64(n)) => n.to_string(),
-            Some(Val::I64(n)) => n.to_string(),
-            Some(Val::F64(x)) => x.to_string(),
-            Some(Val::Bool(b)) => b.to_string(),
-            None => String::new(),
+    fn set_str(&mut self, name: &str, value: StringValue) {
+        let slot = match name {
+            "cairn.workflow" | "cairn.step_name" | "gen_ai.request.model" | "gen_ai.tool.name" => {
+                &mut self.label
+            }
+            "cairn.run.status" | "cairn.branch.outcome" => &mut self.outcome,
+            "gen_ai.agent.name" => &mut self.agent,
+            "gen_ai.provider.name" => &mut self.provider,
+            "gen_ai.response.model" => &mut self.response_model,
+            "error.type" => &mut self.error_type,
+            "otel.status_code" => {
+                self.failed = value.as_str() == "ERROR";
+                return;
+            }
+            _ => return,
         };
-        KeyValue::new(k, v)
+        *slot = Some(value);
     }
+
+    fn set_count(&mut self, name: &str, n: u64) {
+        match name {
+            "gen_ai.usage.input_tokens" => self.input_tokens = Some(n),
+            "gen_ai.usage.output_tokens" => self.output_tokens = Some(n),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a string field is read (so that others are never formatted).
+fn wanted_str(name: &str) -> bool {
+    matches!(
+        name,
+        "cairn.workflow"
+            | "cairn.step_name"
+            | "gen_ai.request.model"
+            | "gen_ai.tool.name"
+            | "cairn.run.status"
+            | "cairn.branch.outcome"
+            | "gen_ai.agent.name"
+            | "gen_ai.provider.name"
+            | "gen_ai.response.model"
+            | "error.type"
+            | "otel.status_code"
+    )
 }
 
 impl Visit for SpanRec {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.fields.push((field.name(), Val::F64(value)));
+        if field.name() == "cairn.cost_usd" {
+            self.cost_usd = Some(value);
+        }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.fields.push((field.name(), Val::I64(value)));
+        if let Ok(n) = u64::try_from(value) {
+            self.set_count(field.name(), n);
+        }
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.fields.push((field.name(), Val::U64(value)));
+        self.set_count(field.name(), value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.fields.push((field.name(), Val::Bool(value)));
+        if field.name() == "cairn.step.will_retry" {
+            self.will_retry = value;
+        }
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.fields
-            .push((field.name(), Val::Str(value.to_string())));
+        if wanted_str(field.name()) {
+            self.set_str(field.name(), StringValue::from(value.to_string()));
+        }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.fields
-            .push((field.name(), Val::Str(format!("{value:?}"))));
+        if wanted_str(field.name()) {
+            self.set_str(field.name(), StringValue::from(format!("{value:?}")));
+        }
     }
 }
 
@@ -346,8 +350,8 @@ where
         }
         let Some(span) = ctx.span(id) else { return };
         let mut rec = SpanRec {
-            started: Instant::now(),
-            fields: Vec::with_capacity(8),
+            started: Some(Instant::now()),
+            ..SpanRec::default()
         };
         attrs.record(&mut rec);
         if name == "branch" {

@@ -20,6 +20,7 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::Registry;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -72,29 +73,30 @@ pub fn init(
             .with_filter(env.and(not_metrics))
             .boxed(),
     };
-    let metrics = match metrics {
+    // The layers as a list, with only those asked for: an absent layer (an `Option` that is
+    // `None`) still counts as interested in every callsite, which would make every INFO span
+    // of the engine a real span in the registry even with nothing listening.
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![fmt];
+    if let Some(p) = metrics {
+        layers.push(
+            MetricsLayer::open(p)?
+                .with_filter(filter_fn(|m| m.target() == METRICS_TARGET))
+                .boxed(),
+        );
+    }
+    let pipeline = match live {
         None => None,
-        Some(p) => {
-            Some(MetricsLayer::open(p)?.with_filter(filter_fn(|m| m.target() == METRICS_TARGET)))
-        }
-    };
-    let base = tracing_subscriber::registry().with(fmt).with(metrics);
-    // Two arms rather than an `Option` layer: with export off, the subscriber is exactly the
-    // one without it.
-    match live {
-        None => {
-            base.try_init()
-                .context("cannot install the log subscriber")?;
-            Ok(None)
-        }
         Some(settings) => {
             let pipeline = crate::otel::Pipeline::start(settings)?;
-            base.with(pipeline.layer())
-                .try_init()
-                .context("cannot install the log subscriber")?;
-            Ok(Some(pipeline))
+            layers.push(pipeline.layer());
+            Some(pipeline)
         }
-    }
+    };
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .context("cannot install the log subscriber")?;
+    Ok(pipeline)
 }
 
 /// Writes each `cairn::metrics` event as one JSON line.

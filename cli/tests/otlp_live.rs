@@ -227,7 +227,7 @@ fn a_live_run_sends_its_spans_in_the_trace_cairn_trace_uses() {
         .collect();
     for want in [
         "cairn.runs",
-        "cairn.step.attempts",
+        "cairn.step.duration",
         "cairn.model.calls",
         "cairn.model.tokens",
         "gen_ai.client.operation.duration",

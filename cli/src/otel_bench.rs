@@ -1,0 +1,485 @@
+//! `cairn bench telemetry`: the cost of live telemetry on the `seq` and `many` workloads.
+//!
+//! Each measurement is a child `cairn bench seq many --json` process, so that each mode gets
+//! the process-wide subscriber exactly as a user's command would: `off` (no export layer
+//! installed: the default), `memory` (the whole pipeline, spans and metrics, with exporters that
+//! discard: `--otel-discard`) and `otlp` (`--otlp` to a small OTLP/HTTP receiver on loopback in
+//! this process, which decodes every request and counts the spans). `off` runs twice per round
+//! (A and B): their difference is the run-to-run noise, the floor any overhead figure stands
+//! on. Modes are interleaved, in a rotating order, for a number of rounds; figures are medians.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use serde::Serialize;
+
+/// The on-target overhead of telemetry turned on, in percent of steps/s.
+pub const ON_TARGET_PCT: f64 = 15.0;
+/// The off target: overhead against a build without telemetry, in percent.
+pub const OFF_TARGET_PCT: f64 = 2.0;
+/// The most one child bench may take.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The modes, in the order of the first round.
+const MODES: [&str; 4] = ["off", "memory", "otlp", "off-b"];
+
+/// One mode's figures (medians over the rounds).
+#[derive(Debug, Serialize)]
+pub struct ModeResult {
+    /// `off`, `memory` or `otlp` (`off` merges the A and B runs).
+    pub mode: &'static str,
+    /// `seq` steps per second.
+    pub seq_steps_per_sec: f64,
+    /// `many` steps per second.
+    pub many_steps_per_sec: f64,
+    /// CPU seconds (user + system) of one child bench process, start to exit.
+    pub cpu_secs: f64,
+    /// Throughput lost against `off`, in percent (`seq`).
+    pub seq_overhead_pct: f64,
+    /// Throughput lost against `off`, in percent (`many`).
+    pub many_overhead_pct: f64,
+    /// Extra CPU against `off`, in percent.
+    pub cpu_overhead_pct: f64,
+    /// Spans the receiver decoded per child run (`otlp` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spans_received: Option<u64>,
+    /// Child runs that reported dropped spans.
+    pub runs_with_drops: u32,
+}
+
+/// What `telemetry` measured.
+#[derive(Debug, Serialize)]
+pub struct TelemetryResult {
+    /// Rounds (each runs every mode once, `off` twice).
+    pub rounds: u32,
+    /// `seq` steps per child run.
+    pub steps: u32,
+    /// `many` workflows × steps per child run.
+    pub workflows: u32,
+    /// Steps of each `many` workflow.
+    pub steps_per_workflow: u32,
+    /// Median |off A − off B| / off, in percent, for `seq`.
+    pub noise_seq_pct: f64,
+    /// The same for `many`.
+    pub noise_many_pct: f64,
+    /// `off`, `memory`, `otlp`.
+    pub modes: Vec<ModeResult>,
+}
+
+/// One child run's figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    seq: f64,
+    many: f64,
+    cpu: f64,
+    spans: u64,
+    dropped: bool,
+}
+
+/// Runs the `telemetry` workload.
+pub async fn bench_telemetry(
+    dir: &Path,
+    steps: u32,
+    workflows: u32,
+    steps_per_workflow: u32,
+    rounds: u32,
+) -> Result<TelemetryResult> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let rx = Receiver::start()?;
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); MODES.len()];
+        for round in 0..rounds as usize {
+            for k in 0..MODES.len() {
+                let m = (k + round) % MODES.len();
+                let before = rx.spans.load(Ordering::Relaxed);
+                let s = child(
+                    &dir,
+                    MODES[m],
+                    &rx.url(),
+                    steps,
+                    workflows,
+                    steps_per_workflow,
+                )?;
+                let spans = rx.spans.load(Ordering::Relaxed) - before;
+                samples[m].push(Sample { spans, ..s });
+            }
+        }
+        Ok(summarize(
+            &samples,
+            rounds,
+            steps,
+            workflows,
+            steps_per_workflow,
+        ))
+    })
+    .await
+    .context("the telemetry benchmark task panicked")?
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn summarize(
+    samples: &[Vec<Sample>],
+    rounds: u32,
+    steps: u32,
+    workflows: u32,
+    steps_per_workflow: u32,
+) -> TelemetryResult {
+    let (a, b) = (&samples[0], &samples[3]);
+    let off: Vec<Sample> = a.iter().chain(b).copied().collect();
+    let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+    let (off_seq, off_many, off_cpu) = (
+        med(&off, |s| s.seq),
+        med(&off, |s| s.many),
+        med(&off, |s| s.cpu),
+    );
+    let noise = |f: fn(&Sample) -> f64| {
+        median(
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (f(x) - f(y)).abs() / ((f(x) + f(y)) / 2.0) * 100.0)
+                .collect(),
+        )
+    };
+    let lost = |x: f64, base: f64| (1.0 - x / base) * 100.0;
+    let mode = |name: &'static str, v: &[Sample], spans: bool| {
+        let (seq, many, cpu) = (med(v, |s| s.seq), med(v, |s| s.many), med(v, |s| s.cpu));
+        ModeResult {
+            mode: name,
+            seq_steps_per_sec: seq,
+            many_steps_per_sec: many,
+            cpu_secs: cpu,
+            seq_overhead_pct: lost(seq, off_seq),
+            many_overhead_pct: lost(many, off_many),
+            cpu_overhead_pct: (cpu / off_cpu - 1.0) * 100.0,
+            spans_received: spans.then(|| med(v, |s| s.spans as f64) as u64),
+            runs_with_drops: v.iter().filter(|s| s.dropped).count() as u32,
+        }
+    };
+    TelemetryResult {
+        rounds,
+        steps,
+        workflows,
+        steps_per_workflow,
+        noise_seq_pct: noise(|s| s.seq),
+        noise_many_pct: noise(|s| s.many),
+        modes: vec![
+            mode("off", &off, false),
+            mode("memory", &samples[1], false),
+            mode("otlp", &samples[2], true),
+        ],
+    }
+}
+
+/// CPU time (user + system) of this process's waited-for children, in seconds.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: `rusage` is plain data, for which all zero bytes is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) writes one `rusage` through a pointer valid for writes.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    if rc != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// Runs `cairn [--otlp URL | --otel-discard] bench seq many --json` and reads its figures.
+fn child(
+    dir: &Path,
+    mode: &str,
+    url: &str,
+    steps: u32,
+    workflows: u32,
+    steps_per_workflow: u32,
+) -> Result<Sample> {
+    let exe = std::env::current_exe().context("cannot find the cairn binary")?;
+    let mut c = Command::new(exe);
+    match mode {
+        "memory" => {
+            c.arg("--otel-discard");
+        }
+        "otlp" => {
+            c.args(["--otlp", url]);
+        }
+        _ => {}
+    }
+    c.args(["bench", "seq", "many", "--json", "--dir"])
+        .arg(dir)
+        .args([
+            "--steps",
+            &steps.to_string(),
+            "--workflows",
+            &workflows.to_string(),
+            "--steps-per-workflow",
+            &steps_per_workflow.to_string(),
+        ]);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("OTEL_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    let (out_path, err_path) = (dir.join("telemetry.out"), dir.join("telemetry.err"));
+    let file = |p: &Path| {
+        std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))
+    };
+    c.stdout(file(&out_path)?).stderr(file(&err_path)?);
+    let cpu_before = children_cpu_secs();
+    let mut proc = c.spawn().context("cannot run the child bench")?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = proc.try_wait()? {
+            break st;
+        }
+        if started.elapsed() > CHILD_TIMEOUT {
+            let _ = proc.kill();
+            let _ = proc.wait();
+            bail!("the {mode} child bench did not finish in {CHILD_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let cpu = children_cpu_secs() - cpu_before;
+    let stdout = std::fs::read(&out_path).unwrap_or_default();
+    let stderr =
+        String::from_utf8_lossy(&std::fs::read(&err_path).unwrap_or_default()).into_owned();
+    if !status.success() {
+        bail!(
+            "the {mode} child bench failed ({status}): {}",
+            stderr.trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&stdout)
+        .with_context(|| format!("the {mode} child bench printed no JSON"))?;
+    let rate = |w: &str| {
+        v[w]["steps_per_sec"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("the {mode} child bench has no {w}.steps_per_sec"))
+    };
+    Ok(Sample {
+        seq: rate("seq")?,
+        many: rate("many")?,
+        cpu,
+        spans: 0,
+        dropped: stderr.contains("warning: telemetry:"),
+    })
+}
+
+/// The rows `cairn bench` prints for `telemetry`: (workload, result, details).
+pub fn rows(r: &TelemetryResult) -> Vec<[String; 3]> {
+    let mut out = Vec::new();
+    for m in &r.modes {
+        let vs = if m.mode == "off" {
+            format!(
+                "run-to-run noise (off A vs off B): seq {:.1}% · many {:.1}%",
+                r.noise_seq_pct, r.noise_many_pct
+            )
+        } else {
+            format!(
+                "vs off: seq {:+.1}% · many {:+.1}% · CPU {:+.1}%",
+                -m.seq_overhead_pct, -m.many_overhead_pct, m.cpu_overhead_pct
+            )
+        };
+        let spans = match m.spans_received {
+            Some(n) => format!("\n{n} spans received per run by the loopback collector"),
+            None => String::new(),
+        };
+        let drops = if m.runs_with_drops > 0 {
+            format!("\n{} runs reported dropped spans", m.runs_with_drops)
+        } else {
+            String::new()
+        };
+        out.push([
+            format!("telemetry {}", m.mode),
+            format!(
+                "seq {:.0} steps/s\nmany {:.0} steps/s",
+                m.seq_steps_per_sec, m.many_steps_per_sec
+            ),
+            format!(
+                "{vs}\n{:.2} CPU s per child run (median of {}){spans}{drops}",
+                m.cpu_secs,
+                if m.mode == "off" {
+                    r.rounds * 2
+                } else {
+                    r.rounds
+                }
+            ),
+        ]);
+    }
+    out
+}
+
+/// The telemetry targets: (name, goal, met, detail).
+pub fn targets(r: &TelemetryResult) -> Vec<(&'static str, String, bool, String)> {
+    let worst_on = r
+        .modes
+        .iter()
+        .filter(|m| m.mode != "off")
+        .map(|m| m.seq_overhead_pct.max(m.many_overhead_pct))
+        .fold(f64::MIN, f64::max);
+    let noise = r.noise_seq_pct.max(r.noise_many_pct);
+    vec![
+        (
+            "telemetry_off",
+            format!(
+                "telemetry off costs < {OFF_TARGET_PCT}% (no layer installed: measured as off vs off noise)"
+            ),
+            noise < OFF_TARGET_PCT,
+            format!(
+                "off A vs off B: seq {:.1}%, many {:.1}%",
+                r.noise_seq_pct, r.noise_many_pct
+            ),
+        ),
+        (
+            "telemetry_on",
+            format!("telemetry on (memory, otlp) costs < {ON_TARGET_PCT}% of steps/s"),
+            worst_on < ON_TARGET_PCT,
+            format!("worst: {worst_on:.1}% (noise {noise:.1}%)"),
+        ),
+    ]
+}
+
+/// A loopback OTLP/HTTP receiver: answers 200 to every request and counts the spans of the
+/// trace requests it decodes.
+struct Receiver {
+    addr: std::net::SocketAddr,
+    spans: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn start() -> Result<Receiver> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port for OTLP")?;
+        let addr = listener.local_addr()?;
+        let spans = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (spans, stop) = (Arc::clone(&spans), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(mut conn) = conn {
+                        serve(&mut conn, &spans);
+                    }
+                }
+            })
+        };
+        Ok(Receiver {
+            addr,
+            spans,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads one request, counts its spans, answers 200 and closes.
+fn serve(conn: &mut TcpStream, spans: &AtomicU64) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    if head.starts_with("post /v1/traces")
+        && let Ok(r) = ExportTraceServiceRequest::decode(body.as_slice())
+    {
+        let n: usize = r
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        spans.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    let _ = conn.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_overheads() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        let s = |seq: f64, many: f64| Sample {
+            seq,
+            many,
+            cpu: 1.0,
+            ..Sample::default()
+        };
+        let samples = vec![
+            vec![s(100.0, 1000.0)],
+            vec![s(90.0, 950.0)],
+            vec![s(88.0, 900.0)],
+            vec![s(100.0, 1000.0)],
+        ];
+        let r = summarize(&samples, 1, 10, 2, 3);
+        assert_eq!(r.noise_seq_pct, 0.0);
+        assert!((r.modes[1].seq_overhead_pct - 10.0).abs() < 1e-9);
+        assert!((r.modes[2].many_overhead_pct - 10.0).abs() < 1e-9);
+        let t = targets(&r);
+        assert!(t[0].2, "no noise");
+        assert!(t[1].2, "10% < 15%");
+    }
+}
