@@ -85,8 +85,8 @@ pub struct BenchArgs {
     /// Agent runs `agents` runs at once (with and without the engine).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub agent_concurrency: u32,
-    /// Rounds of `telemetry` (each runs `seq` and `many` with telemetry off twice, to a
-    /// discarding pipeline and to a loopback OTLP receiver).
+    /// Rounds of `telemetry` (each runs `seq`, `many` and `agents` with telemetry off twice,
+    /// to a discarding pipeline and to a loopback OTLP receiver).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub telemetry_rounds: u32,
     /// Internal, for `fanout-large`: instead of benchmarking, run `cairn CHILD_ARGS…` as a child
@@ -122,8 +122,8 @@ pub enum Workload {
     /// 1,000 agent runs (3 model calls, 2 tool calls each) against an in-process fake
     /// Anthropic server, with and without the engine.
     Agents,
-    /// `seq` and `many` in child processes with live telemetry off, to a discarding pipeline
-    /// and to a loopback OTLP receiver (see `--telemetry-rounds`).
+    /// `seq`, `many` and `agents` in child processes with live telemetry off, to a
+    /// discarding pipeline and to a loopback OTLP receiver (see `--telemetry-rounds`).
     Telemetry,
 }
 
@@ -590,18 +590,18 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             }
             Workload::Telemetry => {
                 say(format!(
-                    "telemetry ({} rounds of seq + many in child processes: off ×2, memory, otlp)",
+                    "telemetry ({} rounds of seq + many + agents in child processes: off ×2, memory, otlp)",
                     args.telemetry_rounds
                 ));
+                let sizes = crate::otel_bench::Sizes {
+                    steps: args.steps,
+                    workflows: args.workflows,
+                    steps_per_workflow: args.steps_per_workflow,
+                    agent_runs: args.agent_runs,
+                };
                 res.telemetry = Some(
-                    crate::otel_bench::bench_telemetry(
-                        &dir.path,
-                        args.steps,
-                        args.workflows,
-                        args.steps_per_workflow,
-                        args.telemetry_rounds,
-                    )
-                    .await?,
+                    crate::otel_bench::bench_telemetry(&dir.path, sizes, args.telemetry_rounds)
+                        .await?,
                 );
             }
         }
@@ -2224,7 +2224,7 @@ fn targets(r: &Results) -> Vec<Target> {
             out.push(Target {
                 name,
                 goal,
-                met: Some(met),
+                met,
                 detail,
             });
         }

@@ -562,27 +562,55 @@ impl Pipeline {
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     {
-        let filter = || {
-            Targets::new()
-                .with_target("cairn_engine", tracing::Level::INFO)
-                .with_target("cairn_agents", tracing::Level::INFO)
-                .with_target("cairn_cli", tracing::Level::INFO)
-        };
+        Box::new(self.span_layer().and_then(self.metrics_layer()))
+    }
+
+    /// The spans of cairn's crates at INFO and above, to OpenTelemetry.
+    pub fn span_layer<S>(&self) -> Box<dyn Layer<S> + Send + Sync>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
         let tracer = RunTracer(self.tracers.tracer("cairn"));
-        let spans = tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_location(false)
-            .with_threads(false)
-            .with_level(false)
-            .with_target(false)
-            .with_tracked_inactivity(false)
-            .with_context_activation(false)
-            .with_filter(filter());
-        let metrics = self.meters.as_ref().map(|m| {
-            use opentelemetry::metrics::MeterProvider as _;
-            crate::otel_metrics::SpanMetrics::new(&m.meter("cairn")).with_filter(filter())
-        });
-        Box::new(spans.and_then(metrics))
+        Box::new(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false)
+                .with_level(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
+                .with_context_activation(false)
+                .with_filter(cairn_spans()),
+        )
+    }
+
+    /// The metrics derived from the spans of cairn's crates (none if metrics are not exported).
+    pub fn metrics_layer<S>(&self) -> Option<Box<dyn Layer<S> + Send + Sync>>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
+        use opentelemetry::metrics::MeterProvider as _;
+        self.meters.as_ref().map(|m| {
+            Box::new(
+                crate::otel_metrics::SpanMetrics::new(&m.meter("cairn")).with_filter(cairn_spans()),
+            ) as Box<dyn Layer<S> + Send + Sync>
+        })
+    }
+
+    /// A pipeline whose exporters discard everything (`--otel-discard`, the bench's probe).
+    pub fn discarding() -> Pipeline {
+        let stats = Arc::new(ExportStats::default());
+        let metrics: CountingMetrics<DiscardMetrics> = CountingMetrics {
+            inner: None,
+            stats: Arc::clone(&stats),
+        };
+        Pipeline::assemble(
+            DiscardSpans,
+            Some(metrics),
+            Resource::builder_empty().build(),
+            stats,
+            "a discarding exporter".into(),
+        )
     }
 
     /// The counts so far.
@@ -621,6 +649,14 @@ impl Pipeline {
             self.target
         ))
     }
+}
+
+/// What the export layers see: the spans and events of cairn's crates at INFO and above.
+fn cairn_spans() -> Targets {
+    Targets::new()
+        .with_target("cairn_engine", tracing::Level::INFO)
+        .with_target("cairn_agents", tracing::Level::INFO)
+        .with_target("cairn_cli", tracing::Level::INFO)
 }
 
 /// A hint when the URL names the OTLP/gRPC port.

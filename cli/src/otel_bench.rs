@@ -1,12 +1,14 @@
-//! `cairn bench telemetry`: the cost of live telemetry on the `seq` and `many` workloads.
+//! `cairn bench telemetry`: the cost of live telemetry on the `seq`, `many` and `agents`
+//! workloads.
 //!
-//! Each measurement is a child `cairn bench seq many --json` process, so that each mode gets
-//! the process-wide subscriber exactly as a user's command would: `off` (no export layer
-//! installed: the default), `memory` (the whole pipeline, spans and metrics, with exporters that
-//! discard: `--otel-discard`) and `otlp` (`--otlp` to a small OTLP/HTTP receiver on loopback in
-//! this process, which decodes every request and counts the spans). `off` runs twice per round
-//! (A and B): their difference is the run-to-run noise, the floor any overhead figure stands
-//! on. Modes are interleaved, in a rotating order, for a number of rounds; figures are medians.
+//! Each measurement is a child `cairn bench seq many agents --json` process, so that each mode
+//! gets the process-wide subscriber exactly as a user's command would: `off` (no export layer
+//! installed: the default), `memory` (the whole pipeline, spans and metrics, with exporters
+//! that discard: `--otel-discard`) and `otlp` (`--otlp` to a small OTLP/HTTP receiver on
+//! loopback in this process, which decodes every request and counts the spans). `off` runs
+//! twice per round (A and B): their difference is the run-to-run noise, the floor any overhead
+//! figure stands on. Modes are interleaved, in a rotating order, for a number of rounds;
+//! figures are medians. Then an in-process probe times one span on the emitting thread.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -41,12 +43,16 @@ pub struct ModeResult {
     pub seq_steps_per_sec: f64,
     /// `many` steps per second.
     pub many_steps_per_sec: f64,
+    /// `agents` model calls per second (agent runs against the loopback fake model server).
+    pub agents_calls_per_sec: f64,
     /// CPU seconds (user + system) of one child bench process, start to exit.
     pub cpu_secs: f64,
     /// Throughput lost against `off`, in percent (`seq`).
     pub seq_overhead_pct: f64,
     /// Throughput lost against `off`, in percent (`many`).
     pub many_overhead_pct: f64,
+    /// Throughput lost against `off`, in percent (`agents`).
+    pub agents_overhead_pct: f64,
     /// Extra CPU against `off`, in percent.
     pub cpu_overhead_pct: f64,
     /// Spans the receiver decoded per child run (`otlp` only).
@@ -56,9 +62,74 @@ pub struct ModeResult {
     pub runs_with_drops: u32,
 }
 
+/// The cost of one span on the thread that emits it, measured in this process: a `step`-like
+/// span (four fields, three empty) created, entered, exited and closed, many times over.
+#[derive(Debug, Default, Serialize)]
+pub struct SpanCost {
+    /// With the registry alone (what a span costs once anything listens), in nanoseconds.
+    pub registry_ns: f64,
+    /// With the OpenTelemetry span layer (tracing-opentelemetry and the SDK, discarding
+    /// exporter), in nanoseconds.
+    pub spans_ns: f64,
+    /// With the metrics layer alone, in nanoseconds.
+    pub metrics_ns: f64,
+    /// With both (what `--otlp` installs), in nanoseconds.
+    pub full_ns: f64,
+}
+
+/// Spans each probe measurement creates.
+const PROBE_SPANS: u32 = 100_000;
+
+fn probe_span() {
+    let run = cairn_storage::RunId::from_u128(7);
+    let span = tracing::info_span!(
+        target: "cairn_engine::context",
+        "step",
+        cairn.run_id = %run,
+        cairn.step_path = "0.1",
+        cairn.step_name = "step",
+        cairn.attempt = 1i64,
+        otel.status_code = tracing::field::Empty,
+        exception.message = tracing::field::Empty,
+        cairn.step.will_retry = tracing::field::Empty,
+    );
+    let _e = span.enter();
+}
+
+/// Nanoseconds per [`probe_span`] under `subscriber` (installed on this thread only).
+fn probe_ns(subscriber: impl tracing::Subscriber + Send + Sync + 'static) -> f64 {
+    tracing::subscriber::with_default(subscriber, || {
+        for _ in 0..PROBE_SPANS / 10 {
+            probe_span();
+        }
+        let t = std::time::Instant::now();
+        for _ in 0..PROBE_SPANS {
+            probe_span();
+        }
+        t.elapsed().as_nanos() as f64 / f64::from(PROBE_SPANS)
+    })
+}
+
+/// Measures [`SpanCost`] on this thread.
+pub fn span_cost() -> SpanCost {
+    use tracing_subscriber::layer::SubscriberExt;
+    let registry = || tracing_subscriber::registry();
+    let p = crate::otel::Pipeline::discarding();
+    let cost = SpanCost {
+        registry_ns: probe_ns(registry()),
+        spans_ns: probe_ns(registry().with(p.span_layer())),
+        metrics_ns: probe_ns(registry().with(p.metrics_layer())),
+        full_ns: probe_ns(registry().with(p.layer())),
+    };
+    let _ = p.shutdown();
+    cost
+}
+
 /// What `telemetry` measured.
 #[derive(Debug, Serialize)]
 pub struct TelemetryResult {
+    /// One span's cost on the emitting thread, measured in this process.
+    pub span_cost: SpanCost,
     /// Rounds (each runs every mode once, `off` twice).
     pub rounds: u32,
     /// `seq` steps per child run.
@@ -71,6 +142,10 @@ pub struct TelemetryResult {
     pub noise_seq_pct: f64,
     /// The same for `many`.
     pub noise_many_pct: f64,
+    /// The same for `agents`.
+    pub noise_agents_pct: f64,
+    /// Agent runs of the `agents` part of each child run.
+    pub agent_runs: u32,
     /// `off`, `memory`, `otlp`.
     pub modes: Vec<ModeResult>,
 }
@@ -80,19 +155,27 @@ pub struct TelemetryResult {
 struct Sample {
     seq: f64,
     many: f64,
+    agents: f64,
     cpu: f64,
     spans: u64,
     dropped: bool,
 }
 
+/// The size of each child run: `seq` steps, `many` workflows × steps, `agents` runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// `seq` steps.
+    pub steps: u32,
+    /// `many` workflows.
+    pub workflows: u32,
+    /// Steps of each `many` workflow.
+    pub steps_per_workflow: u32,
+    /// `agents` runs (3 model calls and 2 tool calls each).
+    pub agent_runs: u32,
+}
+
 /// Runs the `telemetry` workload.
-pub async fn bench_telemetry(
-    dir: &Path,
-    steps: u32,
-    workflows: u32,
-    steps_per_workflow: u32,
-    rounds: u32,
-) -> Result<TelemetryResult> {
+pub async fn bench_telemetry(dir: &Path, sizes: Sizes, rounds: u32) -> Result<TelemetryResult> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let rx = Receiver::start()?;
@@ -101,25 +184,14 @@ pub async fn bench_telemetry(
             for k in 0..MODES.len() {
                 let m = (k + round) % MODES.len();
                 let before = rx.spans.load(Ordering::Relaxed);
-                let s = child(
-                    &dir,
-                    MODES[m],
-                    &rx.url(),
-                    steps,
-                    workflows,
-                    steps_per_workflow,
-                )?;
+                let s = child(&dir, MODES[m], &rx.url(), sizes)?;
                 let spans = rx.spans.load(Ordering::Relaxed) - before;
                 samples[m].push(Sample { spans, ..s });
             }
         }
-        Ok(summarize(
-            &samples,
-            rounds,
-            steps,
-            workflows,
-            steps_per_workflow,
-        ))
+        let mut r = summarize(&samples, rounds, sizes);
+        r.span_cost = span_cost();
+        Ok(r)
     })
     .await
     .context("the telemetry benchmark task panicked")?
@@ -138,19 +210,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn summarize(
-    samples: &[Vec<Sample>],
-    rounds: u32,
-    steps: u32,
-    workflows: u32,
-    steps_per_workflow: u32,
-) -> TelemetryResult {
+fn summarize(samples: &[Vec<Sample>], rounds: u32, sizes: Sizes) -> TelemetryResult {
     let (a, b) = (&samples[0], &samples[3]);
     let off: Vec<Sample> = a.iter().chain(b).copied().collect();
     let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
-    let (off_seq, off_many, off_cpu) = (
+    let (off_seq, off_many, off_agents, off_cpu) = (
         med(&off, |s| s.seq),
         med(&off, |s| s.many),
+        med(&off, |s| s.agents),
         med(&off, |s| s.cpu),
     );
     let noise = |f: fn(&Sample) -> f64| {
@@ -164,25 +231,31 @@ fn summarize(
     let lost = |x: f64, base: f64| (1.0 - x / base) * 100.0;
     let mode = |name: &'static str, v: &[Sample], spans: bool| {
         let (seq, many, cpu) = (med(v, |s| s.seq), med(v, |s| s.many), med(v, |s| s.cpu));
+        let agents = med(v, |s| s.agents);
         ModeResult {
             mode: name,
             seq_steps_per_sec: seq,
             many_steps_per_sec: many,
+            agents_calls_per_sec: agents,
             cpu_secs: cpu,
             seq_overhead_pct: lost(seq, off_seq),
             many_overhead_pct: lost(many, off_many),
+            agents_overhead_pct: lost(agents, off_agents),
             cpu_overhead_pct: (cpu / off_cpu - 1.0) * 100.0,
             spans_received: spans.then(|| med(v, |s| s.spans as f64) as u64),
             runs_with_drops: v.iter().filter(|s| s.dropped).count() as u32,
         }
     };
     TelemetryResult {
+        span_cost: SpanCost::default(),
         rounds,
-        steps,
-        workflows,
-        steps_per_workflow,
+        steps: sizes.steps,
+        workflows: sizes.workflows,
+        steps_per_workflow: sizes.steps_per_workflow,
+        agent_runs: sizes.agent_runs,
         noise_seq_pct: noise(|s| s.seq),
         noise_many_pct: noise(|s| s.many),
+        noise_agents_pct: noise(|s| s.agents),
         modes: vec![
             mode("off", &off, false),
             mode("memory", &samples[1], false),
@@ -205,14 +278,7 @@ fn children_cpu_secs() -> f64 {
 }
 
 /// Runs `cairn [--otlp URL | --otel-discard] bench seq many --json` and reads its figures.
-fn child(
-    dir: &Path,
-    mode: &str,
-    url: &str,
-    steps: u32,
-    workflows: u32,
-    steps_per_workflow: u32,
-) -> Result<Sample> {
+fn child(dir: &Path, mode: &str, url: &str, sizes: Sizes) -> Result<Sample> {
     let exe = std::env::current_exe().context("cannot find the cairn binary")?;
     let mut c = Command::new(exe);
     match mode {
@@ -224,15 +290,17 @@ fn child(
         }
         _ => {}
     }
-    c.args(["bench", "seq", "many", "--json", "--dir"])
+    c.args(["bench", "seq", "many", "agents", "--json", "--dir"])
         .arg(dir)
         .args([
             "--steps",
-            &steps.to_string(),
+            &sizes.steps.to_string(),
             "--workflows",
-            &workflows.to_string(),
+            &sizes.workflows.to_string(),
             "--steps-per-workflow",
-            &steps_per_workflow.to_string(),
+            &sizes.steps_per_workflow.to_string(),
+            "--agent-runs",
+            &sizes.agent_runs.to_string(),
         ]);
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
@@ -271,14 +339,15 @@ fn child(
     }
     let v: serde_json::Value = serde_json::from_slice(&stdout)
         .with_context(|| format!("the {mode} child bench printed no JSON"))?;
-    let rate = |w: &str| {
-        v[w]["steps_per_sec"]
+    let rate = |w: &str, k: &str| {
+        v[w][k]
             .as_f64()
-            .ok_or_else(|| anyhow!("the {mode} child bench has no {w}.steps_per_sec"))
+            .ok_or_else(|| anyhow!("the {mode} child bench has no {w}.{k}"))
     };
     Ok(Sample {
-        seq: rate("seq")?,
-        many: rate("many")?,
+        seq: rate("seq", "steps_per_sec")?,
+        many: rate("many", "steps_per_sec")?,
+        agents: rate("agents", "model_calls_per_sec")?,
         cpu,
         spans: 0,
         dropped: stderr.contains("warning: telemetry:"),
@@ -291,13 +360,16 @@ pub fn rows(r: &TelemetryResult) -> Vec<[String; 3]> {
     for m in &r.modes {
         let vs = if m.mode == "off" {
             format!(
-                "run-to-run noise (off A vs off B): seq {:.1}% · many {:.1}%",
-                r.noise_seq_pct, r.noise_many_pct
+                "run-to-run noise (off A vs off B): seq {:.1}% · many {:.1}% · agents {:.1}%",
+                r.noise_seq_pct, r.noise_many_pct, r.noise_agents_pct
             )
         } else {
             format!(
-                "vs off: seq {:+.1}% · many {:+.1}% · CPU {:+.1}%",
-                -m.seq_overhead_pct, -m.many_overhead_pct, m.cpu_overhead_pct
+                "vs off: seq {:+.1}% · many {:+.1}% · agents {:+.1}% · CPU {:+.1}%",
+                -m.seq_overhead_pct,
+                -m.many_overhead_pct,
+                -m.agents_overhead_pct,
+                m.cpu_overhead_pct
             )
         };
         let spans = match m.spans_received {
@@ -312,8 +384,8 @@ pub fn rows(r: &TelemetryResult) -> Vec<[String; 3]> {
         out.push([
             format!("telemetry {}", m.mode),
             format!(
-                "seq {:.0} steps/s\nmany {:.0} steps/s",
-                m.seq_steps_per_sec, m.many_steps_per_sec
+                "seq {:.0} steps/s\nmany {:.0} steps/s\nagents {:.0} calls/s",
+                m.seq_steps_per_sec, m.many_steps_per_sec, m.agents_calls_per_sec
             ),
             format!(
                 "{vs}\n{:.2} CPU s per child run (median of {}){spans}{drops}",
@@ -326,11 +398,23 @@ pub fn rows(r: &TelemetryResult) -> Vec<[String; 3]> {
             ),
         ]);
     }
+    let c = &r.span_cost;
+    out.push([
+        "telemetry span cost".to_string(),
+        format!("{:.2} µs per span", (c.full_ns - c.registry_ns) / 1000.0),
+        format!(
+            "on the emitting thread, one step-like span, in this process:\nregistry {:.2} µs · + spans {:.2} µs · + metrics {:.2} µs · + both {:.2} µs\n(the export thread's work comes on top)",
+            c.registry_ns / 1000.0,
+            (c.spans_ns - c.registry_ns) / 1000.0,
+            (c.metrics_ns - c.registry_ns) / 1000.0,
+            (c.full_ns - c.registry_ns) / 1000.0,
+        ),
+    ]);
     out
 }
 
 /// The telemetry targets: (name, goal, met, detail).
-pub fn targets(r: &TelemetryResult) -> Vec<(&'static str, String, bool, String)> {
+pub fn targets(r: &TelemetryResult) -> Vec<(&'static str, String, Option<bool>, String)> {
     let worst_on = r
         .modes
         .iter()
@@ -342,18 +426,18 @@ pub fn targets(r: &TelemetryResult) -> Vec<(&'static str, String, bool, String)>
         (
             "telemetry_off",
             format!(
-                "telemetry off costs < {OFF_TARGET_PCT}% (no layer installed: measured as off vs off noise)"
+                "telemetry off costs < {OFF_TARGET_PCT}% against a build without it (not measurable in one binary: off installs no layer; see BENCHMARKS.md)"
             ),
-            noise < OFF_TARGET_PCT,
+            None,
             format!(
-                "off A vs off B: seq {:.1}%, many {:.1}%",
+                "run-to-run noise here (off A vs off B): seq {:.1}%, many {:.1}%",
                 r.noise_seq_pct, r.noise_many_pct
             ),
         ),
         (
             "telemetry_on",
             format!("telemetry on (memory, otlp) costs < {ON_TARGET_PCT}% of steps/s"),
-            worst_on < ON_TARGET_PCT,
+            Some(worst_on < ON_TARGET_PCT),
             format!("worst: {worst_on:.1}% (noise {noise:.1}%)"),
         ),
     ]
@@ -474,12 +558,21 @@ mod tests {
             vec![s(88.0, 900.0)],
             vec![s(100.0, 1000.0)],
         ];
-        let r = summarize(&samples, 1, 10, 2, 3);
+        let r = summarize(
+            &samples,
+            1,
+            Sizes {
+                steps: 10,
+                workflows: 2,
+                steps_per_workflow: 3,
+                agent_runs: 4,
+            },
+        );
         assert_eq!(r.noise_seq_pct, 0.0);
         assert!((r.modes[1].seq_overhead_pct - 10.0).abs() < 1e-9);
         assert!((r.modes[2].many_overhead_pct - 10.0).abs() < 1e-9);
         let t = targets(&r);
-        assert!(t[0].2, "no noise");
-        assert!(t[1].2, "10% < 15%");
+        assert_eq!(t[0].2, None, "off is not judged in one binary");
+        assert_eq!(t[1].2, Some(true), "12% < 15%");
     }
 }
