@@ -39,7 +39,7 @@ use crate::{fake_llm, workflows};
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Workloads to run (default: all, in the order fsync, seq, many, replay, recovery, fanout,
-    /// fanout-large, fanout-resume, agents).
+    /// fanout-large, fanout-resume, agents, telemetry, batch).
     #[arg(value_enum)]
     pub workloads: Vec<Workload>,
     /// Print JSON instead of a table.
@@ -89,6 +89,12 @@ pub struct BenchArgs {
     /// to a discarding pipeline and to a loopback OTLP receiver).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub telemetry_rounds: u32,
+    /// Items of the `batch` workload (a workflow file: router + one agent per item).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_items: u32,
+    /// Items `batch` runs at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub batch_concurrency: u32,
     /// Internal, for `fanout-large`: instead of benchmarking, run `cairn CHILD_ARGS…` as a child
     /// process, reap it with `wait4` and write its exit status, wall time, peak RSS and CPU
     /// time to this file as JSON.
@@ -125,6 +131,9 @@ pub enum Workload {
     /// `seq`, `many` and `agents` in child processes with live telemetry off, to a
     /// discarding pipeline and to a loopback OTLP receiver (see `--telemetry-rounds`).
     Telemetry,
+    /// A workflow file over 10,000 items (a router's classifier and one agent per item)
+    /// against the fake Anthropic server, with and without the engine.
+    Batch,
 }
 
 /// Size of one write of the `fsync` workload.
@@ -457,6 +466,9 @@ struct Results {
     /// The `telemetry` figures.
     #[serde(skip_serializing_if = "Option::is_none")]
     telemetry: Option<crate::otel_bench::TelemetryResult>,
+    /// The `batch` figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<crate::bench_batch::BatchResult>,
     /// The targets, judged on this run's figures.
     targets: Vec<Target>,
 }
@@ -602,6 +614,22 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
                 res.telemetry = Some(
                     crate::otel_bench::bench_telemetry(&dir.path, sizes, args.telemetry_rounds)
                         .await?,
+                );
+            }
+            Workload::Batch => {
+                say(format!(
+                    "batch ({} items of a workflow file: router + one agent each, {} at a time, \
+                     fake Anthropic server on loopback; with and without the engine)",
+                    fmt_int(args.batch_items),
+                    fmt_int(args.batch_concurrency)
+                ));
+                res.batch = Some(
+                    crate::bench_batch::bench_batch(
+                        &dir.path,
+                        args.batch_items,
+                        args.batch_concurrency,
+                    )
+                    .await?,
                 );
             }
         }
@@ -1172,7 +1200,7 @@ fn timeval_secs(t: libc::timeval) -> f64 {
 }
 
 /// CPU time (user + system) of this process so far, in seconds (0 if `getrusage` fails).
-fn process_cpu_secs() -> f64 {
+pub(crate) fn process_cpu_secs() -> f64 {
     // SAFETY: `rusage` is plain data, for which all zero bytes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage(2) writes one `rusage` through a pointer valid for writes.
@@ -2219,6 +2247,16 @@ fn targets(r: &Results) -> Vec<Target> {
         },
         None => not_measured("agents_overhead", goal, "agents"),
     });
+    if let Some(b) = &r.batch {
+        for (name, goal, met, detail) in crate::bench_batch::targets(b) {
+            out.push(Target {
+                name,
+                goal,
+                met: Some(met),
+                detail,
+            });
+        }
+    }
     if let Some(t) = &r.telemetry {
         for (name, goal, met, detail) in crate::otel_bench::targets(t) {
             out.push(Target {
@@ -2434,6 +2472,9 @@ fn print_human(r: &Results) {
         for row in crate::otel_bench::rows(tel) {
             t.add_row(row);
         }
+    }
+    if let Some(b) = &r.batch {
+        t.add_row(crate::bench_batch::row(b));
     }
     println!("stores in {}", r.dir);
     println!("{t}");

@@ -11,6 +11,10 @@
 //!    the task as the id;
 //! 2. one: `tool_use` `word_count {text}`, with the subject from the `lookup_ticket` result;
 //! 3. two: `end_turn` with [`final_text`] of the ticket's id, category and the count.
+//!
+//! A request offering no tools (`cairn bench batch`: a router's classifier and the agents it
+//! routes to) gets one `end_turn` answer: [`batch_category`] of the task for a classifier,
+//! `Handled: <first line of the task>` otherwise.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -201,6 +205,17 @@ fn answer(method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     }
 }
 
+/// The category the fake classifier gives a task: `billing` if it mentions money, else
+/// `technical`.
+pub fn batch_category(task: &str) -> &'static str {
+    let t = task.to_lowercase();
+    if t.contains("charge") || t.contains("refund") || t.contains("invoice") {
+        "billing"
+    } else {
+        "technical"
+    }
+}
+
 /// The `message` answering a Messages request, by turn (see the module documentation).
 fn reply(req: &Value) -> Result<Value, String> {
     let model = req["model"].as_str().ok_or("`model` is missing")?;
@@ -228,6 +243,27 @@ fn reply(req: &Value) -> Result<Value, String> {
         let text = result_of("lookup_ticket").ok_or("no lookup_ticket result")?;
         serde_json::from_str(&text).map_err(|e| format!("the ticket is not JSON ({e}): {text}"))
     };
+    // A request without tools gets a one-turn answer: a category word for a router's
+    // classifier, else a short reply naming the task (`cairn bench batch`).
+    if req["tools"].as_array().is_none_or(|t| t.is_empty()) {
+        let system = req["system"].as_str().unwrap_or("");
+        let task = blocks().find_map(|b| b["text"].as_str()).unwrap_or("");
+        let text = if system.starts_with("Classify") {
+            batch_category(task).to_string()
+        } else {
+            format!("Handled: {}", task.lines().next().unwrap_or(""))
+        };
+        return Ok(json!({
+            "id": format!("msg_fake_{turn}"),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{ "type": "text", "text": text }],
+            "stop_reason": "end_turn",
+            "stop_sequence": null,
+            "usage": { "input_tokens": 20 + task.len() as u64 / 4, "output_tokens": 8 },
+        }));
+    }
     let (content, stop) = match turn {
         0 => {
             let task = blocks()
@@ -291,10 +327,28 @@ mod tests {
 
     /// The three turns of the script, fed back their tool results.
     #[test]
+    fn a_request_without_tools_gets_one_answer_a_category_for_a_classifier() {
+        let req = |system: &str, text: &str| {
+            json!({"model": "m", "max_tokens": 10, "system": system,
+                   "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]})
+        };
+        let r = reply(&req(
+            "Classify the task into one of",
+            "Refund for unused seats",
+        ))
+        .unwrap();
+        assert_eq!(r["content"][0]["text"], "billing");
+        assert_eq!(r["stop_reason"], "end_turn");
+        let r = reply(&req("You handle tickets.", "Ticket T-1: Sync stalls\nmore")).unwrap();
+        assert_eq!(r["content"][0]["text"], "Handled: Ticket T-1: Sync stalls");
+    }
+
+    #[test]
     fn the_script_asks_for_two_tools_then_answers() {
         let mut messages = vec![json!({"role": "user", "content": [
             {"type": "text", "text": "Triage ticket T-01042, please."}]})];
-        let req = |m: &Vec<Value>| json!({"model": "claude-x", "max_tokens": 10, "messages": m});
+        let tools = json!([{"name": "lookup_ticket", "input_schema": {"type": "object"}}]);
+        let req = |m: &Vec<Value>| json!({"model": "claude-x", "max_tokens": 10, "messages": m, "tools": tools});
         let r0 = reply(&req(&messages)).unwrap();
         assert_eq!(r0["stop_reason"], "tool_use");
         assert_eq!(r0["content"][1]["input"]["id"], "T-01042");

@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod bench_batch;
 mod commands;
 mod control;
 mod fake_llm;

@@ -515,3 +515,36 @@ fn resuming_a_run_whose_file_changed_is_refused_unless_allowed() {
     assert_eq!(results(&out_path).len(), 300);
     assert!(out.stdout.contains("no recorded answer"), "{out:#?}");
 }
+
+#[test]
+fn bench_batch_runs_a_workflow_file_batch_and_checks_every_answer() {
+    let env = Env::new();
+    let out = env.run(&[
+        "bench",
+        "batch",
+        "--batch-items",
+        "300",
+        "--batch-concurrency",
+        "16",
+        "--json",
+        "--dir",
+        env.dir.path().to_str().unwrap(),
+    ]);
+    out.assert_ok();
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:#?}"));
+    let b = &v["batch"];
+    assert_eq!(b["items"], 300);
+    assert_eq!(
+        b["model_calls"], 600,
+        "a classifier and an agent call per item"
+    );
+    assert!(b["items_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(b["store_bytes_per_item"].as_f64().unwrap() > 100.0);
+    let t = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "batch_items_per_sec")
+        .expect("the batch target is judged");
+    assert!(t["met"].is_boolean());
+}
