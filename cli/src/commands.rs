@@ -271,6 +271,23 @@ async fn resume(
         drop(store);
         return crate::run::resume(path, id, &meta, output, allow_changed).await;
     }
+    if crate::run::is_flow(&meta) {
+        // A finished run (say, finished by `recover` or a worker) may still owe its results
+        // file the items finished after its writer stopped.
+        let target = output
+            .clone()
+            .map(|p| std::path::absolute(&p).unwrap_or(p))
+            .or_else(|| meta.labels.get("output").map(std::path::PathBuf::from));
+        if let Some(o) = target {
+            let added = crate::run::complete_results(&store, id, &o).await?;
+            println!(
+                "run {id} is already {}; {added} missing result lines written to {}",
+                meta.status,
+                o.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     if output.is_some() || allow_changed {
         return Err(usage(format!(
             "--output and --allow-changed apply to runs of workflow files; run {id} runs `{}`",

@@ -306,6 +306,22 @@ pub async fn resume(
     follow(path, &engine, h, output.as_deref()).await
 }
 
+/// Writes to `output` the results of run `id` that the file lacks (a finished run whose
+/// writer stopped early); returns how many lines were added.
+pub async fn complete_results(
+    store: &cairn_storage::RedbStore,
+    id: RunId,
+    output: &Path,
+) -> Result<usize> {
+    let mut out = OutputFile::open(output, id)?;
+    let before = out.lines();
+    let mut follower = FlowFollower::new(id);
+    let results = follower.poll(store).await?;
+    out.write(&results)?;
+    out.finish()?;
+    Ok(out.lines() - before)
+}
+
 /// Whether a run is a run of a workflow file.
 pub fn is_flow(meta: &RunMeta) -> bool {
     meta.workflow.starts_with(FLOW_PREFIX)

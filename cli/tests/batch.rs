@@ -548,3 +548,45 @@ fn bench_batch_runs_a_workflow_file_batch_and_checks_every_answer() {
         .expect("the batch target is judged");
     assert!(t["met"].is_boolean());
 }
+
+#[test]
+fn a_batch_finished_by_recover_gets_its_results_file_completed_by_resume() {
+    let env = Env::new();
+    let file = triage_copy(&env, 15);
+    let out_path = env.path("results.jsonl");
+    let mut p = env.spawn(&[
+        "run",
+        s(&file),
+        "--input",
+        s(&env.path("triage/tickets.jsonl")),
+        "--output",
+        s(&out_path),
+    ]);
+    let id = p.wait_run_id();
+    wait_for(Duration::from_secs(60), "some results", || {
+        (lines(&out_path) >= 20).then_some(())
+    });
+    assert!(p.kill9());
+    // `recover` finishes the run but does not write results files.
+    env.run(&["recover"]).assert_ok();
+    assert_eq!(env.run_meta(&id)["status"], "completed");
+    let before = lines(&out_path);
+    assert!(before < 300);
+    let out = env.run(&["resume", &id]);
+    out.assert_ok();
+    assert!(
+        out.stdout
+            .contains(&format!("{} missing result lines", 300 - before)),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(results(&out_path).len(), 300);
+    // Again: nothing is missing any more.
+    let out = env.run(&["resume", &id]);
+    assert!(
+        out.stdout.contains(" 0 missing result lines"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(results(&out_path).len(), 300);
+}
