@@ -404,17 +404,22 @@ struct ProgressLine {
     started: Instant,
 }
 
+/// An items progress bar on stderr when it is a terminal (`None` otherwise: plain lines).
+pub(crate) fn items_bar() -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} items · {msg} · ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        b.set_style(style);
+        b
+    })
+}
+
 impl ProgressLine {
     fn new(progress: Arc<Progress>, started: Instant) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let b = indicatif::ProgressBar::new(0);
-            let style = indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} items · {msg} · ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            b.set_style(style);
-            b
-        });
+        let bar = items_bar();
         ProgressLine {
             progress,
             bar,

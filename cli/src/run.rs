@@ -8,7 +8,7 @@
 //! only written for an outcome that is durable.
 
 use std::collections::HashSet;
-use std::io::{BufRead, IsTerminal, Seek, Write};
+use std::io::{BufRead, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -490,17 +490,8 @@ struct Bar {
 
 impl Bar {
     fn new() -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let b = indicatif::ProgressBar::new(0);
-            let style = indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} items · {msg} · ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            b.set_style(style);
-            b
-        });
         Bar {
-            bar,
+            bar: commands::items_bar(),
             started: Instant::now(),
             last_plain: Instant::now(),
             first_done: None,

@@ -51,6 +51,21 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Starts `cairn run` of the triage copy `file` writing to `out_path`; returns the process and
+/// the run id.
+fn start_triage(env: &Env, file: &Path, out_path: &Path) -> (common::Proc, String) {
+    let mut p = env.spawn(&[
+        "run",
+        s(file),
+        "--input",
+        s(&env.path("triage/tickets.jsonl")),
+        "--output",
+        s(out_path),
+    ]);
+    let id = p.wait_run_id();
+    (p, id)
+}
+
 /// The results file's lines, by item index; panics on a duplicate or a malformed line.
 fn results(path: &Path) -> BTreeMap<u64, Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -116,15 +131,7 @@ fn a_300_item_batch_killed_midway_resumes_to_exactly_300_results_and_the_same_re
     let env = Env::new();
     let file = triage_copy(&env, 15);
     let out_path = env.path("results.jsonl");
-    let mut p = env.spawn(&[
-        "run",
-        s(&file),
-        "--input",
-        s(&env.path("triage/tickets.jsonl")),
-        "--output",
-        s(&out_path),
-    ]);
-    let id = p.wait_run_id();
+    let (mut p, id) = start_triage(&env, &file, &out_path);
     wait_for(Duration::from_secs(60), "a third of the results", || {
         (lines(&out_path) >= 100).then_some(())
     });
@@ -152,15 +159,7 @@ fn ctrl_c_stops_the_batch_cleanly_and_resume_finishes_it() {
     let env = Env::new();
     let file = triage_copy(&env, 15);
     let out_path = env.path("results.jsonl");
-    let mut p = env.spawn(&[
-        "run",
-        s(&file),
-        "--input",
-        s(&env.path("triage/tickets.jsonl")),
-        "--output",
-        s(&out_path),
-    ]);
-    let id = p.wait_run_id();
+    let (p, id) = start_triage(&env, &file, &out_path);
     wait_for(Duration::from_secs(60), "some results", || {
         (lines(&out_path) >= 30).then_some(())
     });
@@ -476,15 +475,7 @@ fn resuming_a_run_whose_file_changed_is_refused_unless_allowed() {
     let env = Env::new();
     let file = triage_copy(&env, 15);
     let out_path = env.path("results.jsonl");
-    let mut p = env.spawn(&[
-        "run",
-        s(&file),
-        "--input",
-        s(&env.path("triage/tickets.jsonl")),
-        "--output",
-        s(&out_path),
-    ]);
-    let id = p.wait_run_id();
+    let (mut p, id) = start_triage(&env, &file, &out_path);
     wait_for(Duration::from_secs(60), "some results", || {
         (lines(&out_path) >= 20).then_some(())
     });
@@ -554,15 +545,7 @@ fn a_batch_finished_by_recover_gets_its_results_file_completed_by_resume() {
     let env = Env::new();
     let file = triage_copy(&env, 15);
     let out_path = env.path("results.jsonl");
-    let mut p = env.spawn(&[
-        "run",
-        s(&file),
-        "--input",
-        s(&env.path("triage/tickets.jsonl")),
-        "--output",
-        s(&out_path),
-    ]);
-    let id = p.wait_run_id();
+    let (mut p, id) = start_triage(&env, &file, &out_path);
     wait_for(Duration::from_secs(60), "some results", || {
         (lines(&out_path) >= 20).then_some(())
     });
