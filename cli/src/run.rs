@@ -176,6 +176,14 @@ pub async fn run(path: &Path, a: RunArgs) -> Result<ExitCode> {
         None => None,
     };
     let mut opts = spec.start_options(&input).map_err(usage)?;
+    // The run's input is one recorded payload: check its size before creating anything.
+    let limit = cairn_storage::StoreOptions::default().max_payload_bytes;
+    let size = serde_json::to_vec(&opts.input).map_or(0, |v| v.len());
+    if size > limit {
+        return Err(usage(format!(
+            "the run's input (the items and the workflow file) is {size} bytes; a run's input is limited to {limit} bytes: split the items into several runs, or keep large content in files an agent reads with a read_file tool"
+        )));
+    }
     if let Some(o) = &output {
         opts.labels.insert("output".into(), o.display().to_string());
     }

@@ -573,3 +573,22 @@ fn a_batch_finished_by_recover_gets_its_results_file_completed_by_resume() {
     );
     assert_eq!(results(&out_path).len(), 300);
 }
+
+#[test]
+fn items_over_the_payload_limit_are_refused_before_the_store_is_created() {
+    let env = Env::new();
+    let items = env.path("items.jsonl");
+    let big = "x".repeat(1000);
+    let text: String = (0..20_000)
+        .map(|i| format!("{{\"id\": {i}, \"text\": \"{big}\"}}\n"))
+        .collect();
+    std::fs::write(&items, text).unwrap();
+    let flow = format!(
+        "{HEADER}\n[[flow]]\nid = \"each\"\nfor_each = \"items\"\n\n[[flow.steps]]\nid = \"s\"\nagent = \"a\"\nprompt = \"{{{{ item.text }}}}\"\n"
+    );
+    let out = run_file(&env, "f.toml", &flow, &["--input", s(&items)]);
+    assert_eq!(out.code(), Some(2), "{out:#?}");
+    let line = out.assert_one_line_error();
+    assert!(line.contains("split the items"), "{line}");
+    assert!(!env.store.exists());
+}
