@@ -1,11 +1,12 @@
-//! Live OpenTelemetry export: the `tracing` spans of the engine and the agents, bridged to
-//! OpenTelemetry by `tracing-opentelemetry` and sent over OTLP/HTTP (protobuf) while workflows
+//! Live OpenTelemetry export: the `tracing` spans of the engine and the agents, turned into
+//! OpenTelemetry spans by cairn's own layer ([`SpanLayer`]: `tracing-opentelemetry` cost too
+//! much per span, see docs/ARCHITECTURE.md) and sent over OTLP/HTTP (protobuf) while workflows
 //! run, with the metrics derived from them (`crate::otel_metrics`).
 //!
 //! Off unless `--otlp URL` or one of the OTLP endpoint variables is set; then no layer is
 //! installed at all, and the spans cost what they cost before (a cached callsite check). On,
-//! spans are batched by the SDK's batch processor on its own thread and POSTed by a blocking
-//! reqwest client there: a workflow never waits for the collector. Spans the collector did not
+//! closed spans are queued (bounded), and an export thread builds, batches and POSTs them with
+//! a blocking reqwest client: a workflow never waits for the collector. Spans the collector did not
 //! take (queue full, collector down, error status) are dropped and counted; the count is
 //! printed in one warning line when the process ends ([`Pipeline::shutdown`]).
 //!
@@ -13,27 +14,29 @@
 //! ([`crate::trace::trace_id`]), so a live trace and a later re-export of the same run land in
 //! the same trace. See docs/OBSERVABILITY.md for what matches and what does not.
 
+use std::borrow::Cow;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result};
-use opentelemetry::trace::{SpanBuilder, TraceContextExt, TraceId, TracerProvider as _};
-use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, IdGenerator, RandomIdGenerator, SdkTracer,
-    SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
-};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 use tracing::Subscriber;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::Layer;
+use tracing_subscriber::layer::{Context as LayerContext, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::commands::UsageError;
@@ -185,60 +188,465 @@ pub fn settings(
     }))
 }
 
-// ---- ids ----
+// ---- the span layer ----
 
 thread_local! {
-    /// The trace id the next root span built on this thread must get (set by [`RunTracer`]
-    /// around one `build_with_context` call, read by [`RunIds`]).
-    static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+    /// This thread's id generator state (xorshift64*, seeded once per thread).
+    static ID_STATE: Cell<u64> = Cell::new(id_seed());
 }
 
-/// The SDK's random ids, except the trace id of a run's root span: the one [`RunTracer`] asks
-/// for.
-#[derive(Debug, Default)]
-struct RunIds(RandomIdGenerator);
-
-impl IdGenerator for RunIds {
-    fn new_trace_id(&self) -> TraceId {
-        NEXT_TRACE_ID
-            .with(Cell::take)
-            .unwrap_or_else(|| self.0.new_trace_id())
-    }
-
-    fn new_span_id(&self) -> opentelemetry::trace::SpanId {
-        self.0.new_span_id()
-    }
+/// A seed for a thread's id generator: the standard library's per-process random hash keys,
+/// mixed with the time and a per-thread counter, so that threads and processes differ.
+fn id_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static THREADS: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(THREADS.fetch_add(1, Ordering::Relaxed));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    h.write_u64(nanos);
+    h.finish() | 1
 }
 
-/// The SDK tracer, giving a root span that carries `cairn.run_id` (the engine's `run` span)
-/// the trace id `cairn trace` derives from that run id. The SDK draws ids from its
-/// [`IdGenerator`] inside `build_with_context`, on this thread: the id is handed over through
-/// a thread-local for the length of that call.
-#[derive(Clone, Debug)]
-pub struct RunTracer(SdkTracer);
+/// The next non-zero random u64 of this thread (xorshift64*: ids need to be unique, not
+/// unpredictable; the SDK's generator costs a thread-local `rand` RNG per id too).
+fn next_id() -> u64 {
+    ID_STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D).max(1)
+    })
+}
 
-impl opentelemetry::trace::Tracer for RunTracer {
-    type Span = <SdkTracer as opentelemetry::trace::Tracer>::Span;
+/// One live span of cairn's crates, from its creation to its close, in the registry's
+/// extensions: what becomes its [`SpanData`].
+struct LiveSpan {
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent_span_id: SpanId,
+    /// `otel.name` when recorded, else the `tracing` name.
+    name: Cow<'static, str>,
+    kind: SpanKind,
+    start_time: SystemTime,
+    attributes: Vec<KeyValue>,
+    events: Vec<opentelemetry::trace::Event>,
+    status: Status,
+}
 
-    fn build_with_context(&self, builder: SpanBuilder, parent_cx: &Context) -> Self::Span {
-        let root = !parent_cx.span().span_context().is_valid();
-        let hint = if root { run_trace_id(&builder) } else { None };
-        if hint.is_none() {
-            return self.0.build_with_context(builder, parent_cx);
+/// Turns `tracing` fields into span attributes and the special `otel.*` fields into the span's
+/// name, kind and status, as `tracing-opentelemetry` does.
+struct FieldVisitor<'a>(&'a mut LiveSpan);
+
+impl FieldVisitor<'_> {
+    fn put(&mut self, key: &'static str, value: Value) {
+        let attrs = &mut self.0.attributes;
+        match attrs.iter_mut().find(|kv| kv.key.as_str() == key) {
+            Some(kv) => kv.value = value,
+            None => attrs.push(KeyValue::new(key, value)),
         }
-        NEXT_TRACE_ID.with(|c| c.set(hint));
-        let span = self.0.build_with_context(builder, parent_cx);
-        NEXT_TRACE_ID.with(|c| c.set(None));
-        span
+    }
+
+    /// A string field: one allocation (a shared `Arc<str>`, so that the metrics' copies of
+    /// it cost a reference count, not another allocation).
+    fn put_str(&mut self, key: &'static str, value: &str) {
+        match key {
+            "otel.name" => self.0.name = Cow::Owned(value.to_string()),
+            "otel.kind" => {
+                self.0.kind = match value {
+                    "client" => SpanKind::Client,
+                    "server" => SpanKind::Server,
+                    "producer" => SpanKind::Producer,
+                    "consumer" => SpanKind::Consumer,
+                    _ => SpanKind::Internal,
+                }
+            }
+            "otel.status_code" => {
+                self.0.status = match value {
+                    "ERROR" | "error" => match &self.0.status {
+                        Status::Error { .. } => return,
+                        _ => Status::error(""),
+                    },
+                    "OK" | "ok" => Status::Ok,
+                    _ => Status::Unset,
+                }
+            }
+            "otel.status_description" => self.0.status = Status::error(value.to_string()),
+            _ => self.put(
+                key,
+                Value::String(StringValue::from(Arc::<str>::from(value))),
+            ),
+        }
     }
 }
 
-/// The run's trace id, if the span being built carries a valid `cairn.run_id`.
-fn run_trace_id(builder: &SpanBuilder) -> Option<TraceId> {
-    let attrs = builder.attributes.as_ref()?;
+thread_local! {
+    /// Where `Debug` and `Display` field values are formatted before they are copied once.
+    static FORMAT_BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+impl Visit for FieldVisitor<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field.name(), Value::F64(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field.name(), Value::I64(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match i64::try_from(value) {
+            Ok(v) => self.put(field.name(), Value::I64(v)),
+            Err(_) => self.put_str(field.name(), &value.to_string()),
+        }
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field.name(), Value::Bool(value));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put_str(field.name(), value);
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let done = FORMAT_BUF.with(|b| {
+            let Ok(mut buf) = b.try_borrow_mut() else {
+                return false;
+            };
+            buf.clear();
+            let _ = write!(buf, "{value:?}");
+            self.put_str(field.name(), &buf);
+            true
+        });
+        if !done {
+            self.put_str(field.name(), &format!("{value:?}"));
+        }
+    }
+}
+
+/// Turns an event's fields into a span event, as `tracing-opentelemetry` does: the message
+/// names it; an `error` field makes it an `exception` event with `exception.message`.
+struct EventVisitor<'a> {
+    event: &'a mut opentelemetry::trace::Event,
+    /// The `error` field's value, which also sets the span's status.
+    error: Option<String>,
+}
+
+impl EventVisitor<'_> {
+    fn put(&mut self, key: &'static str, value: Value) {
+        if key == "message" {
+            self.event.name = Cow::Owned(value.as_str().into_owned());
+        } else if key == "error" && self.event.name.is_empty() {
+            let text = value.as_str().into_owned();
+            self.event.name = Cow::Borrowed("exception");
+            self.event
+                .attributes
+                .push(KeyValue::new("exception.message", text.clone()));
+            self.error = Some(text);
+        } else {
+            self.event.attributes.push(KeyValue::new(key, value));
+        }
+    }
+}
+
+impl Visit for EventVisitor<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field.name(), Value::F64(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field.name(), Value::I64(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match i64::try_from(value) {
+            Ok(v) => self.put(field.name(), Value::I64(v)),
+            Err(_) => self.put(field.name(), Value::String(value.to_string().into())),
+        }
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field.name(), Value::Bool(value));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field.name(), Value::String(value.to_string().into()));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.put(field.name(), Value::String(format!("{value:?}").into()));
+    }
+}
+
+/// The run's trace id, if the root span being opened carries a valid `cairn.run_id`.
+fn run_trace_id(attrs: &[KeyValue]) -> Option<TraceId> {
     let kv = attrs.iter().find(|kv| kv.key.as_str() == "cairn.run_id")?;
     let run: cairn_storage::RunId = kv.value.as_str().parse().ok()?;
     Some(TraceId::from_bytes(crate::trace::trace_id(run)))
+}
+
+/// The `tracing` layer that turns the spans of cairn's crates into OpenTelemetry spans: it
+/// keeps each span's fields in the registry while it is open and, when it closes, hands one
+/// [`SpanData`] to the export queue (and its numbers to the metrics, if they are on). The
+/// span tree is the registry's, the trace id of a run's root span is the one `cairn trace`
+/// derives from the run id, the others are inherited; span ids are random.
+struct SpanLayer {
+    queue: Arc<Queue>,
+    /// For the one metric counted when a span opens (fan-out branches running).
+    metrics: Option<crate::otel_metrics::SpanMetrics>,
+}
+
+impl<S> Layer<S> for SpanLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let parent = span.parent().and_then(|p| {
+            p.extensions()
+                .get::<LiveSpan>()
+                .map(|l| (l.trace_id, l.span_id))
+        });
+        let meta = attrs.metadata();
+        let mut live = LiveSpan {
+            trace_id: TraceId::INVALID,
+            span_id: SpanId::from(next_id()),
+            parent_span_id: SpanId::INVALID,
+            name: Cow::Borrowed(meta.name()),
+            kind: SpanKind::Internal,
+            start_time: SystemTime::now(),
+            attributes: Vec::with_capacity(meta.fields().len()),
+            events: Vec::new(),
+            status: Status::Unset,
+        };
+        attrs.record(&mut FieldVisitor(&mut live));
+        match parent {
+            Some((trace_id, span_id)) => {
+                live.trace_id = trace_id;
+                live.parent_span_id = span_id;
+            }
+            None => {
+                live.trace_id = run_trace_id(&live.attributes).unwrap_or_else(|| {
+                    TraceId::from(u128::from(next_id()) << 64 | u128::from(next_id()))
+                });
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.opened(meta.name());
+        }
+        span.extensions_mut().insert(live);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: LayerContext<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        if let Some(live) = span.extensions_mut().get_mut::<LiveSpan>() {
+            values.record(&mut FieldVisitor(live));
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: LayerContext<'_, S>) {
+        let Some(span) = ctx.event_span(event) else {
+            return;
+        };
+        let meta = event.metadata();
+        let mut otel_event = opentelemetry::trace::Event::new(
+            "",
+            SystemTime::now(),
+            vec![
+                KeyValue::new("level", meta.level().as_str()),
+                KeyValue::new("target", meta.target()),
+            ],
+            0,
+        );
+        let mut visitor = EventVisitor {
+            event: &mut otel_event,
+            error: None,
+        };
+        event.record(&mut visitor);
+        let error = visitor.error;
+        if otel_event.name.is_empty() {
+            otel_event.name = Cow::Borrowed(meta.name());
+        }
+        let mut ext = span.extensions_mut();
+        if let Some(live) = ext.get_mut::<LiveSpan>() {
+            if let Some(e) = error {
+                live.status = Status::error(e);
+            } else if *meta.level() == tracing::Level::ERROR && live.status == Status::Unset {
+                live.status = Status::error("");
+            }
+            live.events.push(otel_event);
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let Some(live) = span.extensions_mut().remove::<LiveSpan>() else {
+            return;
+        };
+        // The rest (the metrics, the `SpanData`) is the export thread's work.
+        self.queue.push(Ended {
+            live,
+            end_time: SystemTime::now(),
+            kind: span.name(),
+        });
+    }
+}
+
+/// A span that closed, as the export thread receives it.
+struct Ended {
+    live: LiveSpan,
+    end_time: SystemTime,
+    /// The `tracing` name, which the metrics go by.
+    kind: &'static str,
+}
+
+impl Ended {
+    /// Records the span's metrics and turns it into the SDK's [`SpanData`].
+    fn into_span_data(
+        self,
+        metrics: Option<&crate::otel_metrics::SpanMetrics>,
+        scope: &InstrumentationScope,
+    ) -> SpanData {
+        let Ended {
+            live,
+            end_time,
+            kind,
+        } = self;
+        if let Some(m) = metrics {
+            let secs = end_time
+                .duration_since(live.start_time)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let failed = matches!(live.status, Status::Error { .. });
+            m.closed(kind, &live.attributes, failed, secs);
+        }
+        SpanData {
+            span_context: SpanContext::new(
+                live.trace_id,
+                live.span_id,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: live.parent_span_id,
+            parent_span_is_remote: false,
+            span_kind: live.kind,
+            name: live.name,
+            start_time: live.start_time,
+            end_time,
+            attributes: live.attributes,
+            dropped_attributes_count: 0,
+            events: {
+                let mut events = SpanEvents::default();
+                events.events = live.events;
+                events
+            },
+            links: SpanLinks::default(),
+            status: live.status,
+            instrumentation_scope: scope.clone(),
+        }
+    }
+}
+
+// ---- the export queue ----
+
+/// Ended spans waiting for the export thread: a bounded buffer behind a mutex (a push is a
+/// lock and a `Vec::push`; the thread takes the whole buffer at once).
+struct Queue {
+    spans: Mutex<Vec<Ended>>,
+    /// Wakes the export thread: a batch is full, a flush is asked for, or the end.
+    wake: Condvar,
+    /// The most spans waiting at once; more are dropped.
+    max: usize,
+    /// Spans per export request.
+    batch: usize,
+    /// The longest an ended span waits before its batch is sent.
+    delay: Duration,
+    /// Set at shutdown: the thread sends what is left and stops.
+    closing: AtomicBool,
+    stats: Arc<ExportStats>,
+}
+
+impl Queue {
+    fn push(&self, span: Ended) {
+        self.stats.ended.fetch_add(1, Ordering::Relaxed);
+        let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= self.max {
+            // Dropped: counted as ended and never delivered.
+            return;
+        }
+        q.push(span);
+        let full = q.len() == self.batch;
+        drop(q);
+        if full {
+            self.wake.notify_one();
+        }
+    }
+
+    fn take(&self) -> Vec<Ended> {
+        let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *q, Vec::with_capacity(self.batch))
+    }
+}
+
+/// The exporting side of the queue, type-erased for [`Pipeline`].
+trait Drain: Send + Sync {
+    /// Sends everything queued now, on the calling thread.
+    fn flush(&self) -> OTelSdkResult;
+    /// Stops the exporter.
+    fn shutdown(&self, timeout: Duration) -> OTelSdkResult;
+}
+
+/// The span exporter, and the lock that keeps one export at a time.
+struct Exporting<E> {
+    queue: Arc<Queue>,
+    exporter: Mutex<CountingExporter<E>>,
+    /// The metrics derived from the spans, recorded here, off the workflow threads.
+    metrics: Option<crate::otel_metrics::SpanMetrics>,
+    scope: InstrumentationScope,
+}
+
+impl<E: SpanExporter> Drain for Exporting<E> {
+    fn flush(&self) -> OTelSdkResult {
+        let exporter = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = self.queue.take().into_iter();
+        let mut result = Ok(());
+        loop {
+            let batch: Vec<SpanData> = ended
+                .by_ref()
+                .take(self.queue.batch)
+                .map(|e| e.into_span_data(self.metrics.as_ref(), &self.scope))
+                .collect();
+            if batch.is_empty() {
+                return result;
+            }
+            if let Err(e) = futures_executor::block_on(exporter.export(batch)) {
+                result = Err(e);
+            }
+        }
+    }
+
+    fn shutdown(&self, timeout: Duration) -> OTelSdkResult {
+        let exporter = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
+        exporter.shutdown_with_timeout(timeout)
+    }
+}
+
+/// The export thread: sends a batch when one is full or [`Queue::delay`] after the last send,
+/// and what is left when the pipeline closes.
+fn export_loop(queue: Arc<Queue>, drain: Arc<dyn Drain>, done: std::sync::mpsc::Sender<()>) {
+    loop {
+        let closing = {
+            let q = queue.spans.lock().unwrap_or_else(|p| p.into_inner());
+            let (q, _) = queue
+                .wake
+                .wait_timeout_while(q, queue.delay, |q| {
+                    q.len() < queue.batch && !queue.closing.load(Ordering::Relaxed)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            drop(q);
+            queue.closing.load(Ordering::Relaxed)
+        };
+        let _ = drain.flush();
+        if closing {
+            let _ = done.send(());
+            return;
+        }
+    }
 }
 
 // ---- counting ----
@@ -246,7 +654,7 @@ fn run_trace_id(builder: &SpanBuilder) -> Option<TraceId> {
 /// What the pipeline offered and delivered, for the exit line.
 #[derive(Debug, Default)]
 pub struct ExportStats {
-    /// Spans that ended and were handed to the batch processor.
+    /// Spans that ended and were offered to the export queue.
     pub ended: AtomicU64,
     /// Spans the collector accepted.
     pub exported: AtomicU64,
@@ -289,38 +697,6 @@ impl ExportStats {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-}
-
-/// The batch processor, counting the spans it is handed.
-#[derive(Debug)]
-struct Counted<P> {
-    inner: P,
-    stats: Arc<ExportStats>,
-}
-
-impl<P: SpanProcessor> SpanProcessor for Counted<P> {
-    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
-        self.inner.on_start(span, cx);
-    }
-
-    fn on_end(&self, span: SpanData) {
-        if span.span_context.is_sampled() {
-            self.stats.ended.fetch_add(1, Ordering::Relaxed);
-        }
-        self.inner.on_end(span);
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
     }
 }
 
@@ -437,11 +813,16 @@ impl<E: PushMetricExporter> PushMetricExporter for CountingMetrics<E> {
 
 // ---- the pipeline ----
 
-/// The live export pipeline: a tracer provider with a batch processor, a meter provider with a
-/// periodic reader, and the counts for the exit line.
+/// The live export pipeline: the export queue and its thread, a meter provider with a periodic
+/// reader, and the counts for the exit line.
 pub struct Pipeline {
-    tracers: SdkTracerProvider,
+    queue: Arc<Queue>,
+    drain: Arc<dyn Drain>,
+    /// Signalled by the export thread when it has sent what was left at shutdown.
+    done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     meters: Option<SdkMeterProvider>,
+    /// The instruments the export thread records into (a copy counts running branches).
+    span_metrics: Option<crate::otel_metrics::SpanMetrics>,
     stats: Arc<ExportStats>,
     /// Where spans go, for the exit line.
     target: String,
@@ -519,72 +900,85 @@ impl Pipeline {
         E: SpanExporter + 'static,
         M: PushMetricExporter,
     {
-        let env_set = |k: &str| std::env::var_os(k).is_some();
-        let mut config = BatchConfigBuilder::default();
-        if !env_set("OTEL_BSP_MAX_QUEUE_SIZE") {
-            config = config.with_max_queue_size(QUEUE_SPANS_MAX);
-        }
-        if !env_set("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
-            config = config.with_max_export_batch_size(BATCH_SPANS_MAX);
-        }
-        if !env_set("OTEL_BSP_SCHEDULE_DELAY") {
-            config = config.with_scheduled_delay(BATCH_DELAY);
-        }
-        let batch = BatchSpanProcessor::builder(CountingExporter::new(spans, Arc::clone(&stats)))
-            .with_batch_config(config.build())
-            .build();
-        let tracers = SdkTracerProvider::builder()
-            .with_span_processor(Counted {
-                inner: batch,
-                stats: Arc::clone(&stats),
-            })
-            .with_id_generator(RunIds::default())
-            .with_resource(resource.clone())
-            .build();
+        let env_usize = |k: &str, default: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(default)
+        };
+        let max = env_usize("OTEL_BSP_MAX_QUEUE_SIZE", QUEUE_SPANS_MAX);
+        let batch = env_usize("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", BATCH_SPANS_MAX).min(max);
+        let delay = std::env::var("OTEL_BSP_SCHEDULE_DELAY")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(BATCH_DELAY, Duration::from_millis);
+        let queue = Arc::new(Queue {
+            spans: Mutex::new(Vec::with_capacity(batch)),
+            wake: Condvar::new(),
+            max,
+            batch,
+            delay,
+            closing: AtomicBool::new(false),
+            stats: Arc::clone(&stats),
+        });
         let meters = metrics.map(|m| {
             SdkMeterProvider::builder()
-                .with_resource(resource)
+                .with_resource(resource.clone())
                 .with_reader(PeriodicReader::builder(m).build())
                 .build()
         });
+        let span_metrics = meters.as_ref().map(|m| {
+            use opentelemetry::metrics::MeterProvider as _;
+            crate::otel_metrics::SpanMetrics::new(&m.meter("cairn"))
+        });
+        let mut exporter = CountingExporter::new(spans, Arc::clone(&stats));
+        exporter.set_resource(&resource);
+        let drain: Arc<dyn Drain> = Arc::new(Exporting {
+            queue: Arc::clone(&queue),
+            exporter: Mutex::new(exporter),
+            metrics: span_metrics.clone(),
+            scope: InstrumentationScope::builder("cairn").build(),
+        });
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        {
+            let (queue, drain) = (Arc::clone(&queue), Arc::clone(&drain));
+            // If the thread cannot start, nothing is sent and everything is counted dropped.
+            let _ = std::thread::Builder::new()
+                .name("cairn-otel-export".into())
+                .spawn(move || export_loop(queue, drain, done_tx));
+        }
         Pipeline {
-            tracers,
+            queue,
+            drain,
+            done: Mutex::new(Some(done_rx)),
             meters,
+            span_metrics,
             stats,
             target,
         }
     }
 
-    /// The `tracing` layers: spans of cairn's crates at INFO and above to OpenTelemetry, and
-    /// the metrics derived from them. Nothing else (other crates, `cairn::metrics` events,
-    /// DEBUG spans) reaches them.
+    /// The `tracing` layer: spans (and the events in them) of cairn's crates at INFO and above
+    /// to OpenTelemetry, and the metrics derived from them. Nothing else (other crates,
+    /// `cairn::metrics` events, DEBUG spans) reaches it. A workflow thread only copies a
+    /// span's fields and queues it when it closes; the export thread derives the metrics and
+    /// builds and sends the OpenTelemetry span.
     pub fn layer<S>(&self) -> Box<dyn Layer<S> + Send + Sync>
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     {
-        Box::new(self.span_layer().and_then(self.metrics_layer()))
-    }
-
-    /// The spans of cairn's crates at INFO and above, to OpenTelemetry.
-    pub fn span_layer<S>(&self) -> Box<dyn Layer<S> + Send + Sync>
-    where
-        S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
-    {
-        let tracer = RunTracer(self.tracers.tracer("cairn"));
         Box::new(
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_location(false)
-                .with_threads(false)
-                .with_level(false)
-                .with_target(false)
-                .with_tracked_inactivity(false)
-                .with_context_activation(false)
-                .with_filter(cairn_spans()),
+            SpanLayer {
+                queue: Arc::clone(&self.queue),
+                metrics: self.span_metrics.clone(),
+            }
+            .with_filter(cairn_spans()),
         )
     }
 
-    /// The metrics derived from the spans of cairn's crates (none if metrics are not exported).
+    /// The metrics derived from the spans of cairn's crates, as a layer of their own (none if
+    /// metrics are not exported; the bench's probe).
     pub fn metrics_layer<S>(&self) -> Option<Box<dyn Layer<S> + Send + Sync>>
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
@@ -595,6 +989,15 @@ impl Pipeline {
                 crate::otel_metrics::SpanMetrics::new(&m.meter("cairn")).with_filter(cairn_spans()),
             ) as Box<dyn Layer<S> + Send + Sync>
         })
+    }
+
+    /// Sends the spans queued so far and collects the metrics, on this thread (tests).
+    #[cfg(test)]
+    fn force_flush(&self) {
+        self.drain.flush().unwrap();
+        if let Some(m) = &self.meters {
+            m.force_flush().unwrap();
+        }
     }
 
     /// A pipeline whose exporters discard everything (`--otel-discard`, the bench's probe).
@@ -623,7 +1026,17 @@ impl Pipeline {
     /// the warning line to print when spans or metrics were not delivered.
     pub fn shutdown(&self) -> Option<String> {
         let started = Instant::now();
-        let _ = self.tracers.shutdown_with_timeout(EXIT_FLUSH_MAX);
+        let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(done) = done {
+            self.queue.closing.store(true, Ordering::Relaxed);
+            // Taking the lock orders the flag before the thread's next check.
+            drop(self.queue.spans.lock().unwrap_or_else(|p| p.into_inner()));
+            self.queue.wake.notify_one();
+            let _ = done.recv_timeout(EXIT_FLUSH_MAX);
+            let _ = self
+                .drain
+                .shutdown(EXIT_FLUSH_MAX.saturating_sub(started.elapsed()));
+        }
         if let Some(m) = &self.meters {
             let left = EXIT_FLUSH_MAX.saturating_sub(started.elapsed());
             let _ = m.shutdown_with_timeout(left.max(Duration::from_millis(100)));
@@ -862,10 +1275,7 @@ mod tests {
         drop(engine);
         drop(guard);
         // The in-memory exporters forget everything when shut down: read them after a flush.
-        pipeline.tracers.force_flush().unwrap();
-        if let Some(m) = &pipeline.meters {
-            m.force_flush().unwrap();
-        }
+        pipeline.force_flush();
         let captured = Captured {
             run: out.run_id,
             status: out.status,

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
-use opentelemetry::{KeyValue, StringValue};
+use opentelemetry::{KeyValue, StringValue, Value};
 use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -45,6 +45,7 @@ const TOKEN_BUCKETS: [f64; 14] = [
 ];
 
 /// The instruments, and the layer that feeds them.
+#[derive(Clone)]
 pub struct SpanMetrics {
     runs: Counter<u64>,
     run_duration: Histogram<f64>,
@@ -151,8 +152,46 @@ impl SpanMetrics {
         }
     }
 
+    /// A span of cairn's crates opened (the export layer's call).
+    pub fn opened(&self, name: &str) {
+        if name == "branch" {
+            self.branches_active.add(1, &[]);
+        }
+    }
+
+    /// A span of cairn's crates closed after `secs`, with these attributes (the export layer's
+    /// call: the fields were turned into attributes once, for the span).
+    pub fn closed(&self, name: &str, attributes: &[KeyValue], failed: bool, secs: f64) {
+        if !measured(name) {
+            return;
+        }
+        let mut rec = SpanRec {
+            failed,
+            ..SpanRec::default()
+        };
+        for kv in attributes {
+            let key = kv.key.as_str();
+            match &kv.value {
+                Value::String(s) if wanted_str(key) => rec.set_str(key, s.clone()),
+                Value::I64(n) => {
+                    if let Ok(n) = u64::try_from(*n) {
+                        rec.set_count(key, n);
+                    }
+                }
+                Value::F64(c) if key == "cairn.cost_usd" => rec.cost_usd = Some(*c),
+                Value::Bool(b) if key == "cairn.step.will_retry" => rec.will_retry = *b,
+                _ => {}
+            }
+        }
+        self.record(name, &rec, secs);
+    }
+
     fn close(&self, name: &str, rec: &SpanRec) {
         let secs = rec.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.record(name, rec, secs);
+    }
+
+    fn record(&self, name: &str, rec: &SpanRec, secs: f64) {
         let outcome = KeyValue::new(
             "cairn.outcome",
             if rec.failed { "failed" } else { "succeeded" },
