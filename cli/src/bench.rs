@@ -1851,7 +1851,7 @@ fn agents_task(i: u32) -> (String, String) {
 
 /// Runs `f(i)` for every `i` in `0..n` on `concurrency` worker tasks (each takes the next
 /// index when it is done with one); fails on the first error.
-async fn run_bounded<F, Fut>(n: u32, concurrency: u32, f: F) -> Result<()>
+pub(crate) async fn run_bounded<F, Fut>(n: u32, concurrency: u32, f: F) -> Result<()>
 where
     F: Fn(u32) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send + 'static,
@@ -1873,7 +1873,7 @@ where
         });
     }
     while let Some(r) = workers.join_next().await {
-        r.context("an agents worker panicked")??;
+        r.context("a bench worker panicked")??;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use cairn_agents::spec::{FlowEnv, FlowFollower, FlowSpec, register_flows};
 use cairn_agents::{AnthropicModel, Message, Model, ModelRequest};
 use cairn_engine::{Engine, Registry};
@@ -105,26 +105,6 @@ fn item(i: u32) -> Value {
     json!({ "id": format!("T-{:06}", i), "subject": subject(i) })
 }
 
-/// Runs `f(i)` for `i` in `0..n`, `concurrency` at a time.
-async fn bounded<F, Fut>(n: u32, concurrency: u32, f: F) -> Result<()>
-where
-    F: Fn(u32) -> Fut,
-    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
-{
-    let mut set = tokio::task::JoinSet::new();
-    let mut next = 0u32;
-    while next < n || !set.is_empty() {
-        while next < n && set.len() < concurrency as usize {
-            set.spawn(f(next));
-            next += 1;
-        }
-        if let Some(r) = set.join_next().await {
-            r.context("a task panicked")??;
-        }
-    }
-    Ok(())
-}
-
 /// The two calls of one item without the engine (the classifier, then the routed agent).
 async fn plain_item(model: &dyn Model, i: u32) -> Result<()> {
     let task = format!("Ticket T-{i:06}: {}", subject(i));
@@ -167,7 +147,7 @@ pub async fn bench_batch(dir: &Path, items: u32, concurrency: u32) -> Result<Bat
     let plain = client();
     let cpu = crate::bench::process_cpu_secs();
     let started = Instant::now();
-    bounded(items, concurrency, |i| {
+    crate::bench::run_bounded(items, concurrency, move |i| {
         let m = Arc::clone(&plain);
         async move { plain_item(m.as_ref(), i).await }
     })

@@ -123,14 +123,9 @@ pub fn read_items(path: &Path) -> Result<Vec<(usize, Value)>> {
 
 /// An engine whose registry runs workflow files with `env`.
 fn engine_with(store: cairn_storage::RedbStore, env: FlowEnv) -> Engine {
-    let engine = commands::engine_for(store, Arc::default());
     let mut registry = workflows::registry(Arc::default());
     spec::register_flows(&mut registry, env);
-    Engine::with_options(
-        Arc::clone(engine.store()),
-        registry,
-        commands::engine_options(),
-    )
+    Engine::with_options(Arc::new(store), registry, commands::engine_options())
 }
 
 /// `cairn run FILE …`.
@@ -161,6 +156,9 @@ pub async fn run(path: &Path, a: RunArgs) -> Result<ExitCode> {
             n_items,
             spec.params().len()
         );
+        if !spec.description().is_empty() {
+            println!("{}", spec.description());
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let output = match &a.output {

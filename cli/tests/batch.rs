@@ -182,7 +182,7 @@ fn ctrl_c_stops_the_batch_cleanly_and_resume_finishes_it() {
 }
 
 #[test]
-fn a_results_file_of_another_run_or_an_existing_one_is_refused() {
+fn an_existing_results_file_is_refused_before_anything_is_written() {
     let env = Env::new();
     let file = triage_copy(&env, 0);
     let out_path = env.path("results.jsonl");
@@ -591,4 +591,32 @@ fn items_over_the_payload_limit_are_refused_before_the_store_is_created() {
     let line = out.assert_one_line_error();
     assert!(line.contains("split the items"), "{line}");
     assert!(!env.store.exists());
+}
+
+#[test]
+fn check_validates_the_file_items_and_params_and_runs_nothing() {
+    let env = Env::new();
+    let file = triage_copy(&env, 0);
+    let items = env.path("triage/tickets.jsonl");
+    let out = env.run(&["run", s(&file), "--input", s(&items), "--check"]);
+    out.assert_ok();
+    assert!(
+        out.stdout
+            .contains("workflow `ticket-triage` is valid (300 items, 1 parameters)")
+            && out.stdout.contains("Route each support ticket"),
+        "{}",
+        out.stdout
+    );
+    assert!(!env.store.exists(), "--check must not create the store");
+    let out = env.run(&[
+        "run",
+        s(&file),
+        "--input",
+        s(&items),
+        "--check",
+        "--param",
+        "nope=1",
+    ]);
+    assert_eq!(out.code(), Some(2));
+    assert!(out.assert_one_line_error().contains("no parameter `nope`"));
 }

@@ -253,6 +253,11 @@ impl FlowSpec {
         &self.def.name
     }
 
+    /// The workflow's description (`[workflow] description`, may be empty).
+    pub fn description(&self) -> &str {
+        &self.def.description
+    }
+
     /// The engine workflow name of its runs (`file:<name>`).
     pub fn workflow(&self) -> String {
         format!("{FLOW_PREFIX}{}", self.def.name)

@@ -121,7 +121,6 @@ pub(crate) struct StepDef {
 #[derive(Clone, Debug)]
 pub(crate) struct FlowDef {
     pub(crate) name: String,
-    #[allow(dead_code)]
     pub(crate) description: String,
     pub(crate) params: BTreeMap<String, Value>,
     pub(crate) models: BTreeMap<String, ModelDef>,
@@ -427,14 +426,6 @@ fn check(is: &mut Issues<'_>, raw: RawFile, env: &FlowEnv) -> FlowDef {
             );
         }
     }
-    for name in env.models.keys() {
-        if !models.contains_key(name) {
-            // A replacement for a model the file does not declare is a program error, not the
-            // file's; it is simply unused.
-            continue;
-        }
-    }
-
     let mut tools = BTreeMap::new();
     for (name, t) in raw.tools {
         let at = t.span().start;
