@@ -221,11 +221,12 @@ impl Model for Paced {
     }
 }
 
-/// Template variables and handoff sources visible to the next step.
+/// Template variables and handoff sources visible to the next step. Cloned into every branch of
+/// a `for_each`, so the conversations are shared, not copied.
 #[derive(Clone)]
 struct Scope {
     vars: Value,
-    runs: HashMap<String, AgentRun>,
+    runs: HashMap<String, Arc<AgentRun>>,
 }
 
 impl Scope {
@@ -234,7 +235,7 @@ impl Scope {
             steps.insert(id.to_string(), value);
         }
         if let Some(r) = run {
-            self.runs.insert(id.to_string(), r);
+            self.runs.insert(id.to_string(), Arc::new(r));
         }
     }
 }
