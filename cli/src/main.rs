@@ -21,6 +21,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's allocator: the engine allocates many small short-lived buffers
+/// (events, replies, futures) on one thread and frees them on another, which glibc's arenas
+/// handle poorly (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Cairn: a durable workflow engine for multi-agent LLM workflows.
 #[derive(Parser, Debug)]
 #[command(name = "cairn", version, about, long_about = None)]
