@@ -91,10 +91,13 @@ pub fn record_hash(prev: &Hash, seq: Seq, ts_us: i64, payload: &[u8]) -> Hash {
     *h.finalize().as_bytes()
 }
 
+// `serde_bytes`: serde writes a plain `[u8]` element by element; as bytes postcard copies it
+// in one go. Both are the same on the wire (a varint length, then the bytes).
 #[derive(Serialize)]
 struct BodyRef<'a> {
     ts_us: i64,
     hash: &'a Hash,
+    #[serde(with = "serde_bytes")]
     payload: &'a [u8],
 }
 
@@ -102,7 +105,7 @@ struct BodyRef<'a> {
 struct BodyOwned<'a> {
     ts_us: i64,
     hash: Hash,
-    #[serde(borrow)]
+    #[serde(borrow, with = "serde_bytes")]
     payload: &'a [u8],
 }
 
@@ -177,6 +180,31 @@ mod tests {
         assert_eq!(ev.ts_us, 42);
         assert_eq!(ev.payload, b"abc");
         assert_eq!(ev.hash, h);
+    }
+
+    #[test]
+    fn the_envelope_keeps_the_wire_format_of_stores_written_before_serde_bytes() {
+        // Until 2026-11-25 the payload was encoded as a sequence of u8; records written then
+        // must decode and new records must be byte-identical.
+        #[derive(Serialize)]
+        struct Old<'a> {
+            ts_us: i64,
+            hash: &'a Hash,
+            payload: Vec<u8>,
+        }
+        let payload: Vec<u8> = (0..=255u8).cycle().take(300).collect();
+        let mut old = vec![FORMAT_VERSION];
+        old.extend(
+            postcard::to_allocvec(&Old {
+                ts_us: -5,
+                hash: &[9; 32],
+                payload: payload.clone(),
+            })
+            .unwrap(),
+        );
+        assert_eq!(encode(-5, &[9; 32], &payload).unwrap(), old);
+        let ev = decode(RunId::new(), Seq(0), &old).unwrap();
+        assert_eq!((ev.ts_us, ev.payload), (-5, payload));
     }
 
     #[test]

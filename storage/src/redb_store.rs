@@ -13,11 +13,11 @@
 //! processes may open it read-only at the same time (`cairn runs` while a batch runs); they
 //! see what the writer has checkpointed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,9 @@ pub struct StoreOptions {
     pub max_payload_bytes: usize,
     /// redb's page cache, in bytes.
     pub cache_bytes: usize,
+    /// How long acknowledged changes may stay only in the write-ahead log before they are
+    /// checkpointed into the redb file, where readers in other processes see them.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for StoreOptions {
@@ -79,6 +82,7 @@ impl Default for StoreOptions {
             durability: Durability::Immediate,
             max_payload_bytes: 16 * 1024 * 1024,
             cache_bytes: 256 * 1024 * 1024,
+            checkpoint_interval: CHECKPOINT_INTERVAL,
         }
     }
 }
@@ -127,6 +131,9 @@ enum Op {
     Checkpoint {
         reply: Reply,
     },
+    /// Wakes the writer thread so that it schedules a checkpoint for changes a caller
+    /// committed itself (no reply, not counted as queued).
+    Tick,
 }
 
 impl Op {
@@ -135,7 +142,7 @@ impl Op {
             Op::Create { events, .. } | Op::Append { events, .. } => {
                 events.iter().map(|e| e.payload.len() + 48).sum()
             }
-            Op::Flush { .. } | Op::Checkpoint { .. } => 0,
+            Op::Flush { .. } | Op::Checkpoint { .. } | Op::Tick => 0,
         }
     }
 }
@@ -151,6 +158,9 @@ pub struct WriterStats {
     pub ops: u64,
     /// Checkpoints: commits of logged changes into the redb file.
     pub checkpoints: u64,
+    /// Commits a caller made on its own thread because the writer was idle (included in
+    /// `commits`): the sequential case, which then costs no thread hand-off.
+    pub leader_commits: u64,
 }
 
 #[derive(Default)]
@@ -159,6 +169,7 @@ struct Counters {
     events: AtomicU64,
     ops: AtomicU64,
     checkpoints: AtomicU64,
+    leader_commits: AtomicU64,
 }
 
 struct Inner {
@@ -168,8 +179,30 @@ struct Inner {
     dirty: Arc<AtomicBool>,
     db: Db,
     tx: Option<mpsc::SyncSender<Op>>,
+    /// The writer state, shared by the writer thread and callers that commit themselves.
+    shared: Option<Arc<Shared>>,
     writer: Option<JoinHandle<()>>,
     max_payload_bytes: usize,
+}
+
+/// What the writer thread and committing callers share.
+struct Shared {
+    writer: Mutex<Writer>,
+    /// Operations sent to the writer thread and not yet applied. A caller may commit its own
+    /// operation only while this is zero, so it never overtakes one sent before it.
+    queued: AtomicUsize,
+    /// Whether the writer thread's last batch held a single operation: callers are not
+    /// competing, so one may commit itself. Under concurrency batches hold many operations and
+    /// callers leave the disk to the writer thread, keeping their own threads free.
+    solo: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        // The writer's state is consistent between operations; a panic inside one leaves at
+        // worst an open transaction that the next failure path rebuilds from the log.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Drop for Inner {
@@ -326,6 +359,7 @@ impl RedbStore {
                     dirty: Arc::default(),
                     db: Db::Ro(db),
                     tx: None,
+                    shared: None,
                     writer: None,
                     max_payload_bytes: opts.max_payload_bytes,
                 }),
@@ -347,12 +381,19 @@ impl RedbStore {
             writer_db,
             path.clone(),
             durability,
+            opts.checkpoint_interval,
             writer_counters,
             Arc::clone(&dirty),
         )?;
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(w),
+            queued: AtomicUsize::new(0),
+            solo: AtomicBool::new(true),
+        });
+        let thread_shared = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
             .name("cairn-writer".into())
-            .spawn(move || w.run(rx))
+            .spawn(move || writer_thread(&thread_shared, &rx))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
@@ -361,6 +402,7 @@ impl RedbStore {
                 dirty,
                 db: Db::Rw(db),
                 tx: Some(tx),
+                shared: Some(shared),
                 writer: Some(writer),
                 max_payload_bytes: opts.max_payload_bytes,
             }),
@@ -380,6 +422,7 @@ impl RedbStore {
             events: c.events.load(Ordering::Relaxed),
             ops: c.ops.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            leader_commits: c.leader_commits.load(Ordering::Relaxed),
         }
     }
 
@@ -393,10 +436,53 @@ impl RedbStore {
         make: impl FnOnce(Reply) -> Op,
     ) -> BoxFuture<'static, Result<Appended, StoreError>> {
         let (reply, rx) = oneshot::channel();
-        let sent = match &self.inner.tx {
-            None => Err(StoreError::ReadOnly),
-            Some(tx) => tx.send(make(reply)).map_err(|_| StoreError::Closed),
+        let (Some(tx), Some(shared)) = (&self.inner.tx, &self.inner.shared) else {
+            return Box::pin(async { Err(StoreError::ReadOnly) });
         };
+        let op = make(reply);
+        // Leader path: when the writer is idle and nothing is queued, commit on this thread
+        // (one log write and fdatasync) instead of waking the writer thread and being woken by
+        // it. A sequential workflow then pays the disk's latency and little else. Under load
+        // the writer is busy and operations queue for its group commit.
+        if shared.solo.load(Ordering::Relaxed) && shared.queued.load(Ordering::Acquire) == 0 {
+            match shared.writer.try_lock() {
+                Ok(mut w) if shared.queued.load(Ordering::Acquire) == 0 => {
+                    let was_clean = w.dirty_since.is_none();
+                    w.commit_batch(vec![op]);
+                    self.inner
+                        .counters
+                        .leader_commits
+                        .fetch_add(1, Ordering::Relaxed);
+                    let now_dirty = w.dirty_since.is_some();
+                    drop(w);
+                    if was_clean && now_dirty {
+                        // The writer thread schedules the checkpoint.
+                        let _ = tx.try_send(Op::Tick);
+                    }
+                    return Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? });
+                }
+                Ok(w) => {
+                    drop(w);
+                    return self.enqueue(tx, shared, op, rx);
+                }
+                Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => {}
+            }
+        }
+        self.enqueue(tx, shared, op, rx)
+    }
+
+    fn enqueue(
+        &self,
+        tx: &mpsc::SyncSender<Op>,
+        shared: &Shared,
+        op: Op,
+        rx: oneshot::Receiver<Result<Appended, StoreError>>,
+    ) -> BoxFuture<'static, Result<Appended, StoreError>> {
+        shared.queued.fetch_add(1, Ordering::AcqRel);
+        let sent = tx.send(op).map_err(|_| {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            StoreError::Closed
+        });
         Box::pin(async move {
             sent?;
             rx.await.map_err(|_| StoreError::Closed)?
@@ -600,12 +686,16 @@ fn decode_run(path: &Path, bytes: &[u8]) -> Result<RunMeta, StoreError> {
 ///
 /// Each batch is applied to an open redb write transaction, logged to the write-ahead log
 /// (one fdatasync), and acknowledged. The transaction is committed as a checkpoint every
-/// [`CHECKPOINT_INTERVAL`], when a reader in this process asks, or when the log is full.
+/// [`StoreOptions::checkpoint_interval`], when a reader in this process asks, or when the log is full.
 struct Writer {
     db: Arc<Database>,
     path: PathBuf,
     /// Cached run rows, so an append does not read the row back first.
     runs: HashMap<u128, RunMeta>,
+    /// Runs whose cached row is newer than the row in the open transaction only by `events`,
+    /// `head` and `updated_us`: a plain append does not log or write the row (recovery rebuilds
+    /// those fields from the logged events); the row is written at the next checkpoint.
+    stale_rows: HashSet<u128>,
     counters: Arc<Counters>,
     wal: Wal,
     /// The open transaction holding everything logged since the last checkpoint.
@@ -614,14 +704,15 @@ struct Writer {
     lsn: u64,
     /// When the oldest change not yet checkpointed was made.
     dirty_since: Option<Instant>,
+    /// How long changes may wait in the log before a checkpoint.
+    interval: Duration,
     /// Set while changes are not checkpointed, so same-process readers ask for a checkpoint.
     dirty: Arc<AtomicBool>,
     /// Set after a failure the writer cannot recover from; every later write gets it.
     failed: Option<String>,
 }
 
-/// How long logged changes may wait before they are checkpointed into redb (readers in other
-/// processes see them then).
+/// The default of [`StoreOptions::checkpoint_interval`].
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 /// The log is checkpointed and restarted once it holds this many bytes.
 const WAL_BYTES_MAX: u64 = 32 * 1024 * 1024;
@@ -632,6 +723,7 @@ impl Writer {
         db: Arc<Database>,
         path: PathBuf,
         durability: Durability,
+        interval: Duration,
         counters: Arc<Counters>,
         dirty: Arc<AtomicBool>,
     ) -> Result<Self, StoreError> {
@@ -639,12 +731,14 @@ impl Writer {
         let mut w = Writer {
             db,
             path,
-            runs: HashMap::new(),
+            runs: HashMap::with_capacity(4096),
+            stale_rows: HashSet::new(),
             counters,
             wal,
             txn: None,
             lsn: 0,
             dirty_since: None,
+            interval,
             dirty,
             failed: None,
         };
@@ -656,6 +750,7 @@ impl Writer {
     fn recover(&mut self) -> Result<(), StoreError> {
         self.txn = None;
         self.runs.clear();
+        self.stale_rows.clear();
         let txn = self.db.begin_write()?;
         let checkpoint = {
             let t = txn.open_table(WAL_STATE)?;
@@ -673,63 +768,55 @@ impl Writer {
             });
         }
         self.lsn = checkpoint;
+        // The last logged event of each run: plain appends do not log the run's row, so its
+        // event count, head and update time are rebuilt from them.
+        let mut last: HashMap<u128, (u64, &[u8])> = HashMap::new();
         for (lsn, changes) in &records {
             apply(&txn, changes)?;
+            for c in changes {
+                if let Change::Event { run, seq, bytes } = c {
+                    last.insert(*run, (*seq, bytes.as_slice()));
+                }
+            }
             self.lsn = *lsn;
+        }
+        {
+            let mut runs = txn.open_table(RUNS)?;
+            for (run, (seq, bytes)) in last {
+                let id = RunId::from_u128(run);
+                let mut meta = match runs.get(run)? {
+                    Some(row) => decode_run(&self.path, row.value())?,
+                    None => {
+                        return Err(StoreError::Corrupt {
+                            path: self.path.clone(),
+                            detail: format!(
+                                "the write-ahead log has events of run {id}, which has no row"
+                            ),
+                        });
+                    }
+                };
+                if meta.events <= seq {
+                    let rec = decode(id, Seq(seq), bytes)?;
+                    meta.events = seq + 1;
+                    meta.head = rec.hash;
+                    meta.updated_us = meta.updated_us.max(rec.ts_us);
+                    runs.insert(run, encode_run(&meta)?.as_slice())?;
+                }
+            }
         }
         self.txn = Some(txn);
         self.checkpoint()
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Op>) {
-        loop {
-            let first = match self.dirty_since {
-                Some(since) => {
-                    let wait =
-                        (since + CHECKPOINT_INTERVAL).saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(wait) {
-                        Ok(op) => op,
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            self.checkpoint_or_fail();
-                            continue;
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-                None => match rx.recv() {
-                    Ok(op) => op,
-                    Err(_) => break,
-                },
-            };
-            let mut bytes = first.bytes();
-            let mut batch = vec![first];
-            while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
-                match rx.try_recv() {
-                    Ok(op) => {
-                        bytes += op.bytes();
-                        batch.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.commit_batch(batch);
-            // Under steady load no receive times out: checkpoint on schedule anyway, so readers
-            // in other processes lag by one interval, not by a full log.
-            if self
-                .dirty_since
-                .is_some_and(|since| since.elapsed() >= CHECKPOINT_INTERVAL)
-            {
-                self.checkpoint_or_fail();
-            }
-        }
-        // Closing: checkpoint everything and empty the log.
-        if self.failed.is_none() && self.checkpoint().is_ok() {
-            let _ = self.wal.truncate();
-        }
+    /// Whether the oldest unchecked change has waited a full interval.
+    fn checkpoint_due(&self) -> bool {
+        self.dirty_since
+            .is_some_and(|since| since.elapsed() >= self.interval)
     }
 
     /// Commits the open transaction (with redb's fsyncs) and restarts the log.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.stage_rows()?;
         let Some(txn) = self.txn.take() else {
             return Ok(());
         };
@@ -742,6 +829,24 @@ impl Writer {
         self.dirty_since = None;
         self.dirty.store(false, Ordering::Release);
         self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the rows of runs appended to since they were last written into the open
+    /// transaction.
+    fn stage_rows(&mut self) -> Result<(), StoreError> {
+        if self.stale_rows.is_empty() {
+            return Ok(());
+        }
+        let Some(txn) = self.txn.as_ref() else {
+            return Ok(());
+        };
+        let mut runs = txn.open_table(RUNS)?;
+        for id in self.stale_rows.drain() {
+            if let Some(meta) = self.runs.get(&id) {
+                runs.insert(id, encode_run(meta)?.as_slice())?;
+            }
+        }
         Ok(())
     }
 
@@ -763,6 +868,9 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: Vec<Op>) {
+        if batch.iter().all(|op| matches!(op, Op::Tick)) {
+            return;
+        }
         let mut replies = Vec::with_capacity(batch.len());
         let mut work = Vec::with_capacity(batch.len());
         let mut want_checkpoint = false;
@@ -792,6 +900,7 @@ impl Writer {
                     replies.push(reply);
                     work.push(Work::Flush);
                 }
+                Op::Tick => {}
             }
         }
         if let Some(f) = &self.failed {
@@ -843,7 +952,11 @@ impl Writer {
             }
         }
         if self.runs.len() > RUN_CACHE_MAX {
-            self.runs.clear();
+            // The rows of the evicted runs go into the transaction first.
+            match self.stage_rows() {
+                Ok(()) => self.runs.clear(),
+                Err(e) => self.fail(e),
+            }
         }
     }
 
@@ -895,8 +1008,17 @@ impl Writer {
             return Err(StoreError::Closed);
         };
         let mut results = Vec::with_capacity(work.len());
-        let mut changes = Vec::new();
-        let mut touched: Vec<u128> = Vec::new();
+        // One change per event plus a few per op: allocated once, not grown.
+        let events: usize = work
+            .iter()
+            .map(|w| match w {
+                Work::Create(_, e) | Work::Append(_, e, _) => e.len(),
+                Work::Flush => 0,
+            })
+            .sum();
+        let mut changes = Vec::with_capacity(events + work.len() * 2);
+        // Runs whose row must be logged (created, or status or wake-up changed).
+        let mut logged: Vec<u128> = Vec::new();
         let now = now_micros();
         {
             let runs = txn.open_table(RUNS)?;
@@ -933,7 +1055,7 @@ impl Writer {
                         });
                         let a = append_events(&mut changes, &mut meta, &evs)?;
                         self.runs.insert(id, meta);
-                        touched.push(id);
+                        logged.push(id);
                         results.push(Ok(a));
                     }
                     Work::Append(run, evs, update) => {
@@ -956,9 +1078,11 @@ impl Writer {
                             continue;
                         }
                         let a = append_events(&mut changes, meta, &evs)?;
+                        let mut row_changed = false;
                         if let Some(s) = update.status
                             && s != meta.status
                         {
+                            row_changed = true;
                             changes.push(Change::Status {
                                 code: meta.status.code(),
                                 run: id,
@@ -974,6 +1098,7 @@ impl Writer {
                         if let Some(wake) = update.wake_at_us
                             && wake != meta.wake_at_us
                         {
+                            row_changed = true;
                             if let Some(old) = meta.wake_at_us {
                                 changes.push(Change::Wake {
                                     at_us: old,
@@ -991,16 +1116,21 @@ impl Writer {
                             meta.wake_at_us = wake;
                         }
                         meta.updated_us = now;
-                        touched.push(id);
+                        if row_changed {
+                            logged.push(id);
+                        } else {
+                            self.stale_rows.insert(id);
+                        }
                         results.push(Ok(a));
                     }
                 }
             }
         }
-        touched.sort_unstable();
-        touched.dedup();
-        for id in touched {
+        logged.sort_unstable();
+        logged.dedup();
+        for id in logged {
             if let Some(meta) = self.runs.get(&id) {
+                self.stale_rows.remove(&id);
                 changes.push(Change::Run {
                     run: id,
                     row: encode_run(meta)?,
@@ -1009,6 +1139,65 @@ impl Writer {
         }
         apply(txn, &changes)?;
         Ok((results, changes))
+    }
+}
+
+/// The writer thread: takes everything queued, commits it as one batch, and checkpoints on
+/// schedule (also for changes callers committed themselves).
+fn writer_thread(shared: &Shared, rx: &mpsc::Receiver<Op>) {
+    loop {
+        let wait = {
+            let w = shared.lock();
+            w.dirty_since
+                .map(|since| (since + w.interval).saturating_duration_since(Instant::now()))
+        };
+        let first = match wait {
+            Some(w) => match rx.recv_timeout(w) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let mut w = shared.lock();
+                    if w.checkpoint_due() {
+                        w.checkpoint_or_fail();
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            },
+        };
+        let mut w = shared.lock();
+        let mut bytes = first.bytes();
+        let mut batch = vec![first];
+        while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(op) => {
+                    bytes += op.bytes();
+                    batch.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        let queued = batch.iter().filter(|op| !matches!(op, Op::Tick)).count();
+        w.commit_batch(batch);
+        if queued > 0 {
+            shared.solo.store(queued == 1, Ordering::Relaxed);
+        }
+        // Applied: callers may commit themselves again once the queue is empty. (They need the
+        // lock, which is held until this batch is durable.)
+        shared.queued.fetch_sub(queued, Ordering::AcqRel);
+        // Under steady load no receive times out: checkpoint on schedule anyway, so readers in
+        // other processes lag by one interval, not by a full log.
+        if w.checkpoint_due() {
+            w.checkpoint_or_fail();
+        }
+    }
+    // Closing: checkpoint everything and empty the log.
+    let mut w = shared.lock();
+    if w.failed.is_none() && w.checkpoint().is_ok() {
+        let _ = w.wal.truncate();
     }
 }
 

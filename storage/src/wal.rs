@@ -32,7 +32,9 @@ pub(crate) enum Change {
         run: u128,
         /// The event's position.
         seq: u64,
-        /// The encoded record envelope.
+        /// The encoded record envelope (as bytes: the same wire format as a `u8` sequence,
+        /// copied in one go).
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// runs[run] = row bytes.
@@ -40,6 +42,7 @@ pub(crate) enum Change {
         /// The run.
         run: u128,
         /// The encoded row.
+        #[serde(with = "serde_bytes")]
         row: Vec<u8>,
     },
     /// runs_by_status[(code, run)] present or absent.
@@ -60,6 +63,18 @@ pub(crate) enum Change {
         /// Whether the entry exists after the change.
         present: bool,
     },
+}
+
+/// About the encoded size of `changes` (a little over), so the record is allocated once.
+fn encoded_size_hint(changes: &[Change]) -> usize {
+    10 + changes
+        .iter()
+        .map(|c| match c {
+            Change::Event { bytes, .. } => bytes.len() + 40,
+            Change::Run { row, .. } => row.len() + 30,
+            Change::Status { .. } | Change::Wake { .. } => 40,
+        })
+        .sum::<usize>()
 }
 
 /// The log file and where the next record goes.
@@ -183,7 +198,9 @@ impl Wal {
     pub(crate) fn append(&mut self, lsn: u64, changes: &[Change]) -> Result<(), StoreError> {
         // Encode the body straight after a header placeholder: the batch's bytes are copied
         // once, not once into a body and again into the record.
-        let mut rec = postcard::to_extend(changes, vec![0u8; HEADER_BYTES])
+        let mut buf = Vec::with_capacity(HEADER_BYTES + encoded_size_hint(changes));
+        buf.resize(HEADER_BYTES, 0);
+        let mut rec = postcard::to_extend(changes, buf)
             .map_err(|e| StoreError::Backend(format!("cannot encode a log record: {e}")))?;
         let body_len = u32::try_from(rec.len() - HEADER_BYTES)
             .map_err(|_| StoreError::Backend("a log record over 4 GiB".into()))?;
@@ -273,6 +290,38 @@ mod tests {
             after.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
             vec![4, 5]
         );
+    }
+
+    #[test]
+    fn byte_fields_keep_the_wire_format_of_logs_written_before_serde_bytes() {
+        #[derive(Serialize)]
+        enum Old {
+            Event { run: u128, seq: u64, bytes: Vec<u8> },
+            Run { run: u128, row: Vec<u8> },
+        }
+        let bytes: Vec<u8> = (0..200u8).collect();
+        let old = postcard::to_allocvec(&vec![
+            Old::Event {
+                run: 7,
+                seq: 3,
+                bytes: bytes.clone(),
+            },
+            Old::Run {
+                run: 7,
+                row: bytes.clone(),
+            },
+        ])
+        .unwrap();
+        let new = vec![
+            Change::Event {
+                run: 7,
+                seq: 3,
+                bytes: bytes.clone(),
+            },
+            Change::Run { run: 7, row: bytes },
+        ];
+        assert_eq!(postcard::to_allocvec(&new).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<Vec<Change>>(&old).unwrap(), new);
     }
 
     #[test]

@@ -387,3 +387,216 @@ async fn many_checkpoints_and_log_cycles_keep_every_event() {
     assert_eq!(evs[299].payload, b"e299");
     assert!(store.verify(id).await.unwrap().ok());
 }
+
+#[tokio::test]
+async fn a_sequential_writer_commits_on_its_own_thread_and_concurrent_writers_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let id = RunId::new();
+    store.create_run(new_run(id), vec![]).await.unwrap();
+    let before = store.writer_stats();
+    for i in 0..200 {
+        store
+            .append(id, vec![ev(&format!("s{i}"))], None)
+            .await
+            .unwrap();
+    }
+    let seq = store.writer_stats();
+    // Alone, a caller finds the writer idle and commits itself (the writer thread may hold
+    // the lock for a scheduled checkpoint now and then).
+    assert!(
+        seq.leader_commits - before.leader_commits >= 150,
+        "{before:?} → {seq:?}"
+    );
+    assert_eq!(seq.commits - before.commits, 200, "one commit per append");
+
+    // Many writers at once: their appends queue for the writer thread's group commits.
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = RunId::new();
+            s.create_run(new_run(id), vec![]).await.unwrap();
+            for i in 0..20 {
+                s.append(id, vec![ev(&format!("{t}-{i}"))], None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let many = store.writer_stats();
+    let (ops, commits) = (many.ops - seq.ops, many.commits - seq.commits);
+    assert_eq!(ops, 64 * 21);
+    assert!(commits * 3 < ops, "{commits} commits for {ops} ops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_issued_before_being_awaited_keep_their_order() {
+    // The engine appends an event and awaits it later; a second append from the same task
+    // must never overtake it, whether either is committed by the caller or queued.
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let mut tasks = Vec::new();
+    let mut ids = Vec::new();
+    for t in 0..32 {
+        let s = store.clone();
+        let id = RunId::new();
+        ids.push(id);
+        tasks.push(tokio::spawn(async move {
+            s.create_run(new_run(id), vec![]).await.unwrap();
+            for i in 0..30 {
+                let first = s.append(id, vec![ev(&format!("{t}-{i}-a"))], None);
+                let second = s.append(id, vec![ev(&format!("{t}-{i}-b"))], None);
+                let (a, b) = (first.await.unwrap(), second.await.unwrap());
+                assert_eq!(b.first.0, a.first.0 + 1);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for id in ids {
+        let evs = store.read(id, Seq(0), 100).await.unwrap();
+        assert_eq!(evs.len(), 60);
+        for pair in evs.chunks(2) {
+            let a = String::from_utf8(pair[0].payload.clone()).unwrap();
+            let b = String::from_utf8(pair[1].payload.clone()).unwrap();
+            assert!(a.ends_with("-a") && b.ends_with("-b"), "{a} then {b}");
+            assert_eq!(a.trim_end_matches("-a"), b.trim_end_matches("-b"));
+        }
+        assert!(store.verify(id).await.unwrap().ok());
+    }
+}
+
+/// The child half of `a_killed_writer_loses_no_acknowledged_append_and_rebuilds_run_rows`:
+/// runs only when the parent starts this test binary with `CAIRN_STORE_KILL_CHILD` set.
+#[tokio::test]
+async fn kill_child_writer() {
+    let Ok(path) = std::env::var("CAIRN_STORE_KILL_CHILD") else {
+        return;
+    };
+    let store = RedbStore::open_with(
+        &path,
+        StoreOptions {
+            // Nothing after the opening is checkpointed: everything below lives only in the
+            // write-ahead log when the parent kills this process.
+            checkpoint_interval: std::time::Duration::from_secs(3600),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let ids: Vec<RunId> = std::env::var("CAIRN_STORE_KILL_IDS")
+        .unwrap()
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let (old, new) = (ids[0], ids[1]);
+    for i in 0..25 {
+        store
+            .append(old, vec![ev(&format!("old-{i}"))], None)
+            .await
+            .unwrap();
+    }
+    store
+        .create_run(new_run(new), vec![ev("new-0")])
+        .await
+        .unwrap();
+    store
+        .write(
+            new,
+            vec![ev("new-1")],
+            cairn_storage::RunUpdate {
+                status: Some(RunStatus::Waiting),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for i in 2..5 {
+        store
+            .append(new, vec![ev(&format!("new-{i}"))], None)
+            .await
+            .unwrap();
+    }
+    println!("acknowledged");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+}
+
+#[tokio::test]
+async fn a_killed_writer_loses_no_acknowledged_append_and_rebuilds_run_rows() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (old, new) = (RunId::new(), RunId::new());
+    {
+        let store = RedbStore::open(&path).unwrap();
+        store
+            .create_run(new_run(old), vec![ev("old-created")])
+            .await
+            .unwrap();
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "kill_child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CAIRN_STORE_KILL_CHILD", &path)
+        .env("CAIRN_STORE_KILL_IDS", format!("{old},{new}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut acknowledged = false;
+    for line in out.lines() {
+        if line.unwrap().contains("acknowledged") {
+            acknowledged = true;
+            break;
+        }
+    }
+    assert!(acknowledged, "the child did not finish its appends");
+    child.kill().unwrap(); // SIGKILL: no clean close, no final checkpoint.
+    child.wait().unwrap();
+    let wal = {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".wal");
+        p
+    };
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "the log holds the appends"
+    );
+
+    let store = RedbStore::open(&path).unwrap();
+    let meta = store.run(old).await.unwrap().unwrap();
+    let evs = store.read(old, Seq(0), 100).await.unwrap();
+    assert_eq!(evs.len(), 26);
+    assert_eq!(
+        meta.events, 26,
+        "the row's count is rebuilt from the logged events"
+    );
+    assert_eq!(
+        meta.head, evs[25].hash,
+        "the row's head is the last logged event's hash"
+    );
+    assert_eq!(meta.status, RunStatus::Running);
+    let meta = store.run(new).await.unwrap().unwrap();
+    assert_eq!((meta.events, meta.status), (5, RunStatus::Waiting));
+    let waiting = store
+        .list_runs(RunFilter {
+            status: Some(RunStatus::Waiting),
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(waiting.iter().map(|m| m.id).collect::<Vec<_>>(), vec![new]);
+    // The chain goes on from the rebuilt head.
+    let a = store.append(old, vec![ev("after")], None).await.unwrap();
+    assert_eq!(a.first, Seq(26));
+    assert!(store.verify(old).await.unwrap().ok());
+    assert!(store.verify(new).await.unwrap().ok());
+}
