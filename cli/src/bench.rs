@@ -215,6 +215,8 @@ struct SeqResult {
     events: u64,
     /// Events per group commit.
     events_per_commit: f64,
+    /// fdatasyncs of the write-ahead log during the run.
+    fsyncs: u64,
     /// Size of the store file after the run.
     file_bytes: u64,
     /// File size divided by steps.
@@ -240,6 +242,9 @@ struct ManyResult {
     events: u64,
     /// Events per group commit.
     events_per_commit: f64,
+    /// fdatasyncs of the write-ahead log during the run (one covers every batch written while
+    /// the previous one ran).
+    fsyncs: u64,
 }
 
 /// What the `replay` workload measured (each time is the median of several repetitions).
@@ -311,9 +316,12 @@ struct FanoutResult {
     events_per_commit: f64,
     /// Checkpoints (redb commits of the logged changes) during the run.
     checkpoints: u64,
+    /// fdatasyncs of the write-ahead log during the run.
+    fsyncs: u64,
     /// CPU time of the whole bench process during the run (user + system), in seconds.
     cpu_secs: f64,
-    /// CPU time of the store's `cairn-writer` thread during the run, in seconds.
+    /// CPU time of the store's `cairn-writer` and `cairn-sync` threads during the run, in
+    /// seconds.
     writer_cpu_secs: f64,
 }
 
@@ -789,6 +797,7 @@ async fn bench_seq(dir: &Path, steps: u32) -> Result<SeqResult> {
         secs,
         steps_per_sec: rate(f64::from(steps), secs),
         commits,
+        fsyncs: after.syncs - before.syncs,
         events,
         events_per_commit: per_commit(events, commits),
         file_bytes,
@@ -836,6 +845,7 @@ async fn bench_many(dir: &Path, workflows: u32, steps: u32) -> Result<ManyResult
         commits,
         events,
         events_per_commit: per_commit(events, commits),
+        fsyncs: after.syncs - before.syncs,
     })
 }
 
@@ -1226,7 +1236,7 @@ fn writer_threads_cpu() -> HashMap<i32, f64> {
         };
         let p = e.path();
         match std::fs::read_to_string(p.join("comm")) {
-            Ok(comm) if comm.trim() == "cairn-writer" => {}
+            Ok(comm) if matches!(comm.trim(), "cairn-writer" | "cairn-sync") => {}
             _ => continue,
         }
         // Linux's MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED): per-thread, scheduler time.
@@ -1310,6 +1320,7 @@ async fn bench_fanout(dir: &Path, branches: u32, concurrency: u32) -> Result<Fan
         events,
         events_per_commit: per_commit(events, commits),
         checkpoints: after.checkpoints - before.checkpoints,
+        fsyncs: after.syncs - before.syncs,
         cpu_secs,
         writer_cpu_secs,
     })
@@ -2304,10 +2315,12 @@ fn print_human(r: &Results) {
             "seq".to_string(),
             format!("{} steps/s", fmt_rate(s.steps_per_sec)),
             format!(
-                "{} sequential steps in {:.2} s · {:.2} events/commit\n{} on disk = {} bytes/step",
+                "{} sequential steps in {:.2} s · {:.2} events/commit · {} fdatasyncs\n{} on disk \
+                 = {} bytes/step",
                 fmt_int(s.steps),
                 s.secs,
                 s.events_per_commit,
+                fmt_int(s.fsyncs),
                 fmt_bytes(s.file_bytes),
                 fmt_int(s.bytes_per_step.round() as u64)
             ),
@@ -2322,13 +2335,15 @@ fn print_human(r: &Results) {
                 fmt_rate(m.workflows_per_sec)
             ),
             format!(
-                "{} workflows × {} steps in {:.2} s\n{} events in {} commits = {:.1} events/commit",
+                "{} workflows × {} steps in {:.2} s\n{} events in {} commits = {:.1} events/commit \
+                 · {} fdatasyncs",
                 fmt_int(m.workflows),
                 fmt_int(m.steps_per_workflow),
                 m.secs,
                 fmt_int(m.events),
                 fmt_int(m.commits),
-                m.events_per_commit
+                m.events_per_commit,
+                fmt_int(m.fsyncs)
             ),
         ]);
     }
@@ -2378,8 +2393,8 @@ fn print_human(r: &Results) {
             format!("{} branches/s", fmt_rate(f.branches_per_sec)),
             format!(
                 "{} one-step branches, {} at a time, in {:.2} s · sum checked\n{} events in {} \
-                 commits = {:.1} events/commit · {} commits/s · {} checkpoints\nCPU {:.2} s \
-                 ({:.0}% of one core) · writer thread {:.2} s",
+                 commits = {:.1} events/commit · {} commits/s · {} fdatasyncs · {} checkpoints\nCPU \
+                 {:.2} s ({:.0}% of one core) · writer and sync threads {:.2} s",
                 fmt_int(f.branches),
                 fmt_int(f.concurrency),
                 f.secs,
@@ -2387,6 +2402,7 @@ fn print_human(r: &Results) {
                 fmt_int(f.commits),
                 f.events_per_commit,
                 fmt_rate(f.commits_per_sec),
+                fmt_int(f.fsyncs),
                 fmt_int(f.checkpoints),
                 f.cpu_secs,
                 rate(f.cpu_secs, f.secs) * 100.0,

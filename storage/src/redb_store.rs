@@ -1,13 +1,16 @@
-//! The embedded default backend: one redb file, written by a single group-commit thread
-//! through a write-ahead log.
+//! The embedded default backend: one redb file, written through a write-ahead log by a
+//! group-commit writer.
 //!
-//! All appends, from every run and fan-out branch, go through one channel to one writer thread.
-//! The thread takes everything queued, applies it to an open redb write transaction, appends
-//! the batch's changes to the write-ahead log (`<store>.wal`, one fdatasync with
-//! [`Durability::Immediate`]), and only then tells each caller its events are durable. So a
-//! batch costs one small fdatasync, and throughput grows with concurrency. The transaction is
-//! committed into the redb file (a checkpoint) every 50 ms, when a reader in this process
-//! asks, or when the log is full; opening the store replays the log past the last checkpoint.
+//! Appends from every run and fan-out branch go through one channel to the writer thread. It
+//! takes everything queued, applies it to an open redb write transaction, appends the batch's
+//! changes to the write-ahead log (`<store>.wal`) and hands the batch to the sync thread, which
+//! fdatasyncs the log once for every batch written since its last fdatasync
+//! ([`Durability::Immediate`]) and only then tells each caller its events are durable. So
+//! writing and waiting for the disk overlap, and throughput grows with concurrency. A caller
+//! that is alone (nothing else in flight) commits on its own thread instead, saving two thread
+//! wake-ups: the sequential case. The transaction is committed into the redb file (a
+//! checkpoint) every 50 ms, when a reader in this process asks, or when the log is full;
+//! opening the store replays the log past the last checkpoint.
 //!
 //! The file is opened in redb's `SingleWriter` mode: one process writes, and any number of
 //! processes may open it read-only at the same time (`cairn runs` while a batch runs); they
@@ -110,7 +113,50 @@ impl Db {
     }
 }
 
-type Reply = oneshot::Sender<Result<Appended, StoreError>>;
+/// Where an operation's result goes. Dropping it (after sending or not) ends the operation's
+/// time in flight.
+struct Reply {
+    tx: Option<oneshot::Sender<Result<Appended, StoreError>>>,
+    inflight: Option<Arc<AtomicUsize>>,
+}
+
+impl Reply {
+    fn new(inflight: &Arc<AtomicUsize>) -> (Self, oneshot::Receiver<Result<Appended, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        inflight.fetch_add(1, Ordering::AcqRel);
+        (
+            Reply {
+                tx: Some(tx),
+                inflight: Some(Arc::clone(inflight)),
+            },
+            rx,
+        )
+    }
+
+    fn send(mut self, r: Result<Appended, StoreError>) {
+        // Out of flight before the caller can see the answer: a sequential caller's next
+        // operation then finds itself alone.
+        self.leave();
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(r);
+        }
+    }
+
+    fn leave(&mut self) {
+        if let Some(i) = self.inflight.take() {
+            i.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// Results whose batch is written to the log and waits for the fdatasync that makes it durable.
+type Pending = Vec<(Reply, Result<Appended, StoreError>)>;
 
 enum Op {
     Create {
@@ -161,6 +207,9 @@ pub struct WriterStats {
     /// Commits a caller made on its own thread because the writer was idle (included in
     /// `commits`): the sequential case, which then costs no thread hand-off.
     pub leader_commits: u64,
+    /// fdatasyncs of the write-ahead log: the sync thread makes every batch written while
+    /// the previous fdatasync ran durable with one more, so under load this is below `commits`.
+    pub syncs: u64,
 }
 
 #[derive(Default)]
@@ -170,6 +219,7 @@ struct Counters {
     ops: AtomicU64,
     checkpoints: AtomicU64,
     leader_commits: AtomicU64,
+    syncs: AtomicU64,
 }
 
 struct Inner {
@@ -191,10 +241,11 @@ struct Shared {
     /// Operations sent to the writer thread and not yet applied. A caller may commit its own
     /// operation only while this is zero, so it never overtakes one sent before it.
     queued: AtomicUsize,
-    /// Whether the writer thread's last batch held a single operation: callers are not
-    /// competing, so one may commit itself. Under concurrency batches hold many operations and
-    /// callers leave the disk to the writer thread, keeping their own threads free.
-    solo: AtomicBool,
+    /// Operations accepted and not yet answered (queued, being written, or waiting for their
+    /// fdatasync). A caller commits itself only when this is zero: it is alone. Under
+    /// concurrency callers leave the disk to the writer and sync threads, keeping their own
+    /// threads free.
+    inflight: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -388,7 +439,7 @@ impl RedbStore {
         let shared = Arc::new(Shared {
             writer: Mutex::new(w),
             queued: AtomicUsize::new(0),
-            solo: AtomicBool::new(true),
+            inflight: Arc::default(),
         });
         let thread_shared = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -423,6 +474,7 @@ impl RedbStore {
             ops: c.ops.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             leader_commits: c.leader_commits.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
         }
     }
 
@@ -435,20 +487,22 @@ impl RedbStore {
         &self,
         make: impl FnOnce(Reply) -> Op,
     ) -> BoxFuture<'static, Result<Appended, StoreError>> {
-        let (reply, rx) = oneshot::channel();
         let (Some(tx), Some(shared)) = (&self.inner.tx, &self.inner.shared) else {
             return Box::pin(async { Err(StoreError::ReadOnly) });
         };
+        let alone = shared.inflight.load(Ordering::Acquire) == 0;
+        let (reply, rx) = Reply::new(&shared.inflight);
         let op = make(reply);
         // Leader path: when the writer is idle and nothing is queued, commit on this thread
         // (one log write and fdatasync) instead of waking the writer thread and being woken by
         // it. A sequential workflow then pays the disk's latency and little else. Under load
         // the writer is busy and operations queue for its group commit.
-        if shared.solo.load(Ordering::Relaxed) && shared.queued.load(Ordering::Acquire) == 0 {
+        if alone && shared.queued.load(Ordering::Acquire) == 0 {
             match shared.writer.try_lock() {
                 Ok(mut w) if shared.queued.load(Ordering::Acquire) == 0 => {
                     let was_clean = w.dirty_since.is_none();
-                    w.commit_batch(vec![op]);
+                    // Written, fdatasynced and answered here (`Sync::Here`).
+                    let _ = w.commit_batch(vec![op], Sync::Here);
                     self.inner
                         .counters
                         .leader_commits
@@ -710,6 +764,8 @@ struct Writer {
     dirty: Arc<AtomicBool>,
     /// Set after a failure the writer cannot recover from; every later write gets it.
     failed: Option<String>,
+    /// Set by the sync thread after a failed fdatasync; taken into `failed` by the next batch.
+    sync_failed: Arc<Mutex<Option<String>>>,
 }
 
 /// The default of [`StoreOptions::checkpoint_interval`].
@@ -741,6 +797,7 @@ impl Writer {
             interval,
             dirty,
             failed: None,
+            sync_failed: Arc::default(),
         };
         w.recover()?;
         Ok(w)
@@ -867,9 +924,20 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&mut self, batch: Vec<Op>) {
+    /// Commits a batch: applies it, writes it to the log, and either fdatasyncs and answers it
+    /// here (`Sync::Here`) or returns the answers for the sync thread (`Sync::Later`); answers
+    /// that need no fdatasync (errors, or a batch a checkpoint made durable) are sent at once.
+    fn commit_batch(&mut self, batch: Vec<Op>, sync: Sync) -> Option<Pending> {
         if batch.iter().all(|op| matches!(op, Op::Tick)) {
-            return;
+            return None;
+        }
+        if let Some(f) = self
+            .sync_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            self.failed.get_or_insert(f);
         }
         let mut replies = Vec::with_capacity(batch.len());
         let mut work = Vec::with_capacity(batch.len());
@@ -906,9 +974,9 @@ impl Writer {
         if let Some(f) = &self.failed {
             let msg = format!("the store's writer stopped after a failure ({f}); reopen the store");
             for reply in replies {
-                let _ = reply.send(Err(StoreError::Backend(msg.clone())));
+                reply.send(Err(StoreError::Backend(msg.clone())));
             }
-            return;
+            return None;
         }
         let ops = work.len() as u64;
         let events: u64 = work
@@ -918,10 +986,28 @@ impl Writer {
                 Work::Flush => 0,
             })
             .sum();
+        let checkpoints_before = self.counters.checkpoints.load(Ordering::Relaxed);
         let outcome = self.write_batch(work).and_then(|(results, changes)| {
             self.log(&changes)?;
             Ok(results)
         });
+        // With `Sync::Here`, the fdatasync; a failed one fails the batch and the writer (the
+        // kernel may have dropped the log's unwritten pages: only a reopen can tell what is
+        // on disk).
+        let outcome = match (outcome, sync) {
+            (Ok(results), Sync::Here) if self.wal.syncs() => match self.wal.sync() {
+                Ok(()) => {
+                    self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    Ok(results)
+                }
+                Err(e) => {
+                    self.failed = Some(e.to_string());
+                    Err(e)
+                }
+            },
+            (o, _) => o,
+        };
+        let mut pending = None;
         match outcome {
             Ok(mut results) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -938,16 +1024,27 @@ impl Writer {
                         }
                     }
                 }
-                for (reply, r) in replies.into_iter().zip(results) {
-                    let _ = reply.send(r);
+                // Durable already: synced here, no fdatasync wanted, or a checkpoint (which
+                // also covers every batch written before it) committed it.
+                let durable = sync == Sync::Here
+                    || !self.wal.syncs()
+                    || self.counters.checkpoints.load(Ordering::Relaxed) != checkpoints_before;
+                if durable {
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        reply.send(r);
+                    }
+                } else {
+                    pending = Some(replies.into_iter().zip(results).collect());
                 }
             }
             Err(e) => {
                 // Nothing of this batch is durable; rebuild the open transaction from the log.
                 let msg = e.to_string();
-                self.fail(e);
+                if self.failed.is_none() {
+                    self.fail(e);
+                }
                 for reply in replies {
-                    let _ = reply.send(Err(StoreError::Backend(msg.clone())));
+                    reply.send(Err(StoreError::Backend(msg.clone())));
                 }
             }
         }
@@ -958,10 +1055,11 @@ impl Writer {
                 Err(e) => self.fail(e),
             }
         }
+        pending
     }
 
-    /// Makes a batch's changes durable: one log record and one fdatasync; or, for a batch too
-    /// large for the log, a checkpoint.
+    /// Writes a batch's changes to the log as one record (the caller or the sync thread
+    /// fdatasyncs it); or, for a batch too large for the log, makes them durable by a checkpoint.
     fn log(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -984,7 +1082,7 @@ impl Writer {
             // the open transaction, so the checkpoint covers them too.
             return self.checkpoint();
         }
-        self.wal.append(self.lsn, changes)?;
+        self.wal.write(self.lsn, changes)?;
         if self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
             self.dirty.store(true, Ordering::Release);
@@ -1142,9 +1240,44 @@ impl Writer {
     }
 }
 
-/// The writer thread: takes everything queued, commits it as one batch, and checkpoints on
-/// schedule (also for changes callers committed themselves).
+/// Who fdatasyncs a batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// The committing thread, before it answers (a caller committing itself).
+    Here,
+    /// The sync thread, while the writer thread goes on with the next batch.
+    Later,
+}
+
+/// The writer thread: takes everything queued, commits it as one batch, hands it to the sync
+/// thread, and checkpoints on schedule (also for changes callers committed themselves).
+///
+/// Writing and fdatasyncing overlap: while the sync thread waits for the disk, this thread
+/// applies and writes the next batch, and the next fdatasync covers every batch written in
+/// the meantime. A batch's answers are sent only after an fdatasync that began after it was
+/// written.
 fn writer_thread(shared: &Shared, rx: &mpsc::Receiver<Op>) {
+    let (sync_tx, sync_rx) = mpsc::channel::<Pending>();
+    let log = shared.lock().wal.sync_handle();
+    let syncer = match log {
+        Ok(file) => {
+            let counters = Arc::clone(&shared.lock().counters);
+            let failed = Arc::clone(&shared.lock().sync_failed);
+            std::thread::Builder::new()
+                .name("cairn-sync".into())
+                .spawn(move || sync_thread(&file, &sync_rx, &counters, &failed))
+                .ok()
+        }
+        Err(e) => {
+            shared.lock().failed = Some(e.to_string());
+            None
+        }
+    };
+    let sync = if syncer.is_some() {
+        Sync::Later
+    } else {
+        Sync::Here
+    };
     loop {
         let wait = {
             let w = shared.lock();
@@ -1181,23 +1314,63 @@ fn writer_thread(shared: &Shared, rx: &mpsc::Receiver<Op>) {
             }
         }
         let queued = batch.iter().filter(|op| !matches!(op, Op::Tick)).count();
-        w.commit_batch(batch);
-        if queued > 0 {
-            shared.solo.store(queued == 1, Ordering::Relaxed);
-        }
-        // Applied: callers may commit themselves again once the queue is empty. (They need the
-        // lock, which is held until this batch is durable.)
+        let pending = w.commit_batch(batch, sync);
+        // Applied: callers may commit themselves again once the queue is empty (and nothing
+        // is in flight).
         shared.queued.fetch_sub(queued, Ordering::AcqRel);
         // Under steady load no receive times out: checkpoint on schedule anyway, so readers in
         // other processes lag by one interval, not by a full log.
         if w.checkpoint_due() {
             w.checkpoint_or_fail();
         }
+        drop(w);
+        if let Some(p) = pending
+            && let Err(mpsc::SendError(p)) = sync_tx.send(p)
+        {
+            for (reply, _) in p {
+                reply.send(Err(StoreError::Closed));
+            }
+        }
     }
-    // Closing: checkpoint everything and empty the log.
+    // Closing: answer what waits for a sync, then checkpoint everything and empty the log.
+    drop(sync_tx);
+    if let Some(t) = syncer {
+        let _ = t.join();
+    }
     let mut w = shared.lock();
     if w.failed.is_none() && w.checkpoint().is_ok() {
         let _ = w.wal.truncate();
+    }
+}
+
+/// The sync thread: fdatasyncs the log once for everything written since its last fdatasync,
+/// then answers those batches. A failed fdatasync fails them and stops the writer (the kernel
+/// may have dropped the log's unwritten pages: only a reopen can tell what is on disk).
+fn sync_thread(
+    log: &std::fs::File,
+    rx: &mpsc::Receiver<Pending>,
+    counters: &Counters,
+    failed: &Mutex<Option<String>>,
+) {
+    let mut broken: Option<String> = None;
+    while let Ok(mut batch) = rx.recv() {
+        while let Ok(more) = rx.try_recv() {
+            batch.extend(more);
+        }
+        if broken.is_none()
+            && let Err(e) = log.sync_data()
+        {
+            let msg = format!("cannot fsync the write-ahead log: {e}");
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+            broken = Some(msg);
+        }
+        counters.syncs.fetch_add(1, Ordering::Relaxed);
+        for (reply, r) in batch {
+            match &broken {
+                None => reply.send(r),
+                Some(msg) => reply.send(Err(StoreError::Backend(msg.clone()))),
+            }
+        }
     }
 }
 

@@ -195,7 +195,37 @@ impl Wal {
     }
 
     /// Appends one record and makes it durable.
+    #[cfg(test)]
     pub(crate) fn append(&mut self, lsn: u64, changes: &[Change]) -> Result<(), StoreError> {
+        self.write(lsn, changes)?;
+        self.sync()
+    }
+
+    /// Whether records are fdatasynced (not with `Durability::None`).
+    pub(crate) fn syncs(&self) -> bool {
+        self.sync
+    }
+
+    /// Makes every record written so far durable (one fdatasync; nothing without sync).
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        if self.sync {
+            self.file
+                .sync_data()
+                .map_err(|e| io(&self.path, "cannot fsync the write-ahead log", e))?;
+        }
+        Ok(())
+    }
+
+    /// A second handle on the log file, for the thread that fdatasyncs it.
+    pub(crate) fn sync_handle(&self) -> Result<File, StoreError> {
+        self.file
+            .try_clone()
+            .map_err(|e| io(&self.path, "cannot open the write-ahead log for syncing", e))
+    }
+
+    /// Appends one record without waiting for the disk: [`Wal::sync`] (or an fdatasync of
+    /// [`Wal::sync_handle`]) makes it durable.
+    pub(crate) fn write(&mut self, lsn: u64, changes: &[Change]) -> Result<(), StoreError> {
         // Encode the body straight after a header placeholder: the batch's bytes are copied
         // once, not once into a body and again into the record.
         let mut buf = Vec::with_capacity(HEADER_BYTES + encoded_size_hint(changes));
@@ -213,11 +243,6 @@ impl Wal {
         self.file
             .write_all_at(&rec, self.offset)
             .map_err(|e| io(&self.path, "cannot write the write-ahead log", e))?;
-        if self.sync {
-            self.file
-                .sync_data()
-                .map_err(|e| io(&self.path, "cannot fsync the write-ahead log", e))?;
-        }
         self.offset += rec.len() as u64;
         Ok(())
     }

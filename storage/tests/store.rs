@@ -388,7 +388,7 @@ async fn many_checkpoints_and_log_cycles_keep_every_event() {
     assert!(store.verify(id).await.unwrap().ok());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequential_writer_commits_on_its_own_thread_and_concurrent_writers_share_commits() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
@@ -409,6 +409,10 @@ async fn a_sequential_writer_commits_on_its_own_thread_and_concurrent_writers_sh
         "{before:?} → {seq:?}"
     );
     assert_eq!(seq.commits - before.commits, 200, "one commit per append");
+    assert!(
+        seq.syncs - before.syncs >= 200,
+        "each acknowledged after an fdatasync"
+    );
 
     // Many writers at once: their appends queue for the writer thread's group commits.
     let mut tasks = Vec::new();
@@ -428,9 +432,13 @@ async fn a_sequential_writer_commits_on_its_own_thread_and_concurrent_writers_sh
         t.await.unwrap();
     }
     let many = store.writer_stats();
-    let (ops, commits) = (many.ops - seq.ops, many.commits - seq.commits);
+    let (ops, syncs) = (many.ops - seq.ops, many.syncs - seq.syncs);
     assert_eq!(ops, 64 * 21);
-    assert!(commits * 3 < ops, "{commits} commits for {ops} ops");
+    assert!(
+        syncs * 2 < ops,
+        "{syncs} fdatasyncs for {ops} ops ({} commits)",
+        many.commits - seq.commits
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
