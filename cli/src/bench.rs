@@ -610,7 +610,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             }
             Workload::Telemetry => {
                 say(format!(
-                    "telemetry ({} rounds of seq + many + agents in child processes: off ×2, memory, otlp)",
+                    "telemetry ({} rounds of seq + many + agents in child processes: off ×2, memory, otlp, otlp-all)",
                     args.telemetry_rounds
                 ));
                 let sizes = crate::otel_bench::Sizes {

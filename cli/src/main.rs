@@ -315,10 +315,13 @@ fn main() -> ExitCode {
     };
     let code = run_command(cli);
     // Send what is still queued; say once what could not be delivered.
-    if let Some(p) = pipeline
-        && let Some(warning) = p.shutdown()
-    {
-        eprintln!("warning: {warning}");
+    if let Some(p) = pipeline {
+        if let Some(warning) = p.shutdown() {
+            eprintln!("warning: {warning}");
+        }
+        if let Some(note) = p.sampling_note() {
+            eprintln!("note: {note}");
+        }
     }
     code
 }

@@ -32,9 +32,10 @@ use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
-use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
+use tracing::subscriber::Interest;
+use tracing::{Metadata, Subscriber};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::{Context as LayerContext, Layer};
 use tracing_subscriber::registry::LookupSpan;
@@ -66,6 +67,138 @@ pub struct Settings {
     pub headers: reqwest::header::HeaderMap,
     /// How long one export request may take (`OTEL_EXPORTER_OTLP_TIMEOUT`, in ms; default 10 s).
     pub timeout: Duration,
+    /// Which runs' spans are exported (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
+    pub sampler: Sampler,
+}
+
+/// Which traces (runs) have their spans exported live. The decision is taken once per trace,
+/// when its root span (a run's `run` span) opens, and every span of the trace follows it: a
+/// run is exported whole or not at all. Metrics count every run either way.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampler {
+    /// Every run (`always_on`, `parentbased_always_on`).
+    AlwaysOn,
+    /// No run: metrics only (`always_off`, `parentbased_always_off`).
+    AlwaysOff,
+    /// The runs whose trace id falls under this ratio, as the SDK's `traceidratio` sampler
+    /// decides from the trace id (`traceidratio`, `parentbased_traceidratio`): the trace id
+    /// comes from the run id, so a run gets the same decision in every process.
+    Ratio(f64),
+    /// Every run while at most this many runs per second start, more ones then only at this
+    /// rate (a token bucket holding one second's worth): cairn's default, with
+    /// [`DEFAULT_RUNS_PER_SEC`] (`cairn_rate_limited`, the argument being the rate).
+    RateLimited(f64),
+}
+
+/// The default sampler's rate: runs per second whose spans are exported live.
+pub const DEFAULT_RUNS_PER_SEC: f64 = 100.0;
+
+impl Sampler {
+    /// The sampler of `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` (read through `env`);
+    /// unset, cairn's default ([`Sampler::RateLimited`] at [`DEFAULT_RUNS_PER_SEC`]). Runs are
+    /// root spans (cairn receives no remote parent), so each `parentbased_*` sampler decides as
+    /// the sampler it names for the root.
+    pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Sampler> {
+        let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let arg = set("OTEL_TRACES_SAMPLER_ARG");
+        let number = |what: &str, ok: &dyn Fn(f64) -> bool, default: f64| -> Result<f64> {
+            match &arg {
+                None => Ok(default),
+                Some(a) => match a.trim().parse::<f64>() {
+                    Ok(x) if x.is_finite() && ok(x) => Ok(x),
+                    _ => Err(usage(format!(
+                        "OTEL_TRACES_SAMPLER_ARG must be {what}, not `{a}`"
+                    ))),
+                },
+            }
+        };
+        let Some(name) = set("OTEL_TRACES_SAMPLER") else {
+            return Ok(Sampler::RateLimited(DEFAULT_RUNS_PER_SEC));
+        };
+        Ok(match name.trim().to_ascii_lowercase().as_str() {
+            "always_on" | "parentbased_always_on" => Sampler::AlwaysOn,
+            "always_off" | "parentbased_always_off" => Sampler::AlwaysOff,
+            "traceidratio" | "parentbased_traceidratio" => Sampler::Ratio(number(
+                "a ratio from 0 to 1 for traceidratio",
+                &|x| (0.0..=1.0).contains(&x),
+                1.0,
+            )?),
+            "cairn_rate_limited" => Sampler::RateLimited(number(
+                "a positive number of runs per second for cairn_rate_limited",
+                &|x| x > 0.0,
+                DEFAULT_RUNS_PER_SEC,
+            )?),
+            _ => {
+                return Err(usage(format!(
+                    "OTEL_TRACES_SAMPLER must be always_on, always_off, traceidratio, \
+                     parentbased_always_on, parentbased_always_off, parentbased_traceidratio or \
+                     cairn_rate_limited, not `{name}`"
+                )));
+            }
+        })
+    }
+
+    /// How the exit note names it.
+    fn describe(&self) -> String {
+        match self {
+            Sampler::AlwaysOn => "always_on".into(),
+            Sampler::AlwaysOff => "always_off".into(),
+            Sampler::Ratio(r) => format!("traceidratio {r}"),
+            Sampler::RateLimited(n) => format!("at most {n} runs per second"),
+        }
+    }
+}
+
+/// Whether `trace_id` falls under `ratio`, as the SDK's `TraceIdRatioBased` sampler decides:
+/// the low 8 bytes of the id, shifted right once, below `ratio` × 2⁶³.
+pub fn ratio_samples(ratio: f64, trace_id: TraceId) -> bool {
+    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
+    let bytes = trace_id.to_bytes();
+    let low = u64::from_be_bytes(bytes[8..].try_into().expect("8 bytes"));
+    (low >> 1) < bound
+}
+
+/// A [`Sampler`] and, for the rate-limited one, its token bucket.
+struct Sampling {
+    sampler: Sampler,
+    /// Tokens (runs that may still be sampled) and when they were last topped up.
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Sampling {
+    fn new(sampler: Sampler) -> Self {
+        let burst = match sampler {
+            Sampler::RateLimited(n) => n.max(1.0),
+            _ => 0.0,
+        };
+        Sampling {
+            sampler,
+            bucket: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Whether the trace that starts now, with this id, is exported.
+    fn sample(&self, trace_id: TraceId) -> bool {
+        match self.sampler {
+            Sampler::AlwaysOn => true,
+            Sampler::AlwaysOff => false,
+            Sampler::Ratio(r) => ratio_samples(r, trace_id),
+            Sampler::RateLimited(rate) => {
+                let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                let (tokens, last) = *b;
+                let tokens =
+                    (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate.max(1.0));
+                if tokens >= 1.0 {
+                    *b = (tokens - 1.0, now);
+                    true
+                } else {
+                    *b = (tokens, now);
+                    false
+                }
+            }
+        }
+    }
 }
 
 /// How long the exit flush may take at most, so that a dead collector delays the end of the
@@ -185,6 +318,7 @@ pub fn settings(
         service_name: set("OTEL_SERVICE_NAME").unwrap_or_else(|| "cairn".to_string()),
         headers,
         timeout,
+        sampler: Sampler::from_env(env)?,
     }))
 }
 
@@ -239,7 +373,7 @@ struct LiveSpan {
 
 /// Turns `tracing` fields into span attributes and the special `otel.*` fields into the span's
 /// name, kind and status, as `tracing-opentelemetry` does.
-struct FieldVisitor<'a>(&'a mut LiveSpan);
+struct FieldVisitor<'a>(&'a mut LiveSpan, Option<&'a StringValue>);
 
 impl FieldVisitor<'_> {
     fn put(&mut self, key: &'static str, value: Value) {
@@ -309,6 +443,14 @@ impl Visit for FieldVisitor<'_> {
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         use std::fmt::Write as _;
+        // A span inside a run's tree carries the run's id: the one the run span formatted
+        // (shared), not formatted again.
+        if field.name() == "cairn.run_id"
+            && let Some(run) = self.1
+        {
+            self.put("cairn.run_id", Value::String(run.clone()));
+            return;
+        }
         let done = FORMAT_BUF.with(|b| {
             let Ok(mut buf) = b.try_borrow_mut() else {
                 return false;
@@ -382,30 +524,153 @@ fn run_trace_id(attrs: &[KeyValue]) -> Option<TraceId> {
 
 /// The `tracing` layer that turns the spans of cairn's crates into OpenTelemetry spans: it
 /// keeps each span's fields in the registry while it is open and, when it closes, hands one
-/// [`SpanData`] to the export queue (and its numbers to the metrics, if they are on). The
+/// record to the export queue, which builds the [`SpanData`] and derives the metrics. The
 /// span tree is the registry's, the trace id of a run's root span is the one `cairn trace`
 /// derives from the run id, the others are inherited; span ids are random.
+///
+/// The [`Sampler`] decides once per trace, when its root span opens, whether the trace is
+/// exported. A span of a trace that is not only keeps what the metrics read ([`Unsampled`]):
+/// no ids, no attribute copies, no formatting of run ids and paths.
 struct SpanLayer {
     queue: Arc<Queue>,
-    /// For the one metric counted when a span opens (fan-out branches running).
+    /// The instruments (none when metrics are not exported): the one metric counted when a
+    /// span opens (fan-out branches running), and the metrics of spans recorded here when the
+    /// queue is full.
     metrics: Option<crate::otel_metrics::SpanMetrics>,
+    sampling: Arc<Sampling>,
+}
+
+/// The span of a trace that is not exported: when it opened and what the metrics read, if it is
+/// measured.
+struct Unsampled(Option<(Instant, MetricRec)>);
+
+/// What the metrics read of a span of a trace that is not exported.
+enum MetricRec {
+    /// A step attempt (the hot path), inline.
+    Step(crate::otel_metrics::StepRec),
+    /// Any other measured span (`run`, `chat`, `execute_tool`, `branch`).
+    Other(Box<crate::otel_metrics::SpanRec>),
+}
+
+impl MetricRec {
+    fn record(&self, m: &crate::otel_metrics::SpanMetrics, kind: &str, secs: f64) {
+        match self {
+            MetricRec::Step(r) => m.record_step(r, secs),
+            MetricRec::Other(r) => m.record(kind, r, secs),
+        }
+    }
+}
+
+impl Visit for MetricRec {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        match self {
+            MetricRec::Step(r) => r.record_f64(field, value),
+            MetricRec::Other(r) => r.record_f64(field, value),
+        }
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        match self {
+            MetricRec::Step(r) => r.record_i64(field, value),
+            MetricRec::Other(r) => r.record_i64(field, value),
+        }
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match self {
+            MetricRec::Step(r) => r.record_u64(field, value),
+            MetricRec::Other(r) => r.record_u64(field, value),
+        }
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        match self {
+            MetricRec::Step(r) => r.record_bool(field, value),
+            MetricRec::Other(r) => r.record_bool(field, value),
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match self {
+            MetricRec::Step(r) => r.record_str(field, value),
+            MetricRec::Other(r) => r.record_str(field, value),
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        match self {
+            MetricRec::Step(r) => r.record_debug(field, value),
+            MetricRec::Other(r) => r.record_debug(field, value),
+        }
+    }
+}
+
+/// What a span being opened learns from its parent.
+enum Parent {
+    /// An exported span: its trace, its id, the run id it carries.
+    Sampled(TraceId, SpanId, Option<StringValue>),
+    /// A span of a trace that is not exported.
+    Unsampled,
+    /// None: the span is the root of a trace.
+    Root,
 }
 
 impl<S> Layer<S> for SpanLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
+    // The layer filters by itself (cairn's crates, INFO and up) rather than through a
+    // per-layer filter: a per-layer filter costs a registry lookup in every callback of every
+    // span (enter, exit, clone, close), which showed in the profile of no-op steps.
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        if is_cairn(meta) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>, _ctx: LayerContext<'_, S>) -> bool {
+        is_cairn(meta)
+    }
+
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let parent = span.parent().and_then(|p| {
-            p.extensions()
-                .get::<LiveSpan>()
-                .map(|l| (l.trace_id, l.span_id))
-        });
         let meta = attrs.metadata();
+        if !is_cairn(meta) {
+            return;
+        }
+        let Some(span) = ctx.span(id) else { return };
+        // The nearest enclosing span of this layer (another layer's spans, e.g. of other
+        // crates at `RUST_LOG=debug`, may sit in between).
+        let mut parent = Parent::Root;
+        let mut up = span.parent();
+        while let Some(p) = up {
+            let ext = p.extensions();
+            if let Some(l) = ext.get::<LiveSpan>() {
+                let run = l
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == "cairn.run_id")
+                    .and_then(|kv| match &kv.value {
+                        Value::String(s) => Some(s.clone()),
+                        _ => None,
+                    });
+                parent = Parent::Sampled(l.trace_id, l.span_id, run);
+                break;
+            }
+            if ext.get::<Unsampled>().is_some() {
+                parent = Parent::Unsampled;
+                break;
+            }
+            drop(ext);
+            up = p.parent();
+        }
+        if let Some(m) = &self.metrics {
+            m.opened(meta.name());
+        }
+        if matches!(parent, Parent::Unsampled) {
+            let rec = self.unsampled_rec(meta.name(), attrs);
+            span.extensions_mut().insert(Unsampled(rec));
+            return;
+        }
         let mut live = LiveSpan {
             trace_id: TraceId::INVALID,
-            span_id: SpanId::from(next_id()),
+            span_id: SpanId::INVALID,
             parent_span_id: SpanId::INVALID,
             name: Cow::Borrowed(meta.name()),
             kind: SpanKind::Internal,
@@ -414,35 +679,51 @@ where
             events: Vec::new(),
             status: Status::Unset,
         };
-        attrs.record(&mut FieldVisitor(&mut live));
         match parent {
-            Some((trace_id, span_id)) => {
+            Parent::Sampled(trace_id, span_id, run) => {
+                attrs.record(&mut FieldVisitor(&mut live, run.as_ref()));
                 live.trace_id = trace_id;
                 live.parent_span_id = span_id;
             }
-            None => {
+            _ => {
+                attrs.record(&mut FieldVisitor(&mut live, None));
                 live.trace_id = run_trace_id(&live.attributes).unwrap_or_else(|| {
                     TraceId::from(u128::from(next_id()) << 64 | u128::from(next_id()))
                 });
+                let stats = &self.queue.stats;
+                if !self.sampling.sample(live.trace_id) {
+                    stats.traces_unsampled.fetch_add(1, Ordering::Relaxed);
+                    let rec = self.unsampled_rec(meta.name(), attrs);
+                    span.extensions_mut().insert(Unsampled(rec));
+                    return;
+                }
+                stats.traces_sampled.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if let Some(m) = &self.metrics {
-            m.opened(meta.name());
-        }
+        live.span_id = SpanId::from(next_id());
         span.extensions_mut().insert(live);
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: LayerContext<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
-        if let Some(live) = span.extensions_mut().get_mut::<LiveSpan>() {
-            values.record(&mut FieldVisitor(live));
+        let mut ext = span.extensions_mut();
+        if let Some(live) = ext.get_mut::<LiveSpan>() {
+            values.record(&mut FieldVisitor(live, None));
+        } else if let Some(Unsampled(Some((_, rec)))) = ext.get_mut::<Unsampled>() {
+            values.record(rec);
         }
     }
 
     fn on_event(&self, event: &tracing::Event<'_>, ctx: LayerContext<'_, S>) {
+        if !is_cairn(event.metadata()) {
+            return;
+        }
         let Some(span) = ctx.event_span(event) else {
             return;
         };
+        if span.extensions().get::<LiveSpan>().is_none() {
+            return;
+        }
         let meta = event.metadata();
         let mut otel_event = opentelemetry::trace::Event::new(
             "",
@@ -475,82 +756,128 @@ where
 
     fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
-        let Some(live) = span.extensions_mut().remove::<LiveSpan>() else {
-            return;
-        };
-        // The rest (the metrics, the `SpanData`) is the export thread's work.
-        self.queue.push(Ended {
-            live,
-            end_time: SystemTime::now(),
-            kind: span.name(),
-        });
+        let mut ext = span.extensions_mut();
+        if let Some(live) = ext.remove::<LiveSpan>() {
+            drop(ext);
+            // The rest (the metrics, the `SpanData`) is the export thread's work.
+            self.queue.stats.ended.fetch_add(1, Ordering::Relaxed);
+            self.queue.push(Ended::Span(Box::new(SpanEnd {
+                live,
+                end_time: SystemTime::now(),
+                kind: span.name(),
+            })));
+        } else if let Some(Unsampled(Some((started, rec)))) = ext.remove::<Unsampled>() {
+            drop(ext);
+            let secs = started.elapsed().as_secs_f64();
+            let kind = span.name();
+            if let Some(Ended::Metric { rec, kind, secs }) =
+                self.queue.push(Ended::Metric { rec, kind, secs })
+                && let Some(m) = &self.metrics
+            {
+                // The queue is full: counted here rather than lost.
+                rec.record(m, kind, secs);
+            }
+        }
     }
 }
 
-/// A span that closed, as the export thread receives it.
-struct Ended {
+impl SpanLayer {
+    /// What a span of a trace that is not exported keeps: the fields its metrics read, if it
+    /// is measured and metrics are on.
+    fn unsampled_rec(
+        &self,
+        name: &'static str,
+        attrs: &Attributes<'_>,
+    ) -> Option<(Instant, MetricRec)> {
+        if self.metrics.is_none() || !crate::otel_metrics::measured(name) {
+            return None;
+        }
+        let mut rec = if name == "step" {
+            MetricRec::Step(Default::default())
+        } else {
+            MetricRec::Other(Box::default())
+        };
+        attrs.record(&mut rec);
+        Some((Instant::now(), rec))
+    }
+}
+
+/// A span that closed, as the export thread receives it (small: the queue is written and read
+/// once per span, on two cores busy with the workflows).
+enum Ended {
+    /// A span to export (and measure).
+    Span(Box<SpanEnd>),
+    /// A span of a trace that is not exported: its metrics only.
+    Metric {
+        rec: MetricRec,
+        /// The `tracing` name, which the metrics go by.
+        kind: &'static str,
+        secs: f64,
+    },
+}
+
+/// A span to export.
+struct SpanEnd {
     live: LiveSpan,
     end_time: SystemTime,
     /// The `tracing` name, which the metrics go by.
     kind: &'static str,
 }
 
-impl Ended {
-    /// Records the span's metrics and turns it into the SDK's [`SpanData`].
-    fn into_span_data(
-        self,
-        metrics: Option<&crate::otel_metrics::SpanMetrics>,
-        scope: &InstrumentationScope,
-    ) -> SpanData {
-        let Ended {
-            live,
-            end_time,
-            kind,
-        } = self;
-        if let Some(m) = metrics {
-            let secs = end_time
-                .duration_since(live.start_time)
-                .map_or(0.0, |d| d.as_secs_f64());
-            let failed = matches!(live.status, Status::Error { .. });
-            m.closed(kind, &live.attributes, failed, secs);
-        }
-        SpanData {
-            span_context: SpanContext::new(
-                live.trace_id,
-                live.span_id,
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::NONE,
-            ),
-            parent_span_id: live.parent_span_id,
-            parent_span_is_remote: false,
-            span_kind: live.kind,
-            name: live.name,
-            start_time: live.start_time,
-            end_time,
-            attributes: live.attributes,
-            dropped_attributes_count: 0,
-            events: {
-                let mut events = SpanEvents::default();
-                events.events = live.events;
-                events
-            },
-            links: SpanLinks::default(),
-            status: live.status,
-            instrumentation_scope: scope.clone(),
-        }
+/// Records the metrics of an exported span and turns it into the SDK's [`SpanData`].
+fn into_span_data(
+    live: LiveSpan,
+    end_time: SystemTime,
+    kind: &'static str,
+    metrics: Option<&crate::otel_metrics::SpanMetrics>,
+    scope: &InstrumentationScope,
+) -> SpanData {
+    if let Some(m) = metrics {
+        let secs = end_time
+            .duration_since(live.start_time)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let failed = matches!(live.status, Status::Error { .. });
+        m.closed(kind, &live.attributes, failed, secs);
+    }
+    SpanData {
+        span_context: SpanContext::new(
+            live.trace_id,
+            live.span_id,
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::NONE,
+        ),
+        parent_span_id: live.parent_span_id,
+        parent_span_is_remote: false,
+        span_kind: live.kind,
+        name: live.name,
+        start_time: live.start_time,
+        end_time,
+        attributes: live.attributes,
+        dropped_attributes_count: 0,
+        events: {
+            let mut events = SpanEvents::default();
+            events.events = live.events;
+            events
+        },
+        links: SpanLinks::default(),
+        status: live.status,
+        instrumentation_scope: scope.clone(),
     }
 }
 
 // ---- the export queue ----
 
 /// Ended spans waiting for the export thread: a bounded buffer behind a mutex (a push is a
-/// lock and a `Vec::push`; the thread takes the whole buffer at once).
+/// lock and a `Vec::push` into a chunk of fixed capacity; the thread takes all the chunks at
+/// once and gives the emptied ones back). Chunks, not one vector: a vector grown past its
+/// capacity while the export thread waits for a core is copied whole, under the lock.
 struct Queue {
-    spans: Mutex<Vec<Ended>>,
+    spans: Mutex<Chunks>,
     /// Wakes the export thread: a batch is full, a flush is asked for, or the end.
     wake: Condvar,
-    /// The most spans waiting at once; more are dropped.
+    /// The most spans waiting at once; more are dropped (and the metrics of spans not
+    /// exported are recorded by the thread that ended them).
     max: usize,
     /// Spans per export request.
     batch: usize,
@@ -561,25 +888,57 @@ struct Queue {
     stats: Arc<ExportStats>,
 }
 
+/// Spans per chunk of the queue.
+const CHUNK: usize = 256;
+/// Emptied chunks kept for reuse.
+const CHUNKS_FREE_MAX: usize = 64;
+
+/// The queue's contents: full chunks and the one being filled (the last), and emptied ones.
+#[derive(Default)]
+struct Chunks {
+    full: Vec<Vec<Ended>>,
+    len: usize,
+    free: Vec<Vec<Ended>>,
+}
+
 impl Queue {
-    fn push(&self, span: Ended) {
-        self.stats.ended.fetch_add(1, Ordering::Relaxed);
+    /// Queues `span`; gives it back if the queue is full.
+    fn push(&self, span: Ended) -> Option<Ended> {
         let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= self.max {
-            // Dropped: counted as ended and never delivered.
-            return;
+        if q.len >= self.max {
+            return Some(span);
         }
-        q.push(span);
-        let full = q.len() == self.batch;
+        if q.full.last().is_none_or(|c| c.len() >= CHUNK) {
+            let c = q.free.pop().unwrap_or_else(|| Vec::with_capacity(CHUNK));
+            q.full.push(c);
+        }
+        q.full.last_mut().expect("a chunk").push(span);
+        q.len += 1;
+        let full = q.len == self.batch;
         drop(q);
         if full {
             self.wake.notify_one();
         }
+        None
     }
 
-    fn take(&self) -> Vec<Ended> {
+    /// Everything queued.
+    fn take(&self) -> Vec<Vec<Ended>> {
         let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::replace(&mut *q, Vec::with_capacity(self.batch))
+        q.len = 0;
+        std::mem::take(&mut q.full)
+    }
+
+    /// Emptied chunks, for reuse.
+    fn give_back(&self, chunks: impl Iterator<Item = Vec<Ended>>) {
+        let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        for mut c in chunks {
+            if q.free.len() >= CHUNKS_FREE_MAX {
+                break;
+            }
+            c.clear();
+            q.free.push(c);
+        }
     }
 }
 
@@ -603,21 +962,47 @@ struct Exporting<E> {
 impl<E: SpanExporter> Drain for Exporting<E> {
     fn flush(&self) -> OTelSdkResult {
         let exporter = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
-        let mut ended = self.queue.take().into_iter();
+        let mut chunks = self.queue.take();
         let mut result = Ok(());
-        loop {
-            let batch: Vec<SpanData> = ended
-                .by_ref()
-                .take(self.queue.batch)
-                .map(|e| e.into_span_data(self.metrics.as_ref(), &self.scope))
-                .collect();
-            if batch.is_empty() {
-                return result;
-            }
-            if let Err(e) = futures_executor::block_on(exporter.export(batch)) {
-                result = Err(e);
+        let mut batch: Vec<SpanData> = Vec::new();
+        for chunk in &mut chunks {
+            for e in chunk.drain(..) {
+                match e {
+                    Ended::Span(end) => {
+                        let SpanEnd {
+                            live,
+                            end_time,
+                            kind,
+                        } = *end;
+                        batch.push(into_span_data(
+                            live,
+                            end_time,
+                            kind,
+                            self.metrics.as_ref(),
+                            &self.scope,
+                        ));
+                        if batch.len() >= self.queue.batch {
+                            let b = std::mem::take(&mut batch);
+                            if let Err(e) = futures_executor::block_on(exporter.export(b)) {
+                                result = Err(e);
+                            }
+                        }
+                    }
+                    Ended::Metric { rec, kind, secs } => {
+                        if let Some(m) = &self.metrics {
+                            rec.record(m, kind, secs);
+                        }
+                    }
+                }
             }
         }
+        self.queue.give_back(chunks.into_iter());
+        if !batch.is_empty()
+            && let Err(e) = futures_executor::block_on(exporter.export(batch))
+        {
+            result = Err(e);
+        }
+        result
     }
 
     fn shutdown(&self, timeout: Duration) -> OTelSdkResult {
@@ -635,7 +1020,7 @@ fn export_loop(queue: Arc<Queue>, drain: Arc<dyn Drain>, done: std::sync::mpsc::
             let (q, _) = queue
                 .wake
                 .wait_timeout_while(q, queue.delay, |q| {
-                    q.len() < queue.batch && !queue.closing.load(Ordering::Relaxed)
+                    q.len < queue.batch && !queue.closing.load(Ordering::Relaxed)
                 })
                 .unwrap_or_else(|p| p.into_inner());
             drop(q);
@@ -656,6 +1041,10 @@ fn export_loop(queue: Arc<Queue>, drain: Arc<dyn Drain>, done: std::sync::mpsc::
 pub struct ExportStats {
     /// Spans that ended and were offered to the export queue.
     pub ended: AtomicU64,
+    /// Traces (runs) whose spans are exported.
+    pub traces_sampled: AtomicU64,
+    /// Traces (runs) whose spans the sampler left out (their metrics are counted).
+    pub traces_unsampled: AtomicU64,
     /// Spans the collector accepted.
     pub exported: AtomicU64,
     /// Spans whose export request failed (or that were dropped while the collector was down).
@@ -826,6 +1215,8 @@ pub struct Pipeline {
     stats: Arc<ExportStats>,
     /// Where spans go, for the exit line.
     target: String,
+    /// The sampler, shared by the layers.
+    sampling: Arc<Sampling>,
 }
 
 impl Pipeline {
@@ -849,6 +1240,7 @@ impl Pipeline {
                     resource,
                     stats,
                     "a discarding exporter".into(),
+                    settings.sampler,
                 ))
             }
             Sink::Otlp { traces, metrics } => {
@@ -883,18 +1275,21 @@ impl Pipeline {
                     resource,
                     stats,
                     traces.clone(),
+                    settings.sampler,
                 ))
             }
         }
     }
 
-    /// A pipeline around any span and metric exporters (the in-memory ones in tests).
+    /// A pipeline around any span and metric exporters (the in-memory ones in tests), exporting
+    /// the traces `sampler` picks.
     pub fn assemble<E, M>(
         spans: E,
         metrics: Option<M>,
         resource: Resource,
         stats: Arc<ExportStats>,
         target: String,
+        sampler: Sampler,
     ) -> Pipeline
     where
         E: SpanExporter + 'static,
@@ -914,7 +1309,7 @@ impl Pipeline {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map_or(BATCH_DELAY, Duration::from_millis);
         let queue = Arc::new(Queue {
-            spans: Mutex::new(Vec::with_capacity(batch)),
+            spans: Mutex::new(Chunks::default()),
             wake: Condvar::new(),
             max,
             batch,
@@ -956,6 +1351,7 @@ impl Pipeline {
             span_metrics,
             stats,
             target,
+            sampling: Arc::new(Sampling::new(sampler)),
         }
     }
 
@@ -968,13 +1364,11 @@ impl Pipeline {
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     {
-        Box::new(
-            SpanLayer {
-                queue: Arc::clone(&self.queue),
-                metrics: self.span_metrics.clone(),
-            }
-            .with_filter(cairn_spans()),
-        )
+        Box::new(SpanLayer {
+            queue: Arc::clone(&self.queue),
+            metrics: self.span_metrics.clone(),
+            sampling: Arc::clone(&self.sampling),
+        })
     }
 
     /// The metrics derived from the spans of cairn's crates, as a layer of their own (none if
@@ -1000,8 +1394,9 @@ impl Pipeline {
         }
     }
 
-    /// A pipeline whose exporters discard everything (`--otel-discard`, the bench's probe).
-    pub fn discarding() -> Pipeline {
+    /// A pipeline whose exporters discard everything (the bench's probe), exporting the traces
+    /// `sampler` picks.
+    pub fn discarding(sampler: Sampler) -> Pipeline {
         let stats = Arc::new(ExportStats::default());
         let metrics: CountingMetrics<DiscardMetrics> = CountingMetrics {
             inner: None,
@@ -1013,6 +1408,7 @@ impl Pipeline {
             Resource::builder_empty().build(),
             stats,
             "a discarding exporter".into(),
+            sampler,
         )
     }
 
@@ -1020,6 +1416,23 @@ impl Pipeline {
     #[cfg(test)]
     pub fn stats(&self) -> &ExportStats {
         &self.stats
+    }
+
+    /// The note to print at exit when the sampler left runs out of the live export: how many,
+    /// and how to send them.
+    pub fn sampling_note(&self) -> Option<String> {
+        let s = &self.stats;
+        let out = s.traces_unsampled.load(Ordering::Relaxed);
+        if out == 0 {
+            return None;
+        }
+        let all = out + s.traces_sampled.load(Ordering::Relaxed);
+        Some(format!(
+            "telemetry: the spans of {out} of {all} runs were not exported live (sampler: {}; \
+             their metrics were); `cairn trace RUN --otlp URL` sends any run from its history, \
+             OTEL_TRACES_SAMPLER=always_on exports every run",
+            self.sampling.sampler.describe()
+        ))
     }
 
     /// Sends what is still queued (within [`EXIT_FLUSH_MAX`]) and stops the exporters; returns
@@ -1062,6 +1475,22 @@ impl Pipeline {
             self.target
         ))
     }
+}
+
+/// Whether the export layer takes this span or event: cairn's crates, INFO and above (the same
+/// as [`cairn_spans`]).
+fn is_cairn(meta: &Metadata<'_>) -> bool {
+    if *meta.level() > tracing::Level::INFO {
+        return false;
+    }
+    let target = meta.target();
+    ["cairn_engine", "cairn_agents", "cairn_cli"]
+        .iter()
+        .any(|c| {
+            target
+                .strip_prefix(c)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
 }
 
 /// What the export layers see: the spans and events of cairn's crates at INFO and above.
@@ -1225,8 +1654,14 @@ mod tests {
 
     /// Runs the built-in `agent` workflow on a scripted model (a turn with two `word_count`
     /// calls, one with bad arguments, then the answer) under a subscriber with only the export
-    /// layers, on this thread (a current-thread runtime), and collects what was exported.
+    /// layers, on this thread (a current-thread runtime), and collects what was exported. The
+    /// default sampler: one run is exported.
     async fn agent_run() -> Captured {
+        agent_run_sampled(Sampler::from_env(&env_of(&[])).unwrap()).await
+    }
+
+    /// [`agent_run`] with `sampler`.
+    async fn agent_run_sampled(sampler: Sampler) -> Captured {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("script.jsonl");
         let lines = [
@@ -1256,6 +1691,7 @@ mod tests {
             Resource::builder_empty().build(),
             Arc::clone(&stats),
             "memory".into(),
+            sampler,
         );
         let subscriber = tracing_subscriber::registry().with(pipeline.layer());
         let guard = tracing::subscriber::set_default(subscriber);
@@ -1284,6 +1720,10 @@ mod tests {
         };
         assert_eq!(pipeline.shutdown(), None, "nothing dropped");
         assert_eq!(stats.dropped(), 0);
+        let sampled = stats.traces_sampled.load(Ordering::Relaxed);
+        let unsampled = stats.traces_unsampled.load(Ordering::Relaxed);
+        assert_eq!(sampled + unsampled, 1, "one run, one trace");
+        assert_eq!(pipeline.sampling_note().is_some(), unsampled == 1);
         captured
     }
 
@@ -1504,6 +1944,270 @@ mod tests {
             }
         }
         total
+    }
+
+    fn sampler_of(vars: &[(&str, &str)]) -> Result<Sampler> {
+        Sampler::from_env(&env_of(vars))
+    }
+
+    #[test]
+    fn the_sampler_comes_from_the_standard_variables() {
+        assert_eq!(
+            sampler_of(&[]).unwrap(),
+            Sampler::RateLimited(DEFAULT_RUNS_PER_SEC)
+        );
+        for (name, want) in [
+            ("always_on", Sampler::AlwaysOn),
+            ("parentbased_always_on", Sampler::AlwaysOn),
+            ("ALWAYS_OFF", Sampler::AlwaysOff),
+            ("parentbased_always_off", Sampler::AlwaysOff),
+            ("traceidratio", Sampler::Ratio(1.0)),
+            (
+                "cairn_rate_limited",
+                Sampler::RateLimited(DEFAULT_RUNS_PER_SEC),
+            ),
+        ] {
+            assert_eq!(
+                sampler_of(&[("OTEL_TRACES_SAMPLER", name)]).unwrap(),
+                want,
+                "{name}"
+            );
+        }
+        let with_arg = |name: &str, arg: &str| {
+            sampler_of(&[
+                ("OTEL_TRACES_SAMPLER", name),
+                ("OTEL_TRACES_SAMPLER_ARG", arg),
+            ])
+        };
+        assert_eq!(
+            with_arg("traceidratio", "0.25").unwrap(),
+            Sampler::Ratio(0.25)
+        );
+        assert_eq!(
+            with_arg("parentbased_traceidratio", " 0 ").unwrap(),
+            Sampler::Ratio(0.0)
+        );
+        assert_eq!(
+            with_arg("cairn_rate_limited", "5").unwrap(),
+            Sampler::RateLimited(5.0)
+        );
+        // The argument of a sampler that takes none is ignored, as the SDKs do.
+        assert_eq!(with_arg("always_on", "0.5").unwrap(), Sampler::AlwaysOn);
+        for (name, arg) in [
+            ("traceidratio", "1.5"),
+            ("traceidratio", "-0.1"),
+            ("traceidratio", "half"),
+            ("cairn_rate_limited", "0"),
+            ("cairn_rate_limited", "NaN"),
+        ] {
+            let e = with_arg(name, arg).unwrap_err().to_string();
+            assert!(e.contains("OTEL_TRACES_SAMPLER_ARG"), "{e}");
+        }
+        let e = sampler_of(&[("OTEL_TRACES_SAMPLER", "jaeger_remote")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("OTEL_TRACES_SAMPLER") && e.contains("jaeger_remote"),
+            "{e}"
+        );
+        // Through the settings, and a bad value is a usage error (exit 2).
+        let s = settings(
+            Some("http://h:4318"),
+            false,
+            &env_of(&[("OTEL_TRACES_SAMPLER", "always_off")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.sampler, Sampler::AlwaysOff);
+        let e = settings(
+            Some("http://h:4318"),
+            false,
+            &env_of(&[("OTEL_TRACES_SAMPLER", "sometimes")]),
+        )
+        .unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some());
+    }
+
+    #[test]
+    fn the_ratio_decides_as_the_sdks_traceidratio_sampler() {
+        use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+        let mut n = 0;
+        for ratio in [0.0, 0.1, 0.5, 0.9, 1.0] {
+            let sdk = opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(ratio);
+            let mut ours = 0;
+            for _ in 0..2_000 {
+                let run = cairn_storage::RunId::new();
+                let tid = TraceId::from_bytes(crate::trace::trace_id(run));
+                let want = sdk
+                    .should_sample(None, tid, "run", &SpanKind::Internal, &[], &[])
+                    .decision
+                    == SamplingDecision::RecordAndSample;
+                assert_eq!(ratio_samples(ratio, tid), want, "ratio {ratio}, {tid}");
+                ours += usize::from(want);
+                n += 1;
+            }
+            let share = ours as f64 / 2_000.0;
+            assert!((share - ratio).abs() < 0.05, "ratio {ratio}: {share}");
+        }
+        assert_eq!(n, 10_000);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_run_sampled_out_exports_no_span_and_is_still_counted() {
+        let c = agent_run_sampled(Sampler::AlwaysOff).await;
+        assert_eq!(c.status, RunStatus::Completed);
+        assert!(c.spans.is_empty(), "{:#?}", c.spans);
+        let m = &c.metrics;
+        // The same counts as the exported run of an_agent_run_counts_its_steps_calls_and_tokens.
+        assert_eq!(
+            counter(m, "cairn.runs", &[("cairn.run.status", "completed")]),
+            1
+        );
+        assert_eq!(
+            counter(
+                m,
+                "cairn.model.calls",
+                &[("gen_ai.agent.name", "assistant")]
+            ),
+            2
+        );
+        assert_eq!(
+            counter(m, "cairn.model.tokens", &[("gen_ai.token.type", "input")]),
+            111 + 133
+        );
+        assert_eq!(
+            counter(m, "cairn.tool.calls", &[("cairn.outcome", "failed")]),
+            1
+        );
+        assert_eq!(step_attempts(m, &[("cairn.step_name", "model")]), 2);
+        assert_eq!(
+            step_attempts(m, &[("cairn.step_name", "tool:word_count")]),
+            2
+        );
+        assert_eq!(step_attempts(m, &[("cairn.outcome", "failed")]), 0);
+    }
+
+    /// Starts `runs` runs of the built-in `steps` workflow (3 steps each) at once under a
+    /// pipeline with `sampler`, on this thread; returns the run ids, the spans, the metrics
+    /// and the counts.
+    async fn steps_runs(
+        runs: usize,
+        sampler: Sampler,
+    ) -> (
+        Vec<String>,
+        Vec<SpanData>,
+        Vec<ResourceMetrics>,
+        Arc<ExportStats>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let spans = InMemorySpanExporter::default();
+        let metrics = InMemoryMetricExporter::default();
+        let stats = Arc::new(ExportStats::default());
+        let pipeline = Pipeline::assemble(
+            spans.clone(),
+            Some(CountingMetrics {
+                inner: Some(metrics.clone()),
+                stats: Arc::clone(&stats),
+            }),
+            Resource::builder_empty().build(),
+            Arc::clone(&stats),
+            "memory".into(),
+            sampler,
+        );
+        let subscriber = tracing_subscriber::registry().with(pipeline.layer());
+        let guard = tracing::subscriber::set_default(subscriber);
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let engine = Engine::new(store, crate::workflows::registry(Arc::default()));
+        let mut handles = Vec::new();
+        for _ in 0..runs {
+            handles.push(
+                engine
+                    .start_with(StartOptions::new("steps", json!({"steps": 3})))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut ids = Vec::new();
+        for h in handles {
+            let out = h.wait().await.unwrap();
+            assert_eq!(out.status, RunStatus::Completed);
+            ids.push(out.run_id);
+        }
+        engine.wait_idle().await;
+        drop(engine);
+        drop(guard);
+        pipeline.force_flush();
+        let (s, m) = (
+            spans.get_finished_spans().unwrap(),
+            metrics.get_finished_metrics().unwrap(),
+        );
+        assert_eq!(pipeline.shutdown(), None, "nothing dropped");
+        (ids, s, m, stats)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sampled_run_has_its_whole_tree_and_every_run_is_counted() {
+        let (ids, spans, m, stats) = steps_runs(40, Sampler::Ratio(0.5)).await;
+        let mut exported = 0;
+        for id in &ids {
+            let run: cairn_storage::RunId = id.parse().unwrap();
+            let tid = TraceId::from_bytes(crate::trace::trace_id(run));
+            let mine: Vec<&SpanData> = spans
+                .iter()
+                .filter(|s| s.span_context.trace_id() == tid)
+                .collect();
+            if !ratio_samples(0.5, tid) {
+                assert!(mine.is_empty(), "run {id} was not sampled: no span of it");
+                continue;
+            }
+            exported += 1;
+            // The whole tree: the run and its three steps, each step a child of the run.
+            assert_eq!(mine.len(), 4, "run {id}: {mine:#?}");
+            let root: Vec<_> = mine.iter().filter(|s| s.name == "run").collect();
+            assert_eq!(root.len(), 1);
+            let root_id = root[0].span_context.span_id();
+            let steps: Vec<_> = mine.iter().filter(|s| s.name == "step").collect();
+            assert_eq!(steps.len(), 3);
+            for st in steps {
+                assert_eq!(st.parent_span_id, root_id);
+                assert_eq!(attr_str(st, "cairn.run_id").as_deref(), Some(id.as_str()));
+            }
+        }
+        assert_eq!(
+            spans.len(),
+            exported * 4,
+            "no span outside the sampled runs"
+        );
+        assert!(exported > 0 && exported < 40, "{exported} of 40 sampled");
+        assert_eq!(
+            stats.traces_sampled.load(Ordering::Relaxed),
+            exported as u64
+        );
+        assert_eq!(
+            stats.traces_unsampled.load(Ordering::Relaxed),
+            40 - exported as u64
+        );
+        // Metrics count every run and every step attempt, sampled or not.
+        assert_eq!(
+            counter(&m, "cairn.runs", &[("cairn.run.status", "completed")]),
+            40
+        );
+        assert_eq!(step_attempts(&m, &[("cairn.step_name", "step")]), 120);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_rate_limited_sampler_exports_a_burst_of_runs_then_counts_the_rest() {
+        let (_, spans, m, stats) = steps_runs(20, Sampler::RateLimited(2.0)).await;
+        let sampled = stats.traces_sampled.load(Ordering::Relaxed);
+        // Two at once (the bucket holds a second's worth), a third if the test is slow.
+        assert!((2..=3).contains(&sampled), "{sampled}");
+        assert_eq!(spans.len() as u64, sampled * 4);
+        assert_eq!(stats.traces_unsampled.load(Ordering::Relaxed), 20 - sampled);
+        assert_eq!(
+            counter(&m, "cairn.runs", &[("cairn.run.status", "completed")]),
+            20
+        );
+        assert_eq!(step_attempts(&m, &[("cairn.step_name", "step")]), 60);
     }
 
     #[test]

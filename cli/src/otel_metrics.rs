@@ -191,7 +191,9 @@ impl SpanMetrics {
         self.record(name, rec, secs);
     }
 
-    fn record(&self, name: &str, rec: &SpanRec, secs: f64) {
+    /// Records what a span of this `tracing` name did, from the few fields kept in `rec`, after
+    /// `secs` (the export thread's call for a span of a run not sampled for export).
+    pub(crate) fn record(&self, name: &str, rec: &SpanRec, secs: f64) {
         let outcome = KeyValue::new(
             "cairn.outcome",
             if rec.failed { "failed" } else { "succeeded" },
@@ -266,8 +268,58 @@ impl SpanMetrics {
     }
 }
 
+/// What the metrics read of a `step` span of a run that is not exported: its name and how it
+/// ended (a step attempt is the hot path: this is all it keeps, in 32 bytes).
+#[derive(Default)]
+pub(crate) struct StepRec {
+    /// `cairn.step_name`.
+    pub(crate) name: Option<StringValue>,
+    /// `otel.status_code = "ERROR"` was recorded.
+    pub(crate) failed: bool,
+    /// `cairn.step.will_retry = true` was recorded.
+    pub(crate) will_retry: bool,
+}
+
+impl Visit for StepRec {
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if field.name() == "cairn.step.will_retry" {
+            self.will_retry = value;
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "cairn.step_name" => self.name = Some(intern(value)),
+            "otel.status_code" => self.failed = value == "ERROR",
+            _ => {}
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "cairn.step_name" {
+            self.name = Some(intern_debug(value));
+        }
+    }
+}
+
+impl SpanMetrics {
+    /// Records a step attempt of a run that is not exported.
+    pub(crate) fn record_step(&self, rec: &StepRec, secs: f64) {
+        let step = KeyValue::new(
+            "cairn.step_name",
+            rec.name.clone().unwrap_or_else(|| "".into()),
+        );
+        if rec.will_retry {
+            self.step_retries.add(1, std::slice::from_ref(&step));
+        }
+        let outcome = KeyValue::new(
+            "cairn.outcome",
+            if rec.failed { "failed" } else { "succeeded" },
+        );
+        self.step_duration.record(secs, &[step, outcome]);
+    }
+}
+
 /// Whether spans of this name are measured.
-fn measured(name: &str) -> bool {
+pub(crate) fn measured(name: &str) -> bool {
     matches!(name, "run" | "step" | "chat" | "execute_tool" | "branch")
 }
 
@@ -275,8 +327,9 @@ fn measured(name: &str) -> bool {
 /// others, e.g. run ids and step paths, are neither kept nor formatted). Strings are kept as
 /// shared values, so an attribute made of one costs no copy.
 #[derive(Default)]
-struct SpanRec {
-    started: Option<Instant>,
+pub(crate) struct SpanRec {
+    /// When the span opened.
+    pub(crate) started: Option<Instant>,
     /// `otel.status_code = "ERROR"` was recorded.
     failed: bool,
     /// `cairn.step.will_retry = true` was recorded.
@@ -368,14 +421,66 @@ impl Visit for SpanRec {
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         if wanted_str(field.name()) {
-            self.set_str(field.name(), StringValue::from(value.to_string()));
+            self.set_str(field.name(), intern(value));
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if wanted_str(field.name()) {
-            self.set_str(field.name(), StringValue::from(format!("{value:?}")));
+            self.set_str(field.name(), intern_debug(value));
         }
     }
+}
+
+/// Distinct strings an [`intern`] table of one thread keeps at most (then it starts afresh).
+const INTERNED_MAX: usize = 4_096;
+
+thread_local! {
+    /// This thread's interned metric labels (step names, workflows, models, statuses: few
+    /// distinct values, seen once per span), and a buffer to format them in.
+    static INTERNED: std::cell::RefCell<(std::collections::HashSet<std::sync::Arc<str>>, String)> =
+        std::cell::RefCell::new((std::collections::HashSet::new(), String::new()));
+}
+
+/// `value` as a shared string: the same `Arc<str>` each time this thread sees the same text,
+/// so that a label costs a hash lookup and a reference count, not an allocation (and its copy
+/// in the instrument's attributes is free).
+pub(crate) fn intern(value: &str) -> StringValue {
+    INTERNED
+        .try_with(|t| {
+            let Ok(mut t) = t.try_borrow_mut() else {
+                return StringValue::from(value.to_string());
+            };
+            intern_in(&mut t.0, value)
+        })
+        .unwrap_or_else(|_| StringValue::from(value.to_string()))
+}
+
+/// A `Debug` (or `%` `Display`) field value, formatted into a reused buffer and interned.
+pub(crate) fn intern_debug(value: &dyn std::fmt::Debug) -> StringValue {
+    use std::fmt::Write as _;
+    INTERNED
+        .try_with(|t| {
+            let Ok(mut t) = t.try_borrow_mut() else {
+                return StringValue::from(format!("{value:?}"));
+            };
+            let (set, buf) = &mut *t;
+            buf.clear();
+            let _ = write!(buf, "{value:?}");
+            intern_in(set, buf)
+        })
+        .unwrap_or_else(|_| StringValue::from(format!("{value:?}")))
+}
+
+fn intern_in(set: &mut std::collections::HashSet<std::sync::Arc<str>>, value: &str) -> StringValue {
+    if let Some(s) = set.get(value) {
+        return StringValue::from(std::sync::Arc::clone(s));
+    }
+    if set.len() >= INTERNED_MAX {
+        set.clear();
+    }
+    let s: std::sync::Arc<str> = std::sync::Arc::from(value);
+    set.insert(std::sync::Arc::clone(&s));
+    StringValue::from(s)
 }
 
 impl<S> Layer<S> for SpanMetrics

@@ -17,8 +17,10 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use serde_json::json;
 
 /// The OTEL_* and proxy variables a developer's shell may have, removed for every run.
-const UNSET: [&str; 12] = [
+const UNSET: [&str; 14] = [
     "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
     "OTEL_EXPORTER_OTLP_HEADERS",
@@ -297,6 +299,75 @@ fn a_run_with_the_collector_down_completes_and_reports_dropped_spans() {
     );
     assert!(warnings[0].contains(&url), "{}", warnings[0]);
     assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+/// (d) A run the sampler leaves out (`OTEL_TRACES_SAMPLER=always_off`): no span is sent, the
+/// metrics count it, a note at exit says so and how to send it, and `cairn trace` then sends
+/// the whole run into the trace it would have had.
+#[test]
+fn a_run_sampled_out_is_counted_in_the_metrics_and_can_be_sent_later() {
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+    let env = Env::new();
+    let rx = Receiver::start();
+    let out = cairn(
+        &env,
+        &[("OTEL_TRACES_SAMPLER", "always_off")],
+        &[
+            "--otlp",
+            &rx.url(),
+            "start",
+            "steps",
+            "--input",
+            r#"{"steps": 3}"#,
+        ],
+    );
+    out.assert_ok();
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+    let notes: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("note: telemetry:"))
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", out.stderr);
+    assert!(
+        notes[0].contains("the spans of 1 of 1 runs were not exported live")
+            && notes[0].contains("cairn trace RUN --otlp URL"),
+        "{}",
+        notes[0]
+    );
+    assert!(rx.spans().is_empty(), "no span of a run sampled out");
+    // The metrics count the run and its three steps.
+    let mut runs = 0;
+    let mut steps = 0;
+    for m in rx
+        .metrics()
+        .iter()
+        .flat_map(|m| &m.resource_metrics)
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+    {
+        match (m.name.as_str(), &m.data) {
+            ("cairn.runs", Some(metric::Data::Sum(sum))) => {
+                for p in &sum.data_points {
+                    if let Some(number_data_point::Value::AsInt(n)) = p.value {
+                        runs += n;
+                    }
+                }
+            }
+            ("cairn.step.duration", Some(metric::Data::Histogram(h))) => {
+                steps += h.data_points.iter().map(|p| p.count).sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((runs, steps), (1, 3));
+    // The history has it all: `cairn trace` sends the run and its steps into the run's trace.
+    let run = common::run_id_of(out.stdout.lines().next().unwrap());
+    let rx2 = Receiver::start();
+    cairn(&env, &[], &["trace", &run, "--otlp", &rx2.url()]).assert_ok();
+    let again = rx2.spans();
+    assert_eq!(again.len(), 4, "{again:#?}");
+    assert!(again.iter().all(|s| s.trace_id == trace_id_of(&run)));
 }
 
 /// (c) A malformed `--otlp` is a usage error before anything runs.
