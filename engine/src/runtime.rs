@@ -559,7 +559,7 @@ impl Engine {
                     Box::pin(self.cancel(c.child, "its parent was cancelled")).await?;
                 }
                 // A parent parked waiting for this run learns that it ended.
-                wake_parent(&self.inner, id).await;
+                wake_parent(&self.inner, state.parent.as_deref()).await;
                 Ok(CancelOutcome::Cancelled)
             }
             Err(StoreError::RunFinished { status, .. }) => {
@@ -962,6 +962,7 @@ impl Engine {
         );
         let run_span = span.clone();
         let queued = pending || (self.inner.slots.is_some() && state.parent.is_none());
+        let parent = state.parent.clone();
         let shared = Arc::new(RunShared {
             run_id: id,
             store: Arc::clone(&self.inner.store),
@@ -1072,7 +1073,7 @@ impl Engine {
                 if let Ok(o) = &r
                     && o.status.is_terminal()
                 {
-                    wake_parent(&inner, id).await;
+                    wake_parent(&inner, parent.as_deref()).await;
                 }
                 r
             }
@@ -1082,12 +1083,13 @@ impl Engine {
     }
 }
 
-/// When a child run finishes, its parent may be parked waiting for it: wake it.
-async fn wake_parent(inner: &Arc<EngineInner>, child: RunId) {
-    let Ok(Some(meta)) = inner.store.run(child).await else {
+/// When a child run finishes, its parent may be parked waiting for it: wake it. (The parent
+/// comes from the run's state, not from a read of its row: a read through the writing handle
+/// costs a checkpoint when changes are outstanding, and most runs have no parent.)
+async fn wake_parent(inner: &Arc<EngineInner>, parent: Option<&str>) {
+    let Some(parent) = parent.and_then(|p| p.parse::<RunId>().ok()) else {
         return;
     };
-    let Some(parent) = meta.parent else { return };
     let Ok(Some(pmeta)) = inner.store.run(parent).await else {
         return;
     };

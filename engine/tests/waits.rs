@@ -248,6 +248,14 @@ fn family(child_runs: Arc<AtomicU32>) -> Registry {
         let v: Option<u32> = ctx.wait_signal("never", None).await?;
         Ok(v.unwrap_or(0))
     });
+    r.register("naps", 1, |ctx, ms: u64| async move {
+        ctx.sleep(Duration::from_millis(ms)).await?;
+        Ok(7u32)
+    });
+    r.register("awaits_nap", 1, |ctx, ms: u64| async move {
+        let v: u32 = ctx.child("naps", &ms).await?;
+        Ok(v + 1)
+    });
     r
 }
 
@@ -597,6 +605,29 @@ async fn cancelling_a_parked_child_wakes_its_parked_parent() {
     }
     let state = engine.load(parent).await.unwrap();
     assert!(state.error.unwrap().contains("cancelled"));
+}
+
+#[tokio::test]
+async fn a_child_that_completes_wakes_its_parked_parent() {
+    let (_d, store) = store();
+    let engine = Engine::with_options(store.clone(), family(Arc::default()), opts(50));
+    // Both park (the child's sleep and the parent's wait outlast 50 ms); the timer service
+    // wakes the child, and the child's completion must wake the parent.
+    let out = finish(&engine, "awaits_nap", &400u64).await;
+    assert_eq!(out.status, RunStatus::Waiting);
+    let parent: RunId = out.run_id.parse().unwrap();
+    let timers = engine.clone();
+    tokio::spawn(async move { timers.serve_timers(|_| {}, |_, _| {}).await });
+    let t = Instant::now();
+    while store.run(parent).await.unwrap().unwrap().status != RunStatus::Completed {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the parent was not woken"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let state = engine.load(parent).await.unwrap();
+    assert_eq!(state.output.unwrap().to_typed::<u32>().unwrap(), 8);
 }
 
 #[tokio::test]
