@@ -1046,12 +1046,16 @@ async fn worker(path: &Path) -> Result<ExitCode> {
     let _ = std::io::stdout().flush();
     let reporter = {
         let path = path.to_path_buf();
+        let store = Arc::clone(engine.store());
         move |h: RunHandle| {
             let path = path.clone();
+            let store = Arc::clone(&store);
             println!("run {} started", h.id);
             let _ = std::io::stdout().flush();
             tokio::spawn(async move {
                 let r = h.wait().await;
+                // What the line reports is what `cairn show` in another process sees.
+                let _ = store.publish().await;
                 report(&path, &[r]);
                 let _ = std::io::stdout().flush();
             });

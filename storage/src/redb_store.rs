@@ -1539,4 +1539,12 @@ impl EventStore for RedbStore {
         let f = self.send(|reply| Op::Flush { reply });
         Box::pin(async move { f.await.map(|_| ()) })
     }
+
+    fn publish(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        if self.is_read_only() {
+            return Box::pin(async { Ok(()) });
+        }
+        let f = self.send(|reply| Op::Checkpoint { reply });
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
 }

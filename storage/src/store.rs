@@ -309,6 +309,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// Waits until every write issued so far is durable.
     fn flush(&self) -> BoxFuture<'static, Result<(), StoreError>>;
 
+    /// Waits until every write issued so far is durable and visible to readers in other
+    /// processes (the embedded store checkpoints; a server-backed store only needs `flush`).
+    fn publish(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.flush()
+    }
+
     /// Recomputes a run's hash chain from its first event and compares it with what is stored.
     fn verify(&self, run: RunId) -> BoxFuture<'_, Result<VerifyReport, StoreError>> {
         Box::pin(async move {
