@@ -55,7 +55,9 @@ pub struct Cli {
     /// Send live spans and metrics to this OpenTelemetry collector (OTLP/HTTP protobuf, e.g.
     /// http://localhost:4318: spans to URL/v1/traces, metrics to URL/v1/metrics) while
     /// workflows run; also where `cairn trace` sends. Without it, the OTEL_EXPORTER_OTLP_*
-    /// endpoint variables turn live export on; with neither, it is off.
+    /// endpoint variables turn live export on; with neither, it is off. The spans of at most
+    /// 100 runs per second are exported (OTEL_TRACES_SAMPLER chooses another sampler); the
+    /// metrics count every run.
     #[arg(long, global = true, value_name = "URL")]
     otlp: Option<String>,
     /// Internal, for `cairn bench`: build the live telemetry pipeline but discard its output.
