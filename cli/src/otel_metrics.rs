@@ -433,17 +433,26 @@ impl Visit for SpanRec {
 
 /// Distinct strings an [`intern`] table of one thread keeps at most (then it starts afresh).
 const INTERNED_MAX: usize = 4_096;
+/// Distinct label strings kept for the life of the process at most; beyond, labels are
+/// shared (`Arc<str>`) copies instead.
+const LEAKED_MAX: usize = 16_384;
+
+/// The label strings kept for the life of the process (see [`intern`]).
+static LEAKED: std::sync::Mutex<Option<std::collections::HashSet<&'static str>>> =
+    std::sync::Mutex::new(None);
 
 thread_local! {
-    /// This thread's interned metric labels (step names, workflows, models, statuses: few
-    /// distinct values, seen once per span), and a buffer to format them in.
-    static INTERNED: std::cell::RefCell<(std::collections::HashSet<std::sync::Arc<str>>, String)> =
+    /// This thread's cache of interned metric labels (step names, workflows, models,
+    /// statuses: few distinct values, seen once per span), and a buffer to format them in.
+    static INTERNED: std::cell::RefCell<(std::collections::HashSet<&'static str>, String)> =
         std::cell::RefCell::new((std::collections::HashSet::new(), String::new()));
 }
 
-/// `value` as a shared string: the same `Arc<str>` each time this thread sees the same text,
-/// so that a label costs a hash lookup and a reference count, not an allocation (and its copy
-/// in the instrument's attributes is free).
+/// `value` as a label: a `&'static str` kept for the life of the process, the same each time
+/// any thread sees the same text, so that a label costs a hash lookup in this thread's cache,
+/// no allocation, and no reference count shared with the export thread (a shared `Arc`'s
+/// count moved between the cores at every step). At most [`LEAKED_MAX`] distinct labels are
+/// kept (step names are the workflow's own: a bounded set); further ones are `Arc` copies.
 pub(crate) fn intern(value: &str) -> StringValue {
     INTERNED
         .try_with(|t| {
@@ -471,15 +480,30 @@ pub(crate) fn intern_debug(value: &dyn std::fmt::Debug) -> StringValue {
         .unwrap_or_else(|_| StringValue::from(format!("{value:?}")))
 }
 
-fn intern_in(set: &mut std::collections::HashSet<std::sync::Arc<str>>, value: &str) -> StringValue {
-    if let Some(s) = set.get(value) {
-        return StringValue::from(std::sync::Arc::clone(s));
+fn intern_in(cache: &mut std::collections::HashSet<&'static str>, value: &str) -> StringValue {
+    if let Some(s) = cache.get(value) {
+        return StringValue::from(*s);
     }
-    if set.len() >= INTERNED_MAX {
-        set.clear();
+    let kept = {
+        let mut all = LEAKED.lock().unwrap_or_else(|p| p.into_inner());
+        let all = all.get_or_insert_with(Default::default);
+        match all.get(value) {
+            Some(s) => Some(*s),
+            None if all.len() < LEAKED_MAX => {
+                let s: &'static str = Box::leak(value.to_owned().into_boxed_str());
+                all.insert(s);
+                Some(s)
+            }
+            None => None,
+        }
+    };
+    let Some(s) = kept else {
+        return StringValue::from(std::sync::Arc::<str>::from(value));
+    };
+    if cache.len() >= INTERNED_MAX {
+        cache.clear();
     }
-    let s: std::sync::Arc<str> = std::sync::Arc::from(value);
-    set.insert(std::sync::Arc::clone(&s));
+    cache.insert(s);
     StringValue::from(s)
 }
 
