@@ -1119,7 +1119,8 @@ impl Writer {
         let mut logged: Vec<u128> = Vec::new();
         let now = now_micros();
         {
-            let runs = txn.open_table(RUNS)?;
+            // Opened on the first cache miss: a batch of appends to cached runs needs no read.
+            let mut runs_table = None;
             for w in work {
                 match w {
                     Work::Flush => results.push(Ok(Appended {
@@ -1129,7 +1130,13 @@ impl Writer {
                     })),
                     Work::Create(run, evs) => {
                         let id = run.id.as_u128();
-                        if self.runs.contains_key(&id) || runs.get(id)?.is_some() {
+                        if self.runs.contains_key(&id) || {
+                            let runs = match &mut runs_table {
+                                Some(t) => t,
+                                None => runs_table.insert(txn.open_table(RUNS)?),
+                            };
+                            runs.get(id)?.is_some()
+                        } {
                             results.push(Err(StoreError::RunExists(run.id)));
                             continue;
                         }
@@ -1161,6 +1168,10 @@ impl Writer {
                         let meta = match self.runs.entry(id) {
                             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                             std::collections::hash_map::Entry::Vacant(v) => {
+                                let runs = match &mut runs_table {
+                                    Some(t) => t,
+                                    None => runs_table.insert(txn.open_table(RUNS)?),
+                                };
                                 let Some(row) = runs.get(id)? else {
                                     results.push(Err(StoreError::UnknownRun(run)));
                                     continue;
@@ -1376,23 +1387,39 @@ fn sync_thread(
 
 /// Applies logged changes to a transaction, in order (the live path and recovery share it).
 fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), StoreError> {
-    let mut events = txn.open_table(EVENTS)?;
-    let mut runs = txn.open_table(RUNS)?;
-    let mut by_status = txn.open_table(RUNS_BY_STATUS)?;
-    let mut wakeups = txn.open_table(WAKEUPS)?;
+    // Tables are opened when first needed: most batches touch only the events.
+    let mut events = None;
+    let mut runs = None;
+    let mut by_status = None;
+    let mut wakeups = None;
     for c in changes {
         match c {
             Change::Event { run, seq, bytes } => {
-                events.insert((*run, *seq), bytes.as_slice())?;
+                if events.is_none() {
+                    events = Some(txn.open_table(EVENTS)?);
+                }
+                if let Some(t) = events.as_mut() {
+                    t.insert((*run, *seq), bytes.as_slice())?;
+                }
             }
             Change::Run { run, row } => {
-                runs.insert(*run, row.as_slice())?;
+                if runs.is_none() {
+                    runs = Some(txn.open_table(RUNS)?);
+                }
+                if let Some(t) = runs.as_mut() {
+                    t.insert(*run, row.as_slice())?;
+                }
             }
             Change::Status { code, run, present } => {
-                if *present {
-                    by_status.insert((*code, *run), ())?;
-                } else {
-                    by_status.remove((*code, *run))?;
+                if by_status.is_none() {
+                    by_status = Some(txn.open_table(RUNS_BY_STATUS)?);
+                }
+                if let Some(t) = by_status.as_mut() {
+                    if *present {
+                        t.insert((*code, *run), ())?;
+                    } else {
+                        t.remove((*code, *run))?;
+                    }
                 }
             }
             Change::Wake {
@@ -1400,10 +1427,15 @@ fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), StoreEr
                 run,
                 present,
             } => {
-                if *present {
-                    wakeups.insert((*at_us, *run), ())?;
-                } else {
-                    wakeups.remove((*at_us, *run))?;
+                if wakeups.is_none() {
+                    wakeups = Some(txn.open_table(WAKEUPS)?);
+                }
+                if let Some(t) = wakeups.as_mut() {
+                    if *present {
+                        t.insert((*at_us, *run), ())?;
+                    } else {
+                        t.remove((*at_us, *run))?;
+                    }
                 }
             }
         }
