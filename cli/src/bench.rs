@@ -320,8 +320,7 @@ struct FanoutResult {
     fsyncs: u64,
     /// CPU time of the whole bench process during the run (user + system), in seconds.
     cpu_secs: f64,
-    /// CPU time of the store's `cairn-writer` and `cairn-sync` threads during the run, in
-    /// seconds.
+    /// CPU time of the store's `cairn-writer` thread during the run, in seconds.
     writer_cpu_secs: f64,
 }
 
@@ -1236,7 +1235,7 @@ fn writer_threads_cpu() -> HashMap<i32, f64> {
         };
         let p = e.path();
         match std::fs::read_to_string(p.join("comm")) {
-            Ok(comm) if matches!(comm.trim(), "cairn-writer" | "cairn-sync") => {}
+            Ok(comm) if comm.trim() == "cairn-writer" => {}
             _ => continue,
         }
         // Linux's MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED): per-thread, scheduler time.
@@ -2394,7 +2393,7 @@ fn print_human(r: &Results) {
             format!(
                 "{} one-step branches, {} at a time, in {:.2} s · sum checked\n{} events in {} \
                  commits = {:.1} events/commit · {} commits/s · {} fdatasyncs · {} checkpoints\nCPU \
-                 {:.2} s ({:.0}% of one core) · writer and sync threads {:.2} s",
+                 {:.2} s ({:.0}% of one core) · writer thread {:.2} s",
                 fmt_int(f.branches),
                 fmt_int(f.concurrency),
                 f.secs,

@@ -3,11 +3,10 @@
 //!
 //! Appends from every run and fan-out branch go through one channel to the writer thread. It
 //! takes everything queued, applies it to an open redb write transaction, appends the batch's
-//! changes to the write-ahead log (`<store>.wal`) and hands the batch to the sync thread, which
-//! fdatasyncs the log once for every batch written since its last fdatasync
-//! ([`Durability::Immediate`]) and only then tells each caller its events are durable. So
-//! writing and waiting for the disk overlap, and throughput grows with concurrency. A caller
-//! that is alone (nothing else in flight) commits on its own thread instead, saving two thread
+//! changes to the write-ahead log (`<store>.wal`) as one record, fdatasyncs it once
+//! ([`Durability::Immediate`]) and only then tells each caller its events are durable. So a
+//! batch costs one small fdatasync, and throughput grows with concurrency. A caller that is
+//! alone (nothing else in flight) commits on its own thread instead, saving two thread
 //! wake-ups: the sequential case. The transaction is committed into the redb file (a
 //! checkpoint) every 50 ms, when a reader in this process asks, or when the log is full;
 //! opening the store replays the log past the last checkpoint.
@@ -155,9 +154,6 @@ impl Drop for Reply {
     }
 }
 
-/// Results whose batch is written to the log and waits for the fdatasync that makes it durable.
-type Pending = Vec<(Reply, Result<Appended, StoreError>)>;
-
 enum Op {
     Create {
         run: NewRun,
@@ -207,8 +203,8 @@ pub struct WriterStats {
     /// Commits a caller made on its own thread because the writer was idle (included in
     /// `commits`): the sequential case, which then costs no thread hand-off.
     pub leader_commits: u64,
-    /// fdatasyncs of the write-ahead log: the sync thread makes every batch written while
-    /// the previous fdatasync ran durable with one more, so under load this is below `commits`.
+    /// fdatasyncs of the write-ahead log (one per commit that wrote a log record; a batch made
+    /// durable by a checkpoint, or with `Durability::None`, needs none).
     pub syncs: u64,
 }
 
@@ -243,8 +239,8 @@ struct Shared {
     queued: AtomicUsize,
     /// Operations accepted and not yet answered (queued, being written, or waiting for their
     /// fdatasync). A caller commits itself only when this is zero: it is alone. Under
-    /// concurrency callers leave the disk to the writer and sync threads, keeping their own
-    /// threads free.
+    /// concurrency callers leave the disk to the writer thread, keeping their own threads
+    /// free.
     inflight: Arc<AtomicUsize>,
 }
 
@@ -501,8 +497,8 @@ impl RedbStore {
             match shared.writer.try_lock() {
                 Ok(mut w) if shared.queued.load(Ordering::Acquire) == 0 => {
                     let was_clean = w.dirty_since.is_none();
-                    // Written, fdatasynced and answered here (`Sync::Here`).
-                    let _ = w.commit_batch(vec![op], Sync::Here);
+                    // Written, fdatasynced and answered on this thread.
+                    w.commit_batch(vec![op]);
                     self.inner
                         .counters
                         .leader_commits
@@ -764,8 +760,6 @@ struct Writer {
     dirty: Arc<AtomicBool>,
     /// Set after a failure the writer cannot recover from; every later write gets it.
     failed: Option<String>,
-    /// Set by the sync thread after a failed fdatasync; taken into `failed` by the next batch.
-    sync_failed: Arc<Mutex<Option<String>>>,
 }
 
 /// The default of [`StoreOptions::checkpoint_interval`].
@@ -797,7 +791,6 @@ impl Writer {
             interval,
             dirty,
             failed: None,
-            sync_failed: Arc::default(),
         };
         w.recover()?;
         Ok(w)
@@ -924,20 +917,11 @@ impl Writer {
         }
     }
 
-    /// Commits a batch: applies it, writes it to the log, and either fdatasyncs and answers it
-    /// here (`Sync::Here`) or returns the answers for the sync thread (`Sync::Later`); answers
-    /// that need no fdatasync (errors, or a batch a checkpoint made durable) are sent at once.
-    fn commit_batch(&mut self, batch: Vec<Op>, sync: Sync) -> Option<Pending> {
+    /// Commits a batch: applies it, writes it to the log as one record, fdatasyncs the log
+    /// (one fdatasync for the whole batch) and answers every operation.
+    fn commit_batch(&mut self, batch: Vec<Op>) {
         if batch.iter().all(|op| matches!(op, Op::Tick)) {
-            return None;
-        }
-        if let Some(f) = self
-            .sync_failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            self.failed.get_or_insert(f);
+            return;
         }
         let mut replies = Vec::with_capacity(batch.len());
         let mut work = Vec::with_capacity(batch.len());
@@ -976,7 +960,7 @@ impl Writer {
             for reply in replies {
                 reply.send(Err(StoreError::Backend(msg.clone())));
             }
-            return None;
+            return;
         }
         let ops = work.len() as u64;
         let events: u64 = work
@@ -986,16 +970,14 @@ impl Writer {
                 Work::Flush => 0,
             })
             .sum();
-        let checkpoints_before = self.counters.checkpoints.load(Ordering::Relaxed);
-        let outcome = self.write_batch(work).and_then(|(results, changes)| {
-            self.log(&changes)?;
-            Ok(results)
-        });
-        // With `Sync::Here`, the fdatasync; a failed one fails the batch and the writer (the
-        // kernel may have dropped the log's unwritten pages: only a reopen can tell what is
-        // on disk).
-        let outcome = match (outcome, sync) {
-            (Ok(results), Sync::Here) if self.wal.syncs() => match self.wal.sync() {
+        let outcome = self
+            .write_batch(work)
+            .and_then(|(results, changes)| Ok((results, self.log(&changes)?)));
+        // The fdatasync of the record just written. A failed one fails the batch and stops the
+        // writer: the kernel may have dropped the log's unwritten pages, so only a reopen
+        // (which replays what the log really holds) can tell what is durable.
+        let outcome = match outcome {
+            Ok((results, true)) if self.wal.syncs() => match self.wal.sync() {
                 Ok(()) => {
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                     Ok(results)
@@ -1005,9 +987,8 @@ impl Writer {
                     Err(e)
                 }
             },
-            (o, _) => o,
+            other => other.map(|(results, _)| results),
         };
-        let mut pending = None;
         match outcome {
             Ok(mut results) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -1024,17 +1005,8 @@ impl Writer {
                         }
                     }
                 }
-                // Durable already: synced here, no fdatasync wanted, or a checkpoint (which
-                // also covers every batch written before it) committed it.
-                let durable = sync == Sync::Here
-                    || !self.wal.syncs()
-                    || self.counters.checkpoints.load(Ordering::Relaxed) != checkpoints_before;
-                if durable {
-                    for (reply, r) in replies.into_iter().zip(results) {
-                        reply.send(r);
-                    }
-                } else {
-                    pending = Some(replies.into_iter().zip(results).collect());
+                for (reply, r) in replies.into_iter().zip(results) {
+                    reply.send(r);
                 }
             }
             Err(e) => {
@@ -1055,14 +1027,14 @@ impl Writer {
                 Err(e) => self.fail(e),
             }
         }
-        pending
     }
 
-    /// Writes a batch's changes to the log as one record (the caller or the sync thread
-    /// fdatasyncs it); or, for a batch too large for the log, makes them durable by a checkpoint.
-    fn log(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+    /// Writes a batch's changes to the log as one record, returning `true` (the caller then
+    /// fdatasyncs it); or, for a batch too large for the log or an empty one, returns `false`
+    /// after making the changes durable by a checkpoint (or having none).
+    fn log(&mut self, changes: &[Change]) -> Result<bool, StoreError> {
         if changes.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.lsn += 1;
         let size: u64 = changes
@@ -1075,19 +1047,19 @@ impl Writer {
             .sum();
         if size > WAL_BYTES_MAX / 2 {
             // Too large for the log: make it durable in redb directly.
-            return self.checkpoint();
+            return self.checkpoint().map(|()| false);
         }
         if self.wal.len() + size > WAL_BYTES_MAX {
             // The log is full: checkpoint what it holds and start over. The new changes are in
             // the open transaction, so the checkpoint covers them too.
-            return self.checkpoint();
+            return self.checkpoint().map(|()| false);
         }
         self.wal.write(self.lsn, changes)?;
         if self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
             self.dirty.store(true, Ordering::Release);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Applies a batch to the open transaction and returns the per-op results and the changes
@@ -1251,44 +1223,9 @@ impl Writer {
     }
 }
 
-/// Who fdatasyncs a batch.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Sync {
-    /// The committing thread, before it answers (a caller committing itself).
-    Here,
-    /// The sync thread, while the writer thread goes on with the next batch.
-    Later,
-}
-
-/// The writer thread: takes everything queued, commits it as one batch, hands it to the sync
-/// thread, and checkpoints on schedule (also for changes callers committed themselves).
-///
-/// Writing and fdatasyncing overlap: while the sync thread waits for the disk, this thread
-/// applies and writes the next batch, and the next fdatasync covers every batch written in
-/// the meantime. A batch's answers are sent only after an fdatasync that began after it was
-/// written.
+/// The writer thread: takes everything queued, commits it as one batch (one log record, one
+/// fdatasync), and checkpoints on schedule (also for changes callers committed themselves).
 fn writer_thread(shared: &Shared, rx: &mpsc::Receiver<Op>) {
-    let (sync_tx, sync_rx) = mpsc::channel::<Pending>();
-    let log = shared.lock().wal.sync_handle();
-    let syncer = match log {
-        Ok(file) => {
-            let counters = Arc::clone(&shared.lock().counters);
-            let failed = Arc::clone(&shared.lock().sync_failed);
-            std::thread::Builder::new()
-                .name("cairn-sync".into())
-                .spawn(move || sync_thread(&file, &sync_rx, &counters, &failed))
-                .ok()
-        }
-        Err(e) => {
-            shared.lock().failed = Some(e.to_string());
-            None
-        }
-    };
-    let sync = if syncer.is_some() {
-        Sync::Later
-    } else {
-        Sync::Here
-    };
     loop {
         let wait = {
             let w = shared.lock();
@@ -1325,7 +1262,7 @@ fn writer_thread(shared: &Shared, rx: &mpsc::Receiver<Op>) {
             }
         }
         let queued = batch.iter().filter(|op| !matches!(op, Op::Tick)).count();
-        let pending = w.commit_batch(batch, sync);
+        w.commit_batch(batch);
         // Applied: callers may commit themselves again once the queue is empty (and nothing
         // is in flight).
         shared.queued.fetch_sub(queued, Ordering::AcqRel);
@@ -1334,54 +1271,11 @@ fn writer_thread(shared: &Shared, rx: &mpsc::Receiver<Op>) {
         if w.checkpoint_due() {
             w.checkpoint_or_fail();
         }
-        drop(w);
-        if let Some(p) = pending
-            && let Err(mpsc::SendError(p)) = sync_tx.send(p)
-        {
-            for (reply, _) in p {
-                reply.send(Err(StoreError::Closed));
-            }
-        }
     }
-    // Closing: answer what waits for a sync, then checkpoint everything and empty the log.
-    drop(sync_tx);
-    if let Some(t) = syncer {
-        let _ = t.join();
-    }
+    // Closing: checkpoint everything and empty the log.
     let mut w = shared.lock();
     if w.failed.is_none() && w.checkpoint().is_ok() {
         let _ = w.wal.truncate();
-    }
-}
-
-/// The sync thread: fdatasyncs the log once for everything written since its last fdatasync,
-/// then answers those batches. A failed fdatasync fails them and stops the writer (the kernel
-/// may have dropped the log's unwritten pages: only a reopen can tell what is on disk).
-fn sync_thread(
-    log: &std::fs::File,
-    rx: &mpsc::Receiver<Pending>,
-    counters: &Counters,
-    failed: &Mutex<Option<String>>,
-) {
-    let mut broken: Option<String> = None;
-    while let Ok(mut batch) = rx.recv() {
-        while let Ok(more) = rx.try_recv() {
-            batch.extend(more);
-        }
-        if broken.is_none()
-            && let Err(e) = log.sync_data()
-        {
-            let msg = format!("cannot fsync the write-ahead log: {e}");
-            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-            broken = Some(msg);
-        }
-        counters.syncs.fetch_add(1, Ordering::Relaxed);
-        for (reply, r) in batch {
-            match &broken {
-                None => reply.send(r),
-                Some(msg) => reply.send(Err(StoreError::Backend(msg.clone()))),
-            }
-        }
     }
 }
 

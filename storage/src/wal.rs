@@ -216,15 +216,7 @@ impl Wal {
         Ok(())
     }
 
-    /// A second handle on the log file, for the thread that fdatasyncs it.
-    pub(crate) fn sync_handle(&self) -> Result<File, StoreError> {
-        self.file
-            .try_clone()
-            .map_err(|e| io(&self.path, "cannot open the write-ahead log for syncing", e))
-    }
-
-    /// Appends one record without waiting for the disk: [`Wal::sync`] (or an fdatasync of
-    /// [`Wal::sync_handle`]) makes it durable.
+    /// Appends one record without waiting for the disk: [`Wal::sync`] makes it durable.
     pub(crate) fn write(&mut self, lsn: u64, changes: &[Change]) -> Result<(), StoreError> {
         // Encode the body straight after a header placeholder: the batch's bytes are copied
         // once, not once into a body and again into the record.
