@@ -1102,13 +1102,9 @@ impl Writer {
                     })),
                     Work::Create(run, evs) => {
                         let id = run.id.as_u128();
-                        if self.runs.contains_key(&id) || {
-                            let runs = match &mut runs_table {
-                                Some(t) => t,
-                                None => runs_table.insert(txn.open_table(RUNS)?),
-                            };
-                            runs.get(id)?.is_some()
-                        } {
+                        if self.runs.contains_key(&id)
+                            || opened(&mut runs_table, txn, RUNS)?.get(id)?.is_some()
+                        {
                             results.push(Err(StoreError::RunExists(run.id)));
                             continue;
                         }
@@ -1140,10 +1136,7 @@ impl Writer {
                         let meta = match self.runs.entry(id) {
                             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                             std::collections::hash_map::Entry::Vacant(v) => {
-                                let runs = match &mut runs_table {
-                                    Some(t) => t,
-                                    None => runs_table.insert(txn.open_table(RUNS)?),
-                                };
+                                let runs = opened(&mut runs_table, txn, RUNS)?;
                                 let Some(row) = runs.get(id)? else {
                                     results.push(Err(StoreError::UnknownRun(run)));
                                     continue;
@@ -1289,31 +1282,17 @@ fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), StoreEr
     for c in changes {
         match c {
             Change::Event { run, seq, bytes } => {
-                if events.is_none() {
-                    events = Some(txn.open_table(EVENTS)?);
-                }
-                if let Some(t) = events.as_mut() {
-                    t.insert((*run, *seq), bytes.as_slice())?;
-                }
+                opened(&mut events, txn, EVENTS)?.insert((*run, *seq), bytes.as_slice())?;
             }
             Change::Run { run, row } => {
-                if runs.is_none() {
-                    runs = Some(txn.open_table(RUNS)?);
-                }
-                if let Some(t) = runs.as_mut() {
-                    t.insert(*run, row.as_slice())?;
-                }
+                opened(&mut runs, txn, RUNS)?.insert(*run, row.as_slice())?;
             }
             Change::Status { code, run, present } => {
-                if by_status.is_none() {
-                    by_status = Some(txn.open_table(RUNS_BY_STATUS)?);
-                }
-                if let Some(t) = by_status.as_mut() {
-                    if *present {
-                        t.insert((*code, *run), ())?;
-                    } else {
-                        t.remove((*code, *run))?;
-                    }
+                let t = opened(&mut by_status, txn, RUNS_BY_STATUS)?;
+                if *present {
+                    t.insert((*code, *run), ())?;
+                } else {
+                    t.remove((*code, *run))?;
                 }
             }
             Change::Wake {
@@ -1321,20 +1300,29 @@ fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), StoreEr
                 run,
                 present,
             } => {
-                if wakeups.is_none() {
-                    wakeups = Some(txn.open_table(WAKEUPS)?);
-                }
-                if let Some(t) = wakeups.as_mut() {
-                    if *present {
-                        t.insert((*at_us, *run), ())?;
-                    } else {
-                        t.remove((*at_us, *run))?;
-                    }
+                let t = opened(&mut wakeups, txn, WAKEUPS)?;
+                if *present {
+                    t.insert((*at_us, *run), ())?;
+                } else {
+                    t.remove((*at_us, *run))?;
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The table in `slot`, opened in `txn` on first use.
+fn opened<'s, 't, K: redb::Key + 'static, V: redb::Value + 'static>(
+    slot: &'s mut Option<redb::Table<'t, K, V>>,
+    txn: &'t redb::WriteTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<&'s mut redb::Table<'t, K, V>, StoreError> {
+    if slot.is_none() {
+        *slot = Some(txn.open_table(def)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| StoreError::Backend("a table could not be opened".into()))
 }
 
 enum Work {
