@@ -1679,20 +1679,7 @@ mod tests {
         let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
         std::fs::write(&script, text).unwrap();
 
-        let spans = InMemorySpanExporter::default();
-        let metrics = InMemoryMetricExporter::default();
-        let stats = Arc::new(ExportStats::default());
-        let pipeline = Pipeline::assemble(
-            spans.clone(),
-            Some(CountingMetrics {
-                inner: Some(metrics.clone()),
-                stats: Arc::clone(&stats),
-            }),
-            Resource::builder_empty().build(),
-            Arc::clone(&stats),
-            "memory".into(),
-            sampler,
-        );
+        let (spans, metrics, stats, pipeline) = memory_pipeline(sampler);
         let subscriber = tracing_subscriber::registry().with(pipeline.layer());
         let guard = tracing::subscriber::set_default(subscriber);
         let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
@@ -2065,19 +2052,15 @@ mod tests {
         assert_agent_run_counted(&c.metrics);
     }
 
-    /// Starts `runs` runs of the built-in `steps` workflow (3 steps each) at once under a
-    /// pipeline with `sampler`, on this thread; returns the run ids, the spans, the metrics
-    /// and the counts.
-    async fn steps_runs(
-        runs: usize,
+    /// A pipeline exporting to in-memory span and metric exporters with `sampler`.
+    fn memory_pipeline(
         sampler: Sampler,
     ) -> (
-        Vec<String>,
-        Vec<SpanData>,
-        Vec<ResourceMetrics>,
+        InMemorySpanExporter,
+        InMemoryMetricExporter,
         Arc<ExportStats>,
+        Pipeline,
     ) {
-        let dir = tempfile::tempdir().unwrap();
         let spans = InMemorySpanExporter::default();
         let metrics = InMemoryMetricExporter::default();
         let stats = Arc::new(ExportStats::default());
@@ -2092,6 +2075,23 @@ mod tests {
             "memory".into(),
             sampler,
         );
+        (spans, metrics, stats, pipeline)
+    }
+
+    /// Starts `runs` runs of the built-in `steps` workflow (3 steps each) at once under a
+    /// pipeline with `sampler`, on this thread; returns the run ids, the spans, the metrics
+    /// and the counts.
+    async fn steps_runs(
+        runs: usize,
+        sampler: Sampler,
+    ) -> (
+        Vec<String>,
+        Vec<SpanData>,
+        Vec<ResourceMetrics>,
+        Arc<ExportStats>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (spans, metrics, stats, pipeline) = memory_pipeline(sampler);
         let subscriber = tracing_subscriber::registry().with(pipeline.layer());
         let guard = tracing::subscriber::set_default(subscriber);
         let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
