@@ -1400,8 +1400,11 @@ impl EventStore for RedbStore {
     fn run(&self, id: RunId) -> BoxFuture<'_, Result<Option<RunMeta>, StoreError>> {
         // The writer's cache holds the newest row of every run written since it was last
         // cleared: answering from it spares a checkpoint (a redb commit) per read under load.
+        // `try_lock`: a writer busy with a checkpoint must not block this (async) caller's
+        // thread; the checkpointed path below waits without blocking.
         if let Some(shared) = &self.inner.shared
-            && let Some(meta) = shared.lock().runs.get(&id.as_u128()).cloned()
+            && let Ok(w) = shared.writer.try_lock()
+            && let Some(meta) = w.runs.get(&id.as_u128()).cloned()
         {
             return Box::pin(async move { Ok(Some(meta)) });
         }
