@@ -73,6 +73,14 @@ impl Budget {
         s.cost_usd += cost_usd.unwrap_or(0.0);
     }
 
+    /// Adds spending recorded elsewhere (e.g. by finished items of a resumed batch, whose
+    /// calls are not replayed).
+    pub(crate) fn add_spent(&self, tokens: u64, cost_usd: f64) {
+        let mut s = self.lock();
+        s.tokens += tokens;
+        s.cost_usd += cost_usd;
+    }
+
     /// Tokens and cost spent so far in this execution (replayed calls included).
     pub fn spent(&self) -> (u64, f64) {
         let s = self.lock();

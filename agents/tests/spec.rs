@@ -1853,6 +1853,44 @@ async fn a_resumed_batch_does_not_call_the_model_again_for_finished_items() {
     }
 }
 
+#[tokio::test]
+async fn a_resumed_batch_counts_what_its_finished_items_spent_against_the_budget() {
+    let (_sd, store) = store();
+    // 120 tokens a call. The 3 items finished before the stop spent 360; the remaining 3
+    // would spend 360 more, crossing 500 after at most 2 calls. Before this was fixed, a
+    // resumed batch counted only its new calls and finished within the budget.
+    let text = format!(
+        "{}\n[budget]\nmax_tokens = 500\n",
+        batch("concurrency = 2", "x")
+    );
+    let (id, _follower, _got) = start_and_stop_mid_batch(&store, &text).await;
+    let model = Arc::new(ScriptedModel::from_fn(|req| {
+        Ok(say(&format!("answer to {}", last_user(req))))
+    }));
+    let mut reg = Registry::new();
+    register_flows(&mut reg, FlowEnv::new().model("m", model.clone()));
+    let e = Engine::with_options(
+        Arc::clone(&store),
+        reg,
+        cairn_engine::EngineOptions {
+            suspend_after: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    let out = e.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(
+        out.status,
+        RunStatus::Waiting,
+        "parked on the budget: {:?}",
+        out.error
+    );
+    let exhausted = step_outputs(&store, id, "budget_exhausted").await;
+    assert!(!exhausted.is_empty());
+    let spent = exhausted[0]["spent_tokens"].as_u64().unwrap();
+    assert!(spent >= 500, "{exhausted:?}");
+    assert!(model.calls() <= 2, "{} calls", model.calls());
+}
+
 const KEYED: &str = r#"[models.m]
 provider = "anthropic"
 model = "claude-haiku-4-5"

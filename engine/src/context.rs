@@ -766,6 +766,32 @@ impl WorkflowContext {
             .collect()
     }
 
+    /// The outputs already recorded for the branches of the fan-out this scope's next
+    /// operation would be, if that is a fan-out named `name` (a resumed run; empty otherwise),
+    /// by branch index. Lets a workflow account for finished branches (their spending, say)
+    /// before the remaining ones run: finished branches are answered from the log, not re-run.
+    pub fn recorded_branch_outputs(&self, name: &str) -> Vec<(u32, serde_json::Value)> {
+        let path = self
+            .scope
+            .prefix
+            .child(self.scope.next.load(Ordering::Relaxed));
+        let st = lock(&self.shared.state);
+        match st.run.fanouts.get(&path) {
+            Some(fo) if fo.name == name => fo
+                .outcomes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, o)| match o {
+                    Some(crate::state::BranchRecord::Completed(p)) => {
+                        Some((u32::try_from(i).ok()?, p.to_json()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The output of the step answered or executed most recently in this execution.
     pub fn last_result(&self) -> Option<serde_json::Value> {
         let st = lock(&self.shared.state);

@@ -33,6 +33,8 @@ struct Built {
     models: HashMap<String, (Arc<dyn Model>, String)>,
     agents: HashMap<String, Agent>,
     routers: HashMap<String, Router>,
+    /// The run's `[budget]`, shared by its agents and routers.
+    budget: Option<Arc<Budget>>,
 }
 
 impl Built {
@@ -124,6 +126,7 @@ impl Built {
             models,
             agents,
             routers,
+            budget,
         })
     }
 
@@ -227,9 +230,21 @@ impl Model for Paced {
 struct Scope {
     vars: Value,
     runs: HashMap<String, Arc<AgentRun>>,
+    /// Tokens and dollars the agent and router steps of this scope spent (what `[budget]`
+    /// counts), recorded with a `for_each` item's outcome.
+    spent: (u64, f64),
 }
 
 impl Scope {
+    fn spend(&mut self, run: &AgentRun) {
+        let u = &run.usage;
+        self.spent.0 += u.input_tokens
+            + u.output_tokens
+            + u.cache_creation_input_tokens
+            + u.cache_read_input_tokens;
+        self.spent.1 += run.cost_usd.unwrap_or(0.0);
+    }
+
     fn record(&mut self, id: &str, value: Value, run: Option<AgentRun>) {
         if let Some(steps) = self.vars.get_mut("steps").and_then(Value::as_object_mut) {
             steps.insert(id.to_string(), value);
@@ -267,6 +282,7 @@ pub(crate) async fn run(
     let mut scope = Scope {
         vars: json!({ "input": input.params, "steps": {} }),
         runs: HashMap::new(),
+        spent: (0, 0.0),
     };
     let items = Arc::new(input.items);
     let mut summary = serde_json::Map::new();
@@ -391,6 +407,7 @@ async fn simple_step(
             if let Some(fb) = used {
                 v["fallback"] = Value::String(fb);
             }
+            scope.spend(&run);
             scope.record(&step.id, v.clone(), Some(run));
             Ok(v)
         }
@@ -403,6 +420,8 @@ async fn simple_step(
                 .render(&scope.vars)
                 .map_err(|e| step_failed(step, e))?;
             let routed = r.run(ctx, &task).await?;
+            scope.spend(&routed.classification);
+            scope.spend(&routed.run);
             let mut v = agent_value(&routed.run);
             v["category"] = Value::String(routed.category.clone());
             v["fallback"] = Value::Bool(routed.fallback);
@@ -431,7 +450,18 @@ async fn for_each(
         None => JoinPolicy::All,
     };
     let opts = FanOutOptions::new(concurrency as usize).join(join);
-    let base = Arc::new(scope.clone());
+    // Items that finished before a resume are answered from the log without replaying their
+    // calls: their recorded spending counts toward the budget before the others run.
+    if let Some(b) = &built.budget {
+        for (_, v) in ctx.recorded_branch_outputs(&step.id) {
+            let tokens = v["spent"]["tokens"].as_u64().unwrap_or(0);
+            let cost = v["spent"]["cost_usd"].as_f64().unwrap_or(0.0);
+            b.add_spent(tokens, cost);
+        }
+    }
+    let mut base = scope.clone();
+    base.spent = (0, 0.0);
+    let base = Arc::new(base);
     let built = Arc::clone(built);
     let list: Vec<Value> = items.as_ref().clone();
     let fan_in = ctx
@@ -448,7 +478,8 @@ async fn for_each(
                     let v = simple_step(&bctx, s, &built, &mut scope).await?;
                     out.insert(s.id.clone(), v);
                 }
-                Ok(json!({ "steps": out }))
+                let (tokens, cost_usd) = scope.spent;
+                Ok(json!({ "steps": out, "spent": { "tokens": tokens, "cost_usd": cost_usd } }))
             }
         })
         .await?;
