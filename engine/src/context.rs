@@ -536,6 +536,10 @@ impl WorkflowContext {
                     },
                 }
             };
+            // The attempt runs inside its span; the span is read back from the pinned future
+            // afterwards (no clone: each clone and drop is a registry operation per step).
+            let in_span = run.instrument(span);
+            tokio::pin!(in_span);
             let outcome = tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => {
@@ -544,8 +548,9 @@ impl WorkflowContext {
                 _ = shared.shutdown.cancelled() => {
                     return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
                 }
-                r = run.instrument(span.clone()) => r,
+                r = &mut in_span => r,
             };
+            let span = in_span.span();
             let max_bytes = shared.store.max_payload_bytes();
             let outcome = outcome.and_then(|v| {
                 let p = Payload::from_value(&v).map_err(|e| {
@@ -592,7 +597,7 @@ impl WorkflowContext {
                     span.record("otel.status_code", "ERROR");
                     span.record("exception.message", e.message());
                     span.record("cairn.step.will_retry", retry_at_us.is_some());
-                    tracing::warn!(parent: &span, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
+                    tracing::warn!(parent: span, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
                     shared
                         .record(Event::StepFailed {
                             path: path.clone(),
