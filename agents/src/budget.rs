@@ -66,10 +66,7 @@ impl Budget {
     /// Adds one call's usage and cost.
     pub(crate) fn add(&self, usage: &Usage, cost_usd: Option<f64>) {
         let mut s = self.lock();
-        s.tokens += usage.input_tokens
-            + usage.output_tokens
-            + usage.cache_creation_input_tokens
-            + usage.cache_read_input_tokens;
+        s.tokens += usage.total_tokens();
         s.cost_usd += cost_usd.unwrap_or(0.0);
     }
 

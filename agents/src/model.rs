@@ -180,6 +180,16 @@ pub struct Usage {
     pub cache_read_input_tokens: u64,
 }
 
+impl Usage {
+    /// Every token of the call, cached ones included: what `[budget]` limits.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+    }
+}
+
 impl std::ops::Add for Usage {
     type Output = Usage;
 

@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -511,11 +511,8 @@ impl RedbStore {
                     }
                     return Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? });
                 }
-                Ok(w) => {
-                    drop(w);
-                    return self.enqueue(tx, shared, op, rx);
-                }
-                Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => {}
+                // Busy, poisoned, or an op was queued meanwhile: queue behind it.
+                _ => {}
             }
         }
         self.enqueue(tx, shared, op, rx)
@@ -1463,10 +1460,8 @@ impl EventStore for RedbStore {
     }
 
     fn publish(&self) -> BoxFuture<'static, Result<(), StoreError>> {
-        if self.is_read_only() {
-            return Box::pin(async { Ok(()) });
-        }
-        let f = self.send(|reply| Op::Checkpoint { reply });
-        Box::pin(async move { f.await.map(|_| ()) })
+        // What a read in this process needs is what other processes need: a checkpoint of
+        // whatever is outstanding (nothing when clean or read-only).
+        self.fresh()
     }
 }

@@ -237,11 +237,7 @@ struct Scope {
 
 impl Scope {
     fn spend(&mut self, run: &AgentRun) {
-        let u = &run.usage;
-        self.spent.0 += u.input_tokens
-            + u.output_tokens
-            + u.cache_creation_input_tokens
-            + u.cache_read_input_tokens;
+        self.spent.0 += run.usage.total_tokens();
         self.spent.1 += run.cost_usd.unwrap_or(0.0);
     }
 
