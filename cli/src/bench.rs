@@ -85,6 +85,10 @@ pub struct BenchArgs {
     /// Agent runs `agents` runs at once (with and without the engine).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub agent_concurrency: u32,
+    /// Rounds of the short core workloads (`fsync`, `seq`, `many`, `fanout`): they run in turn,
+    /// round after round, each on a fresh store, and each reports its median round.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Rounds of `telemetry` (each runs `seq`, `many` and `agents` with telemetry off twice,
     /// to a discarding pipeline and to a loopback OTLP receiver).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -198,6 +202,9 @@ struct FsyncResult {
     p99_ms: f64,
     /// Worst latency, in milliseconds.
     max_ms: f64,
+    /// The headline rate of every round, in the order run (the figures above are the median
+    /// round's).
+    round_rates: Vec<f64>,
 }
 
 /// What the `seq` workload measured.
@@ -221,6 +228,9 @@ struct SeqResult {
     file_bytes: u64,
     /// File size divided by steps.
     bytes_per_step: f64,
+    /// The headline rate of every round, in the order run (the figures above are the median
+    /// round's).
+    round_rates: Vec<f64>,
 }
 
 /// What the `many` workload measured.
@@ -245,6 +255,9 @@ struct ManyResult {
     /// fdatasyncs of the write-ahead log during the run (one covers every batch written while
     /// the previous one ran).
     fsyncs: u64,
+    /// The headline rate of every round, in the order run (the figures above are the median
+    /// round's).
+    round_rates: Vec<f64>,
 }
 
 /// What the `replay` workload measured (each time is the median of several repetitions).
@@ -322,6 +335,9 @@ struct FanoutResult {
     cpu_secs: f64,
     /// CPU time of the store's `cairn-writer` thread during the run, in seconds.
     writer_cpu_secs: f64,
+    /// The headline rate of every round, in the order run (the figures above are the median
+    /// round's).
+    round_rates: Vec<f64>,
 }
 
 /// What the `fanout-large` workload measured.
@@ -515,6 +531,103 @@ impl Drop for BenchDir {
     }
 }
 
+/// Runs the selected short core workloads (`fsync`, `seq`, `many`, `fanout`) `args.rounds`
+/// times, in turn, and keeps each one's median round.
+///
+/// These workloads take milliseconds to a second each, and this class of machine's disk and CPU
+/// drift within minutes: interleaving the rounds measures the ratios between them (the targets)
+/// over the same stretch of time, and the median ignores a round that hit a stall.
+async fn run_core_rounds(
+    args: &BenchArgs,
+    selected: &[Workload],
+    dir: &Path,
+    res: &mut Results,
+) -> Result<()> {
+    let say = |what: String| {
+        if !args.json {
+            eprintln!("bench: {what}…");
+        }
+    };
+    let has = |w: Workload| selected.contains(&w);
+    let rounds = args.rounds.max(1) as usize;
+    let mut fsync = Vec::new();
+    let mut seq = Vec::new();
+    let mut many = Vec::new();
+    let mut fanout = Vec::new();
+    for round in 1..=rounds {
+        let of = |what: String| {
+            if rounds > 1 {
+                format!("{what}, round {round} of {rounds}")
+            } else {
+                what
+            }
+        };
+        if has(Workload::Fsync) {
+            say(of("fsync (4 KiB write + fdatasync)".into()));
+            fsync.push(bench_fsync(dir)?);
+        }
+        if has(Workload::Seq) {
+            say(of(format!(
+                "seq ({} sequential steps)",
+                fmt_int(args.steps)
+            )));
+            seq.push(bench_seq(dir, args.steps).await?);
+        }
+        if has(Workload::Many) {
+            say(of(format!(
+                "many ({} workflows × {} steps)",
+                fmt_int(args.workflows),
+                fmt_int(args.steps_per_workflow)
+            )));
+            many.push(bench_many(dir, args.workflows, args.steps_per_workflow).await?);
+        }
+        if has(Workload::Fanout) {
+            say(of(format!(
+                "fanout ({} branches, {} at a time)",
+                fmt_int(args.branches),
+                fmt_int(args.concurrency)
+            )));
+            fanout.push(bench_fanout(dir, args.branches, args.concurrency).await?);
+        }
+    }
+    res.fsync = median_round(fsync, |r| r.commits_per_sec, |r, all| r.round_rates = all);
+    res.seq = median_round(seq, |r| r.steps_per_sec, |r, all| r.round_rates = all);
+    res.many = median_round(many, |r| r.steps_per_sec, |r, all| r.round_rates = all);
+    res.fanout = median_round(fanout, |r| r.branches_per_sec, |r, all| r.round_rates = all);
+    Ok(())
+}
+
+/// The round with the median `rate` (the lower middle one for an even count), carrying every
+/// round's rate in run order; `None` for no rounds.
+fn median_round<T>(
+    rounds: Vec<T>,
+    rate: impl Fn(&T) -> f64,
+    keep: impl FnOnce(&mut T, Vec<f64>),
+) -> Option<T> {
+    let all: Vec<f64> = rounds.iter().map(&rate).collect();
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|a, b| all[*a].total_cmp(&all[*b]));
+    let pick = *order.get(rounds.len().saturating_sub(1) / 2)?;
+    let mut chosen = rounds.into_iter().nth(pick)?;
+    keep(&mut chosen, all);
+    Some(chosen)
+}
+
+/// How the rounds of a workload spread, for the table ("" for a single round).
+fn rounds_note(all: &[f64], unit: &str) -> String {
+    if all.len() < 2 {
+        return String::new();
+    }
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = all.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "\nmedian of {} rounds ({}–{} {unit})",
+        all.len(),
+        fmt_rate(lo),
+        fmt_rate(hi)
+    )
+}
+
 /// Runs the selected benchmarks.
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     if let Some(report) = &args.rusage_report {
@@ -537,25 +650,11 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             eprintln!("bench: {what}…");
         }
     };
+    run_core_rounds(&args, &selected, &dir.path, &mut res).await?;
     for w in selected {
         match w {
-            Workload::Fsync => {
-                say("fsync (4 KiB write + fdatasync)".into());
-                res.fsync = Some(bench_fsync(&dir.path)?);
-            }
-            Workload::Seq => {
-                say(format!("seq ({} sequential steps)", fmt_int(args.steps)));
-                res.seq = Some(bench_seq(&dir.path, args.steps).await?);
-            }
-            Workload::Many => {
-                say(format!(
-                    "many ({} workflows × {} steps)",
-                    fmt_int(args.workflows),
-                    fmt_int(args.steps_per_workflow)
-                ));
-                res.many =
-                    Some(bench_many(&dir.path, args.workflows, args.steps_per_workflow).await?);
-            }
+            // Measured above, in interleaved rounds.
+            Workload::Fsync | Workload::Seq | Workload::Many | Workload::Fanout => {}
             Workload::Replay => {
                 say(format!("replay ({} events)", fmt_int(args.events)));
                 res.replay = Some(bench_replay(&dir.path, args.events).await?);
@@ -566,14 +665,6 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
                     fmt_int(args.recovery_steps)
                 ));
                 res.recovery = Some(bench_recovery(&dir.path, args.recovery_steps).await?);
-            }
-            Workload::Fanout => {
-                say(format!(
-                    "fanout ({} branches, {} at a time)",
-                    fmt_int(args.branches),
-                    fmt_int(args.concurrency)
-                ));
-                res.fanout = Some(bench_fanout(&dir.path, args.branches, args.concurrency).await?);
             }
             Workload::FanoutLarge => {
                 say(format!(
@@ -744,6 +835,7 @@ fn bench_fsync(dir: &Path) -> Result<FsyncResult> {
     lat.sort_unstable();
     let writes = lat.len() as u64;
     Ok(FsyncResult {
+        round_rates: Vec::new(),
         writes,
         secs,
         commits_per_sec: rate(writes as f64, secs),
@@ -792,6 +884,7 @@ async fn bench_seq(dir: &Path, steps: u32) -> Result<SeqResult> {
     let commits = after.commits - before.commits;
     let events = after.events - before.events;
     Ok(SeqResult {
+        round_rates: Vec::new(),
         steps,
         secs,
         steps_per_sec: rate(f64::from(steps), secs),
@@ -836,6 +929,7 @@ async fn bench_many(dir: &Path, workflows: u32, steps: u32) -> Result<ManyResult
     let events = after.events - before.events;
     let total_steps = u64::from(workflows) * u64::from(steps);
     Ok(ManyResult {
+        round_rates: Vec::new(),
         workflows,
         steps_per_workflow: steps,
         secs,
@@ -1310,6 +1404,7 @@ async fn bench_fanout(dir: &Path, branches: u32, concurrency: u32) -> Result<Fan
     let commits = after.commits - before.commits;
     let events = after.events - before.events;
     Ok(FanoutResult {
+        round_rates: Vec::new(),
         branches,
         concurrency,
         secs,
@@ -2306,7 +2401,7 @@ fn print_human(r: &Results) {
                 f.p50_ms,
                 f.p99_ms,
                 f.max_ms
-            ),
+            ) + &rounds_note(&f.round_rates, "commits/s"),
         ]);
     }
     if let Some(s) = &r.seq {
@@ -2322,7 +2417,7 @@ fn print_human(r: &Results) {
                 fmt_int(s.fsyncs),
                 fmt_bytes(s.file_bytes),
                 fmt_int(s.bytes_per_step.round() as u64)
-            ),
+            ) + &rounds_note(&s.round_rates, "steps/s"),
         ]);
     }
     if let Some(m) = &r.many {
@@ -2343,7 +2438,7 @@ fn print_human(r: &Results) {
                 fmt_int(m.commits),
                 m.events_per_commit,
                 fmt_int(m.fsyncs)
-            ),
+            ) + &rounds_note(&m.round_rates, "steps/s"),
         ]);
     }
     if let Some(p) = &r.replay {
@@ -2406,7 +2501,7 @@ fn print_human(r: &Results) {
                 f.cpu_secs,
                 rate(f.cpu_secs, f.secs) * 100.0,
                 f.writer_cpu_secs
-            ),
+            ) + &rounds_note(&f.round_rates, "branches/s"),
         ]);
     }
     if let Some(l) = &r.fanout_large {

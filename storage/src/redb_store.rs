@@ -431,6 +431,8 @@ impl RedbStore {
             opts.checkpoint_interval,
             writer_counters,
             Arc::clone(&dirty),
+            // A log without its store file (deleted, or moved away) belongs to another store.
+            !exists,
         )?;
         let shared = Arc::new(Shared {
             writer: Mutex::new(w),
@@ -778,6 +780,7 @@ impl Writer {
         interval: Duration,
         counters: Arc<Counters>,
         dirty: Arc<AtomicBool>,
+        fresh: bool,
     ) -> Result<Self, StoreError> {
         let wal = Wal::open(&path, durability == Durability::Immediate)?;
         let mut w = Writer {
@@ -794,7 +797,11 @@ impl Writer {
             dirty,
             failed: None,
         };
+        if fresh {
+            w.wal.truncate()?;
+        }
         w.recover()?;
+        w.wal.preallocate()?;
         Ok(w)
     }
 

@@ -77,6 +77,9 @@ fn encoded_size_hint(changes: &[Change]) -> usize {
         .sum::<usize>()
 }
 
+/// The log grows in steps of this many bytes.
+const RESERVE_STEP: u64 = 4 * 1024 * 1024;
+
 /// The log file and where the next record goes.
 pub(crate) struct Wal {
     file: File,
@@ -239,10 +242,19 @@ impl Wal {
         Ok(())
     }
 
-    /// Makes sure the file's first `end` bytes exist, writing zeros in 4 MiB steps (zeros read
-    /// as the end of the log) and syncing the new size once per step.
+    /// Gives the log its first [`RESERVE_STEP`] bytes now, at open, so the first commit does
+    /// not pay for writing and syncing them.
+    pub(crate) fn preallocate(&mut self) -> Result<(), StoreError> {
+        if self.sync {
+            self.reserve(RESERVE_STEP)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the file's first `end` bytes exist, writing zeros in [`RESERVE_STEP`] steps
+    /// (zeros read as the end of the log) and syncing the new size once per step.
     fn reserve(&mut self, end: u64) -> Result<(), StoreError> {
-        const STEP: u64 = 4 * 1024 * 1024;
+        const STEP: u64 = RESERVE_STEP;
         if end <= self.allocated {
             return Ok(());
         }
@@ -266,7 +278,8 @@ impl Wal {
         self.offset = 0;
     }
 
-    /// Empties the file (on a clean close, after a final checkpoint).
+    /// Empties the file (on a clean close, after a final checkpoint, and for a new store: a log
+    /// left by a deleted store file must not be replayed into a new one).
     pub(crate) fn truncate(&mut self) -> Result<(), StoreError> {
         self.offset = 0;
         self.allocated = 0;
@@ -376,5 +389,22 @@ mod tests {
         w.append(5, &[change(5)]).unwrap();
         let after = w.scan(4).unwrap();
         assert_eq!(after.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![5]);
+    }
+
+    #[test]
+    fn an_opened_log_is_preallocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s.redb");
+        let mut w = Wal::open(&store, true).unwrap();
+        w.preallocate().unwrap();
+        let len = || std::fs::metadata(wal_path(&store)).unwrap().len();
+        assert_eq!(
+            len(),
+            RESERVE_STEP,
+            "space for the first commits is written at open"
+        );
+        w.append(1, &[change(1)]).unwrap();
+        assert_eq!(len(), RESERVE_STEP);
+        assert_eq!(w.scan(0).unwrap().len(), 1);
     }
 }

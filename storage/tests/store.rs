@@ -581,9 +581,10 @@ async fn a_killed_writer_loses_no_acknowledged_append_and_rebuilds_run_rows() {
         p.push(".wal");
         p
     };
+    let log = std::fs::read(&wal).unwrap();
     assert!(
-        std::fs::metadata(&wal).unwrap().len() > 0,
-        "the log holds the appends"
+        log.windows(5).any(|w| w == b"new-4"),
+        "the log holds the child's last append"
     );
 
     let store = RedbStore::open(&path).unwrap();
@@ -614,4 +615,45 @@ async fn a_killed_writer_loses_no_acknowledged_append_and_rebuilds_run_rows() {
     assert_eq!(a.first, Seq(26));
     assert!(store.verify(old).await.unwrap().ok());
     assert!(store.verify(new).await.unwrap().ok());
+}
+
+#[tokio::test]
+async fn a_log_left_by_a_deleted_store_file_is_not_replayed_into_a_new_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let wal = {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".wal");
+        std::path::PathBuf::from(p)
+    };
+    let old = RunId::new();
+    let left_over = dir.path().join("left-over.wal");
+    {
+        let store = RedbStore::open_with(
+            &path,
+            StoreOptions {
+                // Keep the appends only in the log while the store is open.
+                checkpoint_interval: std::time::Duration::from_secs(3600),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        store.create_run(new_run(old), vec![ev("a")]).await.unwrap();
+        store.append(old, vec![ev("b")], None).await.unwrap();
+        // What a crash would leave: the log with records past the store's checkpoint.
+        std::fs::copy(&wal, &left_over).unwrap();
+    }
+    std::fs::remove_file(&path).unwrap();
+    std::fs::rename(&left_over, &wal).unwrap();
+    let store = RedbStore::open(&path).unwrap();
+    assert!(store.run(old).await.unwrap().is_none());
+    let fresh = RunId::new();
+    store
+        .create_run(new_run(fresh), vec![ev("c")])
+        .await
+        .unwrap();
+    drop(store);
+    let store = RedbStore::open(&path).unwrap();
+    assert!(store.run(old).await.unwrap().is_none());
+    assert_eq!(store.run(fresh).await.unwrap().unwrap().events, 1);
 }
