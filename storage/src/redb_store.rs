@@ -2,10 +2,11 @@
 //! group-commit writer.
 //!
 //! Appends from every run and fan-out branch go through one channel to the writer thread. It
-//! takes everything queued, applies it to an open redb write transaction, appends the batch's
-//! changes to the write-ahead log (`<store>.wal`) as one record, fdatasyncs it once
-//! ([`Durability::Immediate`]) and only then tells each caller its events are durable. So a
-//! batch costs one small fdatasync, and throughput grows with concurrency. A caller that is
+//! takes everything queued, works out its changes against its run cache, appends them to the
+//! write-ahead log (`<store>.wal`) as one record, fdatasyncs it once
+//! ([`Durability::Immediate`]), tells each caller its events are durable, and only then
+//! applies the changes to an open redb write transaction. So a batch costs one small
+//! fdatasync, callers never wait for B-tree inserts, and throughput grows with concurrency. A caller that is
 //! alone (nothing else in flight) commits on its own thread instead, saving two thread
 //! wake-ups: the sequential case. The transaction is committed into the redb file (a
 //! checkpoint) every 250 ms, when a reader in this process asks, or when the log is full;
@@ -926,8 +927,10 @@ impl Writer {
         }
     }
 
-    /// Commits a batch: applies it, writes it to the log as one record, fdatasyncs the log
-    /// (one fdatasync for the whole batch) and answers every operation.
+    /// Commits a batch: works out its changes, writes them to the log as one record,
+    /// fdatasyncs the log (one fdatasync for the whole batch), answers every operation, and
+    /// only then applies the changes to the open transaction (the callers do not wait for the
+    /// B-tree inserts; the log is what makes them durable).
     fn commit_batch(&mut self, batch: Vec<Op>) {
         if batch.iter().all(|op| matches!(op, Op::Tick)) {
             return;
@@ -979,24 +982,36 @@ impl Writer {
                 Work::Flush => 0,
             })
             .sum();
-        let outcome = self
-            .write_batch(work)
-            .and_then(|(results, changes)| Ok((results, self.log(&changes)?)));
+        let outcome = self.write_batch(work).and_then(|(results, changes)| {
+            let logged = self.log(&changes)?;
+            Ok((results, logged.then_some(changes)))
+        });
         // The fdatasync of the record just written. A failed one fails the batch and stops the
         // writer: the kernel may have dropped the log's unwritten pages, so only a reopen
         // (which replays what the log really holds) can tell what is durable.
+        let mut deferred = None;
         let outcome = match outcome {
-            Ok((results, true)) if self.wal.syncs() => match self.wal.sync() {
-                Ok(()) => {
-                    self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                    Ok(results)
+            Ok((results, Some(changes))) => {
+                let synced = if self.wal.syncs() {
+                    self.wal.sync().inspect(|()| {
+                        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    })
+                } else {
+                    Ok(())
+                };
+                match synced {
+                    Ok(()) => {
+                        deferred = Some(changes);
+                        Ok(results)
+                    }
+                    Err(e) => {
+                        self.failed = Some(e.to_string());
+                        Err(e)
+                    }
                 }
-                Err(e) => {
-                    self.failed = Some(e.to_string());
-                    Err(e)
-                }
-            },
-            other => other.map(|(results, _)| results),
+            }
+            Ok((results, None)) => Ok(results),
+            Err(e) => Err(e),
         };
         match outcome {
             Ok(mut results) => {
@@ -1005,7 +1020,12 @@ impl Writer {
                 self.counters.events.fetch_add(events, Ordering::Relaxed);
                 // The batch is durable in the log; a failed checkpoint only fails the readers
                 // that asked for it (their read would not see everything).
-                if want_checkpoint && let Err(e) = self.checkpoint() {
+                if want_checkpoint
+                    && let Err(e) = deferred
+                        .take()
+                        .map_or(Ok(()), |c| self.apply_changes(&c))
+                        .and_then(|()| self.checkpoint())
+                {
                     let msg = e.to_string();
                     self.fail(e);
                     for (i, r) in results.iter_mut().enumerate() {
@@ -1016,6 +1036,13 @@ impl Writer {
                 }
                 for (reply, r) in replies.into_iter().zip(results) {
                     reply.send(r);
+                }
+                // Into the open transaction after the answers, off the callers' wait: the log
+                // has the batch, and a failure here rebuilds the transaction from it.
+                if let Some(c) = deferred
+                    && let Err(e) = self.apply_changes(&c)
+                {
+                    self.fail(e);
                 }
             }
             Err(e) => {
@@ -1038,9 +1065,18 @@ impl Writer {
         }
     }
 
+    /// Applies a batch's changes to the open transaction.
+    fn apply_changes(&self, changes: &[Change]) -> Result<(), StoreError> {
+        match self.txn.as_ref() {
+            Some(txn) => apply(txn, changes),
+            None => Err(StoreError::Closed),
+        }
+    }
+
     /// Writes a batch's changes to the log as one record, returning `true` (the caller then
-    /// fdatasyncs it); or, for a batch too large for the log or an empty one, returns `false`
-    /// after making the changes durable by a checkpoint (or having none).
+    /// fdatasyncs it and applies the changes to the open transaction); or, for a batch too
+    /// large for the log or an empty one, returns `false` after applying the changes and making
+    /// them durable by a checkpoint (or having none).
     fn log(&mut self, changes: &[Change]) -> Result<bool, StoreError> {
         if changes.is_empty() {
             return Ok(false);
@@ -1056,11 +1092,13 @@ impl Writer {
             .sum();
         if size > WAL_BYTES_MAX / 2 {
             // Too large for the log: make it durable in redb directly.
+            self.apply_changes(changes)?;
             return self.checkpoint().map(|()| false);
         }
         if self.wal.len() + size > WAL_BYTES_MAX {
-            // The log is full: checkpoint what it holds and start over. The new changes are in
-            // the open transaction, so the checkpoint covers them too.
+            // The log is full: checkpoint what it holds and start over, with the new changes
+            // in the open transaction, so the checkpoint covers them too.
+            self.apply_changes(changes)?;
             return self.checkpoint().map(|()| false);
         }
         self.wal.write(self.lsn, changes)?;
@@ -1071,10 +1109,10 @@ impl Writer {
         Ok(true)
     }
 
-    /// Applies a batch to the open transaction and returns the per-op results and the changes
-    /// made. An `Err` means the open transaction may hold part of the batch (the caller
-    /// rebuilds it from the log); per-op logical errors (unknown run, duplicate id, finished
-    /// run) are returned in the results and change nothing.
+    /// Works out a batch against the run cache (reading the open transaction on a miss) and
+    /// returns the per-op results and the changes to log and then apply; nothing is written
+    /// here. Per-op logical errors (unknown run, duplicate id, finished run) are returned in
+    /// the results and change nothing.
     #[allow(clippy::type_complexity)]
     fn write_batch(
         &mut self,
@@ -1220,7 +1258,6 @@ impl Writer {
                 });
             }
         }
-        apply(txn, &changes)?;
         Ok((results, changes))
     }
 }
