@@ -205,8 +205,9 @@ pub struct WriterStats {
     /// Commits a caller made on its own thread because the writer was idle (included in
     /// `commits`): the sequential case, which then costs no thread hand-off.
     pub leader_commits: u64,
-    /// fdatasyncs of the write-ahead log (one per commit that wrote a log record; a batch made
-    /// durable by a checkpoint, or with `Durability::None`, needs none).
+    /// Durable writes of the write-ahead log: an `O_DIRECT | O_DSYNC` write, or a write and an
+    /// fdatasync where direct I/O is refused (one per commit that wrote a log record; a batch
+    /// made durable by a checkpoint, or with `Durability::None`, needs none).
     pub syncs: u64,
 }
 
