@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// round after round, each on a fresh store, and each reports its median round.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+    /// Unrecorded rounds of `seq`, `many` and `fanout` before the `--rounds`: the first runs
+    /// in a process pay for faulting in the allocator's memory and starting threads.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
     /// Rounds of `telemetry` (each runs `seq`, `many` and `agents` with telemetry off twice,
     /// to a discarding pipeline and to a loopback OTLP receiver).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -558,14 +562,34 @@ async fn run_core_rounds(
     let mut seq = Vec::new();
     let mut many = Vec::new();
     let mut fanout = Vec::new();
-    for round in 1..=rounds {
+    let warmup = args.warmup as usize;
+    for round in 1..=warmup + rounds {
+        // Warm-up rounds run the engine workloads and keep nothing.
+        let warm = round <= warmup;
         let of = |what: String| {
-            if rounds > 1 {
-                format!("{what}, round {round} of {rounds}")
+            if warm {
+                format!("{what}, warm-up")
+            } else if rounds > 1 {
+                format!("{what}, round {} of {rounds}", round - warmup)
             } else {
                 what
             }
         };
+        if warm {
+            if has(Workload::Seq) {
+                say(of("seq".into()));
+                bench_seq(dir, args.steps).await?;
+            }
+            if has(Workload::Many) {
+                say(of("many".into()));
+                bench_many(dir, args.workflows, args.steps_per_workflow).await?;
+            }
+            if has(Workload::Fanout) {
+                say(of("fanout".into()));
+                bench_fanout(dir, args.branches, args.concurrency).await?;
+            }
+            continue;
+        }
         if has(Workload::Fsync) {
             say(of("fsync (4 KiB write + fdatasync)".into()));
             fsync.push(bench_fsync(dir)?);
