@@ -201,6 +201,17 @@ impl Sampling {
     }
 }
 
+/// Lowers the calling thread's scheduling priority (nice 10): exporting is background work,
+/// and when both cores are busy the workflows' threads and the store's writer should run
+/// first. Lowering one's own priority needs no privilege; if it fails nothing changes.
+fn lower_priority() {
+    // SAFETY: plain syscalls on the calling thread, with no pointers involved.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// How long the exit flush may take at most, so that a dead collector delays the end of the
 /// process by at most this much.
 const EXIT_FLUSH_MAX: Duration = Duration::from_secs(3);
@@ -1341,7 +1352,10 @@ impl Pipeline {
             // If the thread cannot start, nothing is sent and everything is counted dropped.
             let _ = std::thread::Builder::new()
                 .name("cairn-otel-export".into())
-                .spawn(move || export_loop(queue, drain, done_tx));
+                .spawn(move || {
+                    lower_priority();
+                    export_loop(queue, drain, done_tx)
+                });
         }
         Pipeline {
             queue,

@@ -1495,6 +1495,7 @@ fn apply_queued(open: &Option<redb::WriteTransaction>, txn: &Txn) -> Result<(), 
 /// The apply thread: writes logged, answered batches into the open transaction, off the
 /// writer's path (B-tree inserts are about 1 µs per event). Exits when the writer closes.
 fn apply_thread(txn: &Txn) {
+    lower_priority();
     loop {
         {
             let mut q = txn.queue();
@@ -1511,6 +1512,20 @@ fn apply_thread(txn: &Txn) {
         let open = txn.lock_open();
         // An error is recorded in the queue for the writer, which rebuilds from the log.
         let _ = apply_queued(&open, txn);
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10): the apply thread's work is
+/// background work, and when both cores are busy the writer and the callers' threads should
+/// run first. Lowering one's own priority needs no privilege; if it fails nothing changes.
+/// Measured (session 4, interleaved medians of 6): `fanout` 108k → 120k branches/s, `many`
+/// unchanged.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread, with no pointers involved.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 

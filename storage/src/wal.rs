@@ -133,6 +133,23 @@ fn checksum(lsn: u64, body: &[u8]) -> [u8; 16] {
     out
 }
 
+/// The log opened `O_DIRECT | O_DSYNC` for durable appends, if the file system allows it.
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+        .open(path)
+        .ok()
+}
+
+/// Direct I/O is only used on Linux; elsewhere, buffered writes and fdatasync.
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
+}
+
 /// One record: header and body.
 fn encode_record(lsn: u64, changes: &[Change]) -> Result<Vec<u8>, StoreError> {
     // Encode the body straight after a header placeholder: the batch's bytes are copied once,
@@ -184,16 +201,7 @@ impl Wal {
             .len();
         // Not every file system takes O_DIRECT (tmpfs on older kernels): then buffered writes
         // and fdatasync.
-        let direct = if sync {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
-                .open(&path)
-                .ok()
-        } else {
-            None
-        };
+        let direct = if sync { open_direct(&path) } else { None };
         Ok(Wal {
             file,
             direct,
