@@ -1085,10 +1085,14 @@ impl Writer {
                         .and_then(|()| self.checkpoint())
                 {
                     let msg = e.to_string();
+                    // `fail` rebuilds the transaction from the log and checkpoints it: the
+                    // readers then see everything after all, unless that failed too.
                     self.fail(e);
-                    for (i, r) in results.iter_mut().enumerate() {
-                        if checkpoint_ops.contains(&i) {
-                            *r = Err(StoreError::Backend(msg.clone()));
+                    if self.failed.is_some() {
+                        for (i, r) in results.iter_mut().enumerate() {
+                            if checkpoint_ops.contains(&i) {
+                                *r = Err(StoreError::Backend(msg.clone()));
+                            }
                         }
                     }
                 }
@@ -1420,6 +1424,9 @@ struct ApplyQueue {
     closed: bool,
     /// A failed apply: the writer rebuilds the transaction from the log.
     error: Option<String>,
+    /// Tests: make the next apply fail.
+    #[cfg(test)]
+    fail_next: bool,
 }
 
 impl Txn {
@@ -1479,6 +1486,12 @@ fn apply_queued(open: &Option<redb::WriteTransaction>, txn: &Txn) -> Result<(), 
         let Some(changes) = next else {
             return Ok(());
         };
+        #[cfg(test)]
+        if std::mem::take(&mut txn.queue().fail_next) {
+            let e = StoreError::Backend("injected apply failure".into());
+            txn.queue().error = Some(e.to_string());
+            return Err(e);
+        }
         let applied = match open.as_ref() {
             Some(t) => apply(t, &changes),
             None => Err(StoreError::Backend(
@@ -1732,5 +1745,116 @@ impl EventStore for RedbStore {
         // What a read in this process needs is what other processes need: a checkpoint of
         // whatever is outstanding (nothing when clean or read-only).
         self.fresh()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RunStatus;
+    use std::collections::BTreeMap;
+
+    fn new_run(id: RunId) -> NewRun {
+        NewRun {
+            id,
+            workflow: "wf".into(),
+            version: 1,
+            parent: None,
+            labels: BTreeMap::new(),
+            status: RunStatus::Running,
+        }
+    }
+
+    fn ev(s: &str) -> NewEvent {
+        NewEvent::now(s.as_bytes().to_vec())
+    }
+
+    fn writer(store: &RedbStore) -> MutexGuard<'_, Writer> {
+        store
+            .inner
+            .shared
+            .as_ref()
+            .expect("a writing handle")
+            .lock()
+    }
+
+    async fn payloads(store: &RedbStore, id: RunId) -> Vec<String> {
+        store
+            .read(id, Seq(0), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| String::from_utf8(e.payload).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_apply_is_redone_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let id = RunId::new();
+        store.create_run(new_run(id), vec![ev("a")]).await.unwrap();
+        writer(&store).txn.queue().fail_next = true;
+        // Acknowledged once logged; its apply then fails (on the apply thread or in the drain
+        // of the next read), and the transaction is rebuilt from the log.
+        store.append(id, vec![ev("b")], None).await.unwrap();
+        store.append(id, vec![ev("c")], None).await.unwrap();
+        assert_eq!(payloads(&store, id).await, ["a", "b", "c"]);
+        assert!(
+            !writer(&store).txn.queue().fail_next,
+            "the injected failure happened"
+        );
+        store.append(id, vec![ev("d")], None).await.unwrap();
+        assert_eq!(payloads(&store, id).await, ["a", "b", "c", "d"]);
+        assert!(store.verify(id).await.unwrap().ok());
+        assert_eq!(store.run(id).await.unwrap().unwrap().events, 4);
+        drop(store);
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        assert_eq!(payloads(&store, id).await, ["a", "b", "c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_log_write_fails_only_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let id = RunId::new();
+        store.create_run(new_run(id), vec![ev("a")]).await.unwrap();
+        writer(&store).wal.fail_next_write();
+        let err = store.append(id, vec![ev("b")], None).await.unwrap_err();
+        assert!(
+            err.to_string().contains("cannot write the write-ahead log"),
+            "{err}"
+        );
+        // Nothing of it was logged: the writer rebuilt its state from the log and goes on, and
+        // the next event takes the failed one's place in the chain.
+        let a = store.append(id, vec![ev("c")], None).await.unwrap();
+        assert_eq!(a.first, Seq(1));
+        assert_eq!(payloads(&store, id).await, ["a", "c"]);
+        assert!(store.verify(id).await.unwrap().ok());
+    }
+
+    #[tokio::test]
+    async fn a_failed_fdatasync_stops_the_writer_until_the_store_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = RedbStore::open(&path).unwrap();
+        writer(&store).wal.force_buffered();
+        let id = RunId::new();
+        store.create_run(new_run(id), vec![ev("a")]).await.unwrap();
+        writer(&store).wal.fail_next_sync();
+        let err = store.append(id, vec![ev("b")], None).await.unwrap_err();
+        assert!(err.to_string().contains("cannot fsync"), "{err}");
+        // The kernel may have dropped the log's unwritten pages: no later write is accepted.
+        let err = store.append(id, vec![ev("c")], None).await.unwrap_err();
+        assert!(err.to_string().contains("reopen the store"), "{err}");
+        drop(store);
+        // Reopened: everything acknowledged is there; the failed append's outcome is unknown
+        // to its caller, so it may or may not have reached the log.
+        let store = RedbStore::open(&path).unwrap();
+        let got = payloads(&store, id).await;
+        assert!(got == ["a"] || got == ["a", "b"], "{got:?}");
+        store.append(id, vec![ev("d")], None).await.unwrap();
+        assert_eq!(payloads(&store, id).await.last().unwrap(), "d");
+        assert!(store.verify(id).await.unwrap().ok());
     }
 }

@@ -111,6 +111,12 @@ pub(crate) struct Wal {
     allocated: u64,
     /// Whether appends are fdatasynced (off only with `Durability::None`).
     sync: bool,
+    /// Tests: make the next write fail.
+    #[cfg(test)]
+    fail_write: bool,
+    /// Tests: make the next fdatasync fail.
+    #[cfg(test)]
+    fail_sync: std::cell::Cell<bool>,
 }
 
 /// The log's path for a store file.
@@ -210,6 +216,10 @@ impl Wal {
             offset: 0,
             allocated,
             sync,
+            #[cfg(test)]
+            fail_write: false,
+            #[cfg(test)]
+            fail_sync: std::cell::Cell::new(false),
         })
     }
 
@@ -293,6 +303,24 @@ impl Wal {
         self.sync()
     }
 
+    /// Tests: buffered writes and fdatasync, as where direct I/O is refused.
+    #[cfg(test)]
+    pub(crate) fn force_buffered(&mut self) {
+        self.direct = None;
+    }
+
+    /// Tests: the next write fails.
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&mut self) {
+        self.fail_write = true;
+    }
+
+    /// Tests: the next fdatasync fails.
+    #[cfg(test)]
+    pub(crate) fn fail_next_sync(&self) {
+        self.fail_sync.set(true);
+    }
+
     /// Whether records are fdatasynced (not with `Durability::None`).
     pub(crate) fn syncs(&self) -> bool {
         self.sync
@@ -300,6 +328,14 @@ impl Wal {
 
     /// Makes every record written so far durable (one fdatasync; nothing without sync).
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_sync.replace(false) {
+            return Err(io(
+                &self.path,
+                "cannot fsync the write-ahead log",
+                std::io::Error::other("injected failure"),
+            ));
+        }
         // Direct writes are durable when they return.
         if self.sync && self.direct.is_none() {
             self.file
@@ -311,6 +347,14 @@ impl Wal {
 
     /// Appends one record without waiting for the disk: [`Wal::sync`] makes it durable.
     pub(crate) fn write(&mut self, lsn: u64, changes: &[Change]) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_write) {
+            return Err(io(
+                &self.path,
+                "cannot write the write-ahead log",
+                std::io::Error::other("injected failure"),
+            ));
+        }
         let rec = encode_record(lsn, changes)?;
         let padded = align_up(rec.len() as u64);
         self.reserve(self.offset + padded)?;
