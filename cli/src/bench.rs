@@ -575,22 +575,7 @@ async fn run_core_rounds(
                 what
             }
         };
-        if warm {
-            if has(Workload::Seq) {
-                say(of("seq".into()));
-                bench_seq(dir, args.steps).await?;
-            }
-            if has(Workload::Many) {
-                say(of("many".into()));
-                bench_many(dir, args.workflows, args.steps_per_workflow).await?;
-            }
-            if has(Workload::Fanout) {
-                say(of("fanout".into()));
-                bench_fanout(dir, args.branches, args.concurrency).await?;
-            }
-            continue;
-        }
-        if has(Workload::Fsync) {
+        if has(Workload::Fsync) && !warm {
             say(of("fsync (4 KiB write + fdatasync)".into()));
             fsync.push(bench_fsync(dir)?);
         }
@@ -599,7 +584,10 @@ async fn run_core_rounds(
                 "seq ({} sequential steps)",
                 fmt_int(args.steps)
             )));
-            seq.push(bench_seq(dir, args.steps).await?);
+            let r = bench_seq(dir, args.steps).await?;
+            if !warm {
+                seq.push(r);
+            }
         }
         if has(Workload::Many) {
             say(of(format!(
@@ -607,7 +595,10 @@ async fn run_core_rounds(
                 fmt_int(args.workflows),
                 fmt_int(args.steps_per_workflow)
             )));
-            many.push(bench_many(dir, args.workflows, args.steps_per_workflow).await?);
+            let r = bench_many(dir, args.workflows, args.steps_per_workflow).await?;
+            if !warm {
+                many.push(r);
+            }
         }
         if has(Workload::Fanout) {
             say(of(format!(
@@ -615,7 +606,10 @@ async fn run_core_rounds(
                 fmt_int(args.branches),
                 fmt_int(args.concurrency)
             )));
-            fanout.push(bench_fanout(dir, args.branches, args.concurrency).await?);
+            let r = bench_fanout(dir, args.branches, args.concurrency).await?;
+            if !warm {
+                fanout.push(r);
+            }
         }
     }
     res.fsync = median_round(fsync, |r| r.commits_per_sec, |r, all| r.round_rates = all);
@@ -2731,6 +2725,20 @@ mod tests {
         let bad = json!({"branches": 4, "succeeded": 4, "failed": 0, "sum": 13});
         assert!(check_fanout_output("t", Some(&bad), 4).is_err());
         assert!(check_fanout_output("t", None, 4).is_err());
+    }
+
+    /// The median round is picked by its rate (the lower middle one for an even count), and
+    /// every round's rate is kept in run order.
+    #[test]
+    fn picks_the_median_round() {
+        let pick = |v: Vec<f64>| median_round(v, |r| *r, |_, _| {}).expect("a round");
+        assert_eq!(pick(vec![5.0, 1.0, 9.0]), 5.0);
+        assert_eq!(pick(vec![4.0, 1.0, 9.0, 2.0]), 2.0);
+        assert_eq!(pick(vec![7.0]), 7.0);
+        assert!(median_round(Vec::<f64>::new(), |r| *r, |_, _| {}).is_none());
+        let mut kept = Vec::new();
+        median_round(vec![3.0, 1.0, 2.0], |r| *r, |_, all| kept = all);
+        assert_eq!(kept, vec![3.0, 1.0, 2.0]);
     }
 
     /// A child's printed run id and output are found among its other lines.

@@ -508,6 +508,62 @@ fn resuming_a_run_whose_file_changed_is_refused_unless_allowed() {
 }
 
 #[test]
+fn bench_core_workloads_run_in_rounds_and_report_the_median() {
+    let env = Env::new();
+    let out = env.run(&[
+        "bench",
+        "fsync",
+        "seq",
+        "many",
+        "fanout",
+        "--steps",
+        "20",
+        "--workflows",
+        "10",
+        "--steps-per-workflow",
+        "3",
+        "--branches",
+        "50",
+        "--rounds",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        "--dir",
+        env.dir.path().to_str().unwrap(),
+    ]);
+    out.assert_ok();
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:#?}"));
+    for (w, rate) in [
+        ("fsync", "commits_per_sec"),
+        ("seq", "steps_per_sec"),
+        ("many", "steps_per_sec"),
+        ("fanout", "branches_per_sec"),
+    ] {
+        let rates: Vec<f64> = v[w]["round_rates"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{w}: {}", out.stdout))
+            .iter()
+            .map(|r| r.as_f64().unwrap())
+            .collect();
+        assert_eq!(
+            rates.len(),
+            3,
+            "{w}: three recorded rounds, the warm-up not among them"
+        );
+        let mut sorted = rates.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(
+            v[w][rate].as_f64().unwrap(),
+            sorted[1],
+            "{w}: the median round"
+        );
+    }
+    assert_eq!(v["seq"]["steps"], 20);
+    assert_eq!(v["fanout"]["branches"], 50);
+}
+
+#[test]
 fn bench_batch_runs_a_workflow_file_batch_and_checks_every_answer() {
     let env = Env::new();
     let out = env.run(&[
