@@ -226,6 +226,9 @@ struct SeqResult {
     steps_per_sec: f64,
     /// Group commits written during the run.
     commits: u64,
+    /// Of those, the commits the workflow's own thread made (the leader path: no hand-off to
+    /// the writer thread and back).
+    leader_commits: u64,
     /// Events written during the run.
     events: u64,
     /// Events per group commit.
@@ -934,6 +937,7 @@ async fn bench_seq(dir: &Path, steps: u32) -> Result<SeqResult> {
         secs,
         steps_per_sec: rate(f64::from(steps), secs),
         commits,
+        leader_commits: after.leader_commits - before.leader_commits,
         fsyncs: after.syncs - before.syncs,
         events,
         events_per_commit: per_commit(events, commits),
@@ -2457,12 +2461,13 @@ fn print_human(r: &Results) {
             "seq".to_string(),
             format!("{} steps/s", fmt_rate(s.steps_per_sec)),
             format!(
-                "{} sequential steps in {:.2} s · {:.2} events/commit · {} durable log writes\n{} on disk \
-                 = {} bytes/step",
+                "{} sequential steps in {:.2} s · {:.2} events/commit · {} durable log writes \
+                 ({} by the workflow's own thread)\n{} on disk = {} bytes/step",
                 fmt_int(s.steps),
                 s.secs,
                 s.events_per_commit,
                 fmt_int(s.fsyncs),
+                fmt_int(s.leader_commits),
                 fmt_bytes(s.file_bytes),
                 fmt_int(s.bytes_per_step.round() as u64)
             ) + &rounds_note(&s.round_rates, "steps/s"),
