@@ -190,6 +190,11 @@ impl Agent {
         self
     }
 
+    /// The run budget this agent draws on, if any.
+    pub(crate) fn budget_handle(&self) -> Option<&Arc<Budget>> {
+        self.budget.as_ref()
+    }
+
     /// The same agent drawing on a run budget (share one budget between a run's agents).
     pub fn budget(mut self, budget: Arc<Budget>) -> Self {
         self.budget = Some(budget);

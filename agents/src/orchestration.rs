@@ -231,6 +231,12 @@ pub struct HandoffRecord {
     pub reason: String,
     /// The exact messages the next agent starts from.
     pub context: Vec<Message>,
+    /// Tokens of the summarizer's call (a summary handoff), so a run's spending counts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary_usage: Option<crate::model::Usage>,
+    /// Dollars of the summarizer's call, when its model is priced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary_cost_usd: Option<f64>,
 }
 
 /// Marks a span as failed (OpenTelemetry: ERROR status and the exception) when `r` is an error
@@ -288,20 +294,24 @@ async fn hand_over(
         "You are taking over from agent `{}` ({reason}). Continue the task.",
         from.agent
     );
-    let (mode_name, context) = match &mode {
+    let (mode_name, context, summary) = match &mode {
         HandoffMode::Full => {
             let mut msgs = from.messages.clone();
             msgs.push(Message::user(intro));
-            ("full", msgs)
+            ("full", msgs, None)
         }
         HandoffMode::Summary {
             model,
             model_id,
             max_tokens,
         } => {
-            let summarizer = Agent::new(&format!("{}.summarizer", from.agent), model.clone(), model_id)
+            let mut summarizer = Agent::new(&format!("{}.summarizer", from.agent), model.clone(), model_id)
                 .system("Summarize the key findings and decisions of this conversation for the agent taking over. Be concise.")
                 .max_tokens(*max_tokens);
+            // The summary is paid from the same budget as the agent it is for.
+            if let Some(b) = to.budget_handle() {
+                summarizer = summarizer.budget(Arc::clone(b));
+            }
             let summary = summarizer.run(&scope, &transcript(&from.messages)).await?;
             (
                 "summary",
@@ -309,6 +319,7 @@ async fn hand_over(
                     "{intro}\nSummary of the work so far:\n{}",
                     summary.text
                 ))],
+                Some((summary.usage, summary.cost_usd)),
             )
         }
     };
@@ -318,6 +329,8 @@ async fn hand_over(
         mode: mode_name.to_string(),
         reason: reason.to_string(),
         context,
+        summary_usage: summary.map(|(u, _)| u),
+        summary_cost_usd: summary.and_then(|(_, c)| c),
     };
     let r = record.clone();
     let record: HandoffRecord = scope

@@ -196,6 +196,11 @@ async fn handoffs_pass_the_full_history_or_a_summary_and_record_the_exact_contex
         );
         if summary {
             assert_eq!(record.mode, "summary");
+            assert_eq!(
+                record.summary_usage.map(|u| u.total_tokens()),
+                Some(12),
+                "the summarizer's call is on the record"
+            );
             assert_eq!(got.len(), 1);
             assert!(got[0].text().contains("3 duplicate charges found"));
             let s = summarizer_seen.lock().unwrap()[0].clone();
@@ -207,6 +212,7 @@ async fn handoffs_pass_the_full_history_or_a_summary_and_record_the_exact_contex
             );
         } else {
             assert_eq!(record.mode, "full");
+            assert_eq!(record.summary_usage, None);
             // user task, researcher's answer, the takeover note.
             assert_eq!(got.len(), 3);
             assert_eq!(got[1].role, Role::Assistant);
@@ -218,6 +224,51 @@ async fn handoffs_pass_the_full_history_or_a_summary_and_record_the_exact_contex
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_summary_handoff_is_paid_from_the_next_agents_budget() {
+    let (_d, store) = store();
+    let mut reg = Registry::new();
+    reg.register("handoff_budget", 1, move |ctx, _: ()| async move {
+        // 12 tokens a call. The researcher is not on the budget; the summary (12) is, so the
+        // writer's first call finds 12 of 10 spent and the run parks on the budget.
+        let budget = Arc::new(cairn_agents::Budget::new(cairn_agents::BudgetLimits {
+            max_tokens: Some(10),
+            max_cost_usd: None,
+        }));
+        let researcher = Agent::new("researcher", answering("found 3 duplicates"), "big");
+        let writer = Agent::new("writer", answering("report written"), "big").budget(budget);
+        let mode = HandoffMode::Summary {
+            model: answering("3 duplicate charges found"),
+            model_id: "cheap".into(),
+            max_tokens: 200,
+        };
+        let first = researcher.run(&ctx, "check the charges").await?;
+        let (_, run) = handoff(&ctx, &first, &writer, mode, "write it up").await?;
+        Ok::<_, WorkflowError>(run.text)
+    });
+    let engine = Engine::with_options(
+        store.clone(),
+        reg,
+        cairn_engine::EngineOptions {
+            suspend_after: std::time::Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    let out = engine
+        .start("handoff_budget", &())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status,
+        RunStatus::Waiting,
+        "parked on the budget before the writer's call: {:?}",
+        out.output
+    );
 }
 
 #[tokio::test]

@@ -1402,6 +1402,13 @@ async fn a_full_handoff_passes_the_conversation_and_a_summary_handoff_a_summary(
             ("writer".into(), "editor".into(), "summary".into()),
         ]
     );
+    // The summary's tokens are on its record (and counted with the step, for `[budget]`).
+    let usage: Vec<Option<u64>> = step_outputs(&store, id, "handoff")
+        .await
+        .iter()
+        .map(|v| v["summary_usage"]["output_tokens"].as_u64())
+        .collect();
+    assert_eq!(usage, [None, Some(20)]);
 }
 
 const FALLBACK: &str = r#"[workflow]

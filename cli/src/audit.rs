@@ -1230,6 +1230,8 @@ mod tests {
             mode: "full".into(),
             reason: "escalate".into(),
             context: vec![Message::user("hi"), Message::assistant("hello")],
+            summary_usage: None,
+            summary_cost_usd: None,
         })
         .unwrap();
         let context_bytes = serde_json::to_vec(&handoff["context"]).unwrap().len();
@@ -1336,6 +1338,8 @@ mod tests {
             mode: "summary".into(),
             reason: "needs billing".into(),
             context: vec![Message::user("summary of the work")],
+            summary_usage: None,
+            summary_cost_usd: None,
         })
         .unwrap();
         let mut steps = BTreeMap::new();

@@ -354,6 +354,8 @@ async fn simple_step(
                 .map(|t| t.render(&scope.vars))
                 .transpose()
                 .map_err(|e| step_failed(step, e))?;
+            // What a summary handoff's summarizer spent, counted with the step's agent.
+            let mut summary_spent = (0u64, 0.0f64);
             let result = match h {
                 Some(h) => {
                     let from = scope.runs.get(&h.from).ok_or_else(|| {
@@ -378,7 +380,15 @@ async fn simple_step(
                     let reason = task
                         .clone()
                         .unwrap_or_else(|| format!("flow step `{}`", step.id));
-                    handoff(ctx, from, a, mode, &reason).await.map(|(_, r)| r)
+                    handoff(ctx, from, a, mode, &reason)
+                        .await
+                        .map(|(record, r)| {
+                            summary_spent = (
+                                record.summary_usage.map_or(0, |u| u.total_tokens()),
+                                record.summary_cost_usd.unwrap_or(0.0),
+                            );
+                            r
+                        })
                 }
                 None => a.run(ctx, task.as_deref().unwrap_or_default()).await,
             };
@@ -404,6 +414,8 @@ async fn simple_step(
                 v["fallback"] = Value::String(fb);
             }
             scope.spend(&run);
+            scope.spent.0 += summary_spent.0;
+            scope.spent.1 += summary_spent.1;
             scope.record(&step.id, v.clone(), Some(run));
             Ok(v)
         }
