@@ -215,6 +215,8 @@ pub enum HandoffMode {
         model_id: String,
         /// The summary's token limit.
         max_tokens: u32,
+        /// Its price, if known: the summary's cost is then recorded and budgeted.
+        price: Option<crate::agent::Price>,
     },
 }
 
@@ -304,10 +306,14 @@ async fn hand_over(
             model,
             model_id,
             max_tokens,
+            price,
         } => {
             let mut summarizer = Agent::new(&format!("{}.summarizer", from.agent), model.clone(), model_id)
                 .system("Summarize the key findings and decisions of this conversation for the agent taking over. Be concise.")
                 .max_tokens(*max_tokens);
+            if let Some(p) = price {
+                summarizer = summarizer.price(*p);
+            }
             // The summary is paid from the same budget as the agent it is for.
             if let Some(b) = to.budget_handle() {
                 summarizer = summarizer.budget(Arc::clone(b));

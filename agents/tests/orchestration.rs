@@ -163,6 +163,7 @@ async fn handoffs_pass_the_full_history_or_a_summary_and_record_the_exact_contex
                     model: capture(ss2.clone(), "3 duplicate charges found"),
                     model_id: "cheap".into(),
                     max_tokens: 200,
+                    price: None,
                 }
             } else {
                 HandoffMode::Full
@@ -243,6 +244,7 @@ async fn a_summary_handoff_is_paid_from_the_next_agents_budget() {
             model: answering("3 duplicate charges found"),
             model_id: "cheap".into(),
             max_tokens: 200,
+            price: None,
         };
         let first = researcher.run(&ctx, "check the charges").await?;
         let (_, run) = handoff(&ctx, &first, &writer, mode, "write it up").await?;

@@ -1287,6 +1287,7 @@ model = "big"
 [models.cheap]
 provider = "recorded"
 model = "small"
+price = { input_per_mtok = 1000.0, output_per_mtok = 5000.0 }
 
 [agents.researcher]
 model = "m"
@@ -1403,12 +1404,18 @@ async fn a_full_handoff_passes_the_conversation_and_a_summary_handoff_a_summary(
         ]
     );
     // The summary's tokens are on its record (and counted with the step, for `[budget]`).
-    let usage: Vec<Option<u64>> = step_outputs(&store, id, "handoff")
-        .await
+    let handoffs = step_outputs(&store, id, "handoff").await;
+    let usage: Vec<Option<u64>> = handoffs
         .iter()
         .map(|v| v["summary_usage"]["output_tokens"].as_u64())
         .collect();
     assert_eq!(usage, [None, Some(20)]);
+    // ...and its cost, at the summary model's price: 100 input and 20 output tokens.
+    let cost = handoffs[1]["summary_cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - (100.0 * 1000.0 + 20.0 * 5000.0) / 1e6).abs() < 1e-9,
+        "{cost}"
+    );
 }
 
 const FALLBACK: &str = r#"[workflow]

@@ -31,6 +31,8 @@ use crate::tools::ToolRegistry;
 /// What a run of a workflow file has built: its models, agents and routers.
 struct Built {
     models: HashMap<String, (Arc<dyn Model>, String)>,
+    /// The models' prices, where the file gives one.
+    prices: HashMap<String, crate::agent::Price>,
     agents: HashMap<String, Agent>,
     routers: HashMap<String, Router>,
     /// The run's `[budget]`, shared by its agents and routers.
@@ -122,8 +124,14 @@ impl Built {
             }
             routers.insert(name.clone(), router);
         }
+        let prices = def
+            .models
+            .iter()
+            .filter_map(|(name, m)| Some((name.clone(), m.price?)))
+            .collect();
         Ok(Built {
             models,
+            prices,
             agents,
             routers,
             budget,
@@ -374,6 +382,7 @@ async fn simple_step(
                                 model: Arc::clone(model),
                                 model_id: model_id.clone(),
                                 max_tokens: *max_tokens,
+                                price: built.prices.get(m).copied(),
                             }
                         }
                     };
