@@ -174,6 +174,16 @@ fn encode_record(lsn: u64, changes: &[Change]) -> Result<Vec<u8>, StoreError> {
     Ok(rec)
 }
 
+/// Whether `buf` has, at `at`, the magic of a later log format ("CAW" and a higher digit): such
+/// a log is refused, not taken for the end of the log.
+fn newer_format(buf: &[u8], at: usize) -> bool {
+    let Some(m) = buf.get(at..at + 4) else {
+        return false;
+    };
+    let [m0, m1, m2, m3] = [m[0], m[1], m[2], m[3]];
+    [m3, m2, m1] == *b"CAW" && m0 > MAGIC.to_le_bytes()[0]
+}
+
 /// Whether `buf` holds a whole record at `at` with a good checksum and, if given, sequence
 /// number `lsn`.
 fn record_at(buf: &[u8], at: usize, lsn: Option<u64>) -> bool {
@@ -191,6 +201,14 @@ fn record_at(buf: &[u8], at: usize, lsn: Option<u64>) -> bool {
 }
 
 impl Wal {
+    /// The error for a log written by a newer cairn.
+    fn newer(&self) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: "the write-ahead log was written by a newer cairn; upgrade cairn".into(),
+        }
+    }
+
     /// Opens (creating) the log of `store`.
     pub(crate) fn open(store: &Path, sync: bool) -> Result<Self, StoreError> {
         let path = wal_path(store);
@@ -241,42 +259,28 @@ impl Wal {
         while at + HEADER_BYTES <= buf.len() {
             // Records written since session 4 start on block boundaries; older logs have them
             // back to back. A record follows the previous one directly, or at the next
-            // boundary; only one with the next sequence number and a good checksum counts.
-            if expect.is_some() && !record_at(&buf, at, expect) {
-                let aligned = align_up(at as u64) as usize;
-                if aligned != at && record_at(&buf, aligned, expect) {
-                    at = aligned;
-                }
+            // boundary; only a whole one with a good checksum and the next sequence number
+            // counts (each is checksummed once).
+            if newer_format(&buf, at) {
+                return Err(self.newer());
             }
-            if at + HEADER_BYTES > buf.len() {
-                break;
+            if !record_at(&buf, at, expect) {
+                let aligned = align_up(at as u64) as usize;
+                if expect.is_none() || aligned == at {
+                    break;
+                }
+                if newer_format(&buf, aligned) {
+                    return Err(self.newer());
+                }
+                if !record_at(&buf, aligned, expect) {
+                    break;
+                }
+                at = aligned;
             }
             let h = &buf[at..at + HEADER_BYTES];
-            let magic = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
             let body_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
             let lsn = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-            // A record of a later log format ("CAW" and a higher digit) is refused, not taken
-            // for the end of the log.
-            let [m0, m1, m2, m3] = magic.to_le_bytes();
-            if magic != MAGIC && [m3, m2, m1] == *b"CAW" && m0 > MAGIC.to_le_bytes()[0] {
-                return Err(StoreError::Corrupt {
-                    path: self.path.clone(),
-                    detail: "the write-ahead log was written by a newer cairn; upgrade cairn"
-                        .into(),
-                });
-            }
-            if magic != MAGIC || at + HEADER_BYTES + body_len > buf.len() {
-                break;
-            }
             let body = &buf[at + HEADER_BYTES..at + HEADER_BYTES + body_len];
-            if h[16..32] != checksum(lsn, body) {
-                break;
-            }
-            if let Some(e) = expect
-                && lsn != e
-            {
-                break;
-            }
             expect = Some(lsn + 1);
             if lsn > checkpoint {
                 let changes: Vec<Change> =
@@ -362,11 +366,14 @@ impl Wal {
             // One write of whole blocks, durable when it returns (the tail past the record is
             // zeros, which a scan reads as padding).
             let len = padded as usize;
-            self.scratch.clear();
-            self.scratch.resize(len + BLOCK, 0);
+            if self.scratch.len() < len + BLOCK {
+                self.scratch.resize(len + BLOCK, 0);
+            }
             let start = self.scratch.as_ptr().align_offset(BLOCK).min(BLOCK);
             let block = &mut self.scratch[start..start + len];
             block[..rec.len()].copy_from_slice(&rec);
+            // Only the padding needs zeroing: the rest is the record.
+            block[rec.len()..].fill(0);
             match direct.write_all_at(block, self.offset) {
                 Ok(()) => {
                     self.offset += padded;
@@ -608,5 +615,24 @@ mod tests {
         w.append(4, &[change(4)]).unwrap();
         let after = w.scan(3).unwrap();
         assert_eq!(after.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![4]);
+    }
+
+    #[test]
+    fn a_record_of_a_newer_log_format_is_refused_not_taken_for_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s.redb");
+        let mut w = Wal::open(&store, true).unwrap();
+        w.append(1, &[change(1)]).unwrap();
+        w.append(2, &[change(2)]).unwrap();
+        // The second record (on the second block) as a later cairn would mark it: "CAW2".
+        let mut bytes = std::fs::read(wal_path(&store)).unwrap();
+        bytes[BLOCK] = b'2';
+        std::fs::write(wal_path(&store), &bytes).unwrap();
+        let err = w.scan(0).unwrap_err();
+        assert!(err.to_string().contains("newer cairn"), "{err}");
+        // The same at the start of the log.
+        bytes[0] = b'2';
+        std::fs::write(wal_path(&store), &bytes).unwrap();
+        assert!(w.scan(0).unwrap_err().to_string().contains("newer cairn"));
     }
 }
