@@ -516,13 +516,14 @@ impl RedbStore {
                 Ok(mut w) if shared.queued.load(Ordering::Acquire) == 0 => {
                     let was_clean = w.dirty_since.is_none();
                     // Written, fdatasynced and answered on this thread.
-                    w.commit_batch(vec![op]);
+                    let answers = w.commit_batch(vec![op]);
                     self.inner
                         .counters
                         .leader_commits
                         .fetch_add(1, Ordering::Relaxed);
                     let now_dirty = w.dirty_since.is_some();
                     drop(w);
+                    answers.send();
                     if was_clean && now_dirty {
                         // The writer thread schedules the checkpoint.
                         let _ = tx.try_send(Op::Tick);
@@ -985,9 +986,14 @@ impl Writer {
     /// fdatasyncs the log (one fdatasync for the whole batch), answers every operation, and
     /// only then queues the changes for the apply thread (neither the callers nor this thread
     /// wait for the B-tree inserts; the log is what makes them durable).
-    fn commit_batch(&mut self, batch: Vec<Op>) {
+    #[must_use = "the answers must be sent"]
+    fn commit_batch(&mut self, batch: Vec<Op>) -> Answers {
+        let mut answers = Answers {
+            list: Vec::with_capacity(batch.len()),
+            apply: None,
+        };
         if batch.iter().all(|op| matches!(op, Op::Tick)) {
-            return;
+            return answers;
         }
         // The apply thread failed on an earlier batch: rebuild the transaction from the log.
         if let Some(e) = self.txn.take_error() {
@@ -1028,9 +1034,11 @@ impl Writer {
         if let Some(f) = &self.failed {
             let msg = format!("the store's writer stopped after a failure ({f}); reopen the store");
             for reply in replies {
-                reply.send(Err(StoreError::Backend(msg.clone())));
+                answers
+                    .list
+                    .push((reply, Err(StoreError::Backend(msg.clone()))));
             }
-            return;
+            return answers;
         }
         let ops = work.len() as u64;
         let events: u64 = work
@@ -1096,13 +1104,13 @@ impl Writer {
                         }
                     }
                 }
-                for (reply, r) in replies.into_iter().zip(results) {
-                    reply.send(r);
-                }
-                // Into the open transaction after the answers, off the callers' wait: the log
-                // has the batch, and a failure here rebuilds the transaction from it.
+                answers.list.extend(replies.into_iter().zip(results));
+                // Into the open transaction off the callers' wait (queued here, in log order;
+                // the apply thread is woken after the answers): the log has the batch, and a
+                // failure there rebuilds the transaction from it.
                 if let Some(c) = deferred {
                     self.txn.defer(c);
+                    answers.apply = Some(Arc::clone(&self.txn));
                 }
             }
             Err(e) => {
@@ -1112,7 +1120,9 @@ impl Writer {
                     self.fail(e);
                 }
                 for reply in replies {
-                    reply.send(Err(StoreError::Backend(msg.clone())));
+                    answers
+                        .list
+                        .push((reply, Err(StoreError::Backend(msg.clone()))));
                 }
             }
         }
@@ -1123,6 +1133,7 @@ impl Writer {
                 Err(e) => self.fail(e),
             }
         }
+        answers
     }
 
     /// Applies a batch's changes to the open transaction now, after every batch queued before.
@@ -1382,20 +1393,46 @@ fn writer_thread(shared: &Shared, rx: &mpsc::Receiver<Op>) {
             }
         }
         let queued = batch.iter().filter(|op| !matches!(op, Op::Tick)).count();
-        w.commit_batch(batch);
+        let answers = w.commit_batch(batch);
         // Applied: callers may commit themselves again once the queue is empty (and nothing
         // is in flight).
         shared.queued.fetch_sub(queued, Ordering::AcqRel);
+        let due = w.checkpoint_due();
+        drop(w);
+        answers.send();
         // Under steady load no receive times out: checkpoint on schedule anyway, so readers in
         // other processes lag by one interval, not by a full log.
-        if w.checkpoint_due() {
-            w.checkpoint_or_fail();
+        if due {
+            let mut w = shared.lock();
+            if w.checkpoint_due() {
+                w.checkpoint_or_fail();
+            }
         }
     }
     // Closing: checkpoint everything and empty the log.
     let mut w = shared.lock();
     if w.failed.is_none() && w.checkpoint().is_ok() {
         let _ = w.wal.truncate();
+    }
+}
+
+/// A committed batch's answers, sent once the writer's lock is released (a caller answered
+/// can then commit its next operation itself at once), and then the apply thread's wake-up.
+struct Answers {
+    list: Vec<(Reply, Result<Appended, StoreError>)>,
+    /// The apply thread to wake: the batch's changes are queued for it.
+    apply: Option<Arc<Txn>>,
+}
+
+impl Answers {
+    /// Answers every caller, then wakes the apply thread.
+    fn send(self) {
+        for (reply, r) in self.list {
+            reply.send(r);
+        }
+        if let Some(txn) = self.apply {
+            txn.wake();
+        }
     }
 }
 
@@ -1438,11 +1475,16 @@ impl Txn {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a logged batch for the apply thread.
+    /// Queues a logged batch for the apply thread, without waking it: [`Txn::wake`] does,
+    /// once the batch's callers are answered.
     fn defer(&self, changes: Vec<Change>) {
+        self.queue().batches.push_back(changes);
+    }
+
+    /// Wakes the apply thread if it waits and batches are queued.
+    fn wake(&self) {
         let mut q = self.queue();
-        q.batches.push_back(changes);
-        if q.idle {
+        if q.idle && !q.batches.is_empty() {
             q.idle = false;
             self.wake.notify_one();
         }
