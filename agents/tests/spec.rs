@@ -2027,3 +2027,152 @@ async fn the_triage_example_runs_offline_from_its_recorded_answers() {
         ["account", "billing", "general", "technical"]
     );
 }
+
+#[tokio::test]
+async fn a_resumed_batch_counts_what_its_failed_items_spent_against_the_budget() {
+    // One item at a time calls `a` (120 tokens), then `b`, which rejects the items marked
+    // poison (for free). Items 0 and 1 fail having spent 240; item 2's call to `a` takes the
+    // total to 360, past the limit of 300, so it parks before calling `b`. Resumed, the batch
+    // must count the failed items' 240 again (item 2's recorded call is replayed and counts
+    // itself): before failures were recorded with what they spent, a resumed batch counted
+    // 120, under the limit, and ran on.
+    let text = r#"[workflow]
+name = "batch"
+
+[models.m]
+provider = "recorded"
+model = "x"
+
+[models.p]
+provider = "recorded"
+model = "y"
+
+[agents.a]
+model = "m"
+system = "answer"
+
+[agents.b]
+model = "p"
+system = "check"
+
+[[flow]]
+id = "each"
+for_each = "items"
+key = "id"
+concurrency = 1
+min_required = 1
+
+[[flow.steps]]
+id = "answer"
+agent = "a"
+prompt = "{{ item.text }}"
+
+[[flow.steps]]
+id = "check"
+agent = "b"
+prompt = "{{ item.text }}"
+
+[budget]
+max_tokens = 300
+"#;
+    let env = || {
+        let answer = Arc::new(ScriptedModel::from_fn(|req| {
+            Ok(say(&format!("answer to {}", last_user(req))))
+        }));
+        let check = Arc::new(ScriptedModel::from_fn(|req| {
+            let task = last_user(req);
+            if task.contains("poison") {
+                Err(ModelError::new(
+                    ModelErrorKind::BadRequest,
+                    "poison rejected",
+                ))
+            } else {
+                Ok(say(&format!("checked {task}")))
+            }
+        }));
+        (
+            FlowEnv::new()
+                .model("m", answer.clone())
+                .model("p", check.clone()),
+            answer,
+            check,
+        )
+    };
+    let parking = |store: &Arc<dyn EventStore>, env: FlowEnv| {
+        let mut reg = Registry::new();
+        register_flows(&mut reg, env);
+        Engine::with_options(
+            Arc::clone(store),
+            reg,
+            cairn_engine::EngineOptions {
+                suspend_after: Duration::from_millis(50),
+                ..Default::default()
+            },
+        )
+    };
+    let items: Vec<Value> = (0..6)
+        .map(|i| {
+            let text = if i < 3 {
+                format!("poison {i}")
+            } else {
+                format!("item {i}")
+            };
+            json!({"id": format!("I-{i}"), "text": text})
+        })
+        .collect();
+    let (_sd, store) = store();
+    let (first_env, answer, check) = env();
+    let spec = load_env(text, &first_env).unwrap();
+    let input = spec.input(lines(&items), &[]).unwrap();
+    let out = parking(&store, first_env)
+        .start_with(spec.start_options(&input).unwrap())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Waiting, "{:?}", out.error);
+    assert_eq!((answer.calls(), check.calls()), (3, 2));
+    let id: RunId = out.run_id.parse().unwrap();
+    let failed = follow_all(&store, id).await;
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed.iter().all(|r| !r.ok));
+    // The failures carry what each item spent (`cairn events` shows it as `details`).
+    let details: Vec<Value> = store
+        .read(id, Seq(0), 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| match Event::decode(&e.payload).unwrap() {
+            Event::BranchFailedWith { details, .. } => Some(details.to_json()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(details.len(), 2);
+    assert!(
+        details.iter().all(|d| d["spent"]["tokens"] == 120),
+        "{details:?}"
+    );
+
+    // A new engine, as a new process would have: the budget is still spent.
+    let (second_env, answer, check) = env();
+    let out = parking(&store, second_env)
+        .resume(id)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Waiting, "{:?}", out.error);
+    assert_eq!(
+        (answer.calls(), check.calls()),
+        (0, 0),
+        "no item runs past the budget after a resume"
+    );
+    let exhausted = step_outputs(&store, id, "budget_exhausted").await;
+    assert_eq!(
+        exhausted.last().unwrap()["spent_tokens"],
+        360,
+        "{exhausted:?}"
+    );
+}

@@ -785,7 +785,9 @@ fn describe(ev: &Event) -> (String, String, String) {
         Event::BranchCompleted { index, output, .. } => {
             format!("branch {index} → {}", preview(&output.to_json(), 80))
         }
-        Event::BranchFailed { index, error, .. } => format!("branch {index}: {error}"),
+        Event::BranchFailed { index, error, .. } | Event::BranchFailedWith { index, error, .. } => {
+            format!("branch {index}: {error}")
+        }
         Event::FanInCompleted {
             succeeded,
             failed,

@@ -664,7 +664,10 @@ pub fn build_spans(run: RunId, status: RunStatus, events: &[(i64, Event)]) -> Re
                 let b = node_at(&mut nodes, &path.child(*index), NodeKind::Branch, "");
                 b.end = Some(ts);
             }
-            Event::BranchFailed { path, index, error } => {
+            Event::BranchFailed { path, index, error }
+            | Event::BranchFailedWith {
+                path, index, error, ..
+            } => {
                 let b = node_at(&mut nodes, &path.child(*index), NodeKind::Branch, "");
                 b.end = Some(ts);
                 b.error = Some(error.clone());

@@ -797,6 +797,31 @@ impl WorkflowContext {
         }
     }
 
+    /// The details the failed branches of the fan-out `name` left
+    /// ([`WorkflowError::FailedWith`]), by item index, as recorded before this execution
+    /// (like [`WorkflowContext::recorded_branch_outputs`], for the failures).
+    pub fn recorded_branch_failures(&self, name: &str) -> Vec<(u32, serde_json::Value)> {
+        let path = self
+            .scope
+            .prefix
+            .child(self.scope.next.load(Ordering::Relaxed));
+        let st = lock(&self.shared.state);
+        match st.run.fanouts.get(&path) {
+            Some(fo) if fo.name == name => fo
+                .outcomes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, o)| match o {
+                    Some(crate::state::BranchRecord::FailedWith { details, .. }) => {
+                        Some((u32::try_from(i).ok()?, details.to_json()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The output of the step answered or executed most recently in this execution.
     pub fn last_result(&self) -> Option<serde_json::Value> {
         let st = lock(&self.shared.state);

@@ -181,6 +181,16 @@ pub enum WorkflowError {
     /// The workflow's own failure, recorded as the run's error.
     #[error("{0}")]
     Failed(String),
+    /// A failure that leaves details for the workflow: a fan-out branch that fails this way
+    /// has them recorded with its failure, and a resumed run reads them back
+    /// ([`crate::WorkflowContext::recorded_branch_failures`]), e.g. what the branch spent.
+    #[error("{message}")]
+    FailedWith {
+        /// What went wrong.
+        message: String,
+        /// What the branch leaves behind (JSON).
+        details: serde_json::Value,
+    },
     /// The engine must stop running this code (see [`Interrupt`]); returning any other error
     /// after this does not change that.
     #[error(transparent)]

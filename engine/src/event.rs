@@ -369,6 +369,18 @@ pub enum Event {
         /// The deadline (microseconds since the epoch).
         deadline_us: i64,
     },
+    /// A branch failed and left details for the workflow (what it spent, say): like
+    /// [`Event::BranchFailed`], with the details the fold keeps for a resume.
+    BranchFailedWith {
+        /// The fan-out's position.
+        path: StepPath,
+        /// The branch index.
+        index: u32,
+        /// What went wrong.
+        error: String,
+        /// What the branch left for the workflow.
+        details: Payload,
+    },
 }
 
 /// The error for bytes that are not an event this binary knows.
@@ -404,7 +416,7 @@ impl Event {
             Event::MetadataSet { .. } => "metadata_set",
             Event::FanOutStarted { .. } => "fan_out_started",
             Event::BranchCompleted { .. } => "branch_completed",
-            Event::BranchFailed { .. } => "branch_failed",
+            Event::BranchFailed { .. } | Event::BranchFailedWith { .. } => "branch_failed",
             Event::FanInCompleted { .. } => "fan_in_completed",
             Event::TimerSet { .. } => "timer_set",
             Event::TimerFired { .. } => "timer_fired",
@@ -429,6 +441,7 @@ impl Event {
             | Event::FanOutStarted { path, .. }
             | Event::BranchCompleted { path, .. }
             | Event::BranchFailed { path, .. }
+            | Event::BranchFailedWith { path, .. }
             | Event::FanInCompleted { path, .. }
             | Event::TimerSet { path, .. }
             | Event::TimerFired { path }
@@ -505,6 +518,15 @@ impl Event {
             Event::BranchFailed { path, index, error } => {
                 json!({ "path": path.to_string(), "index": index, "error": error })
             }
+            Event::BranchFailedWith {
+                path,
+                index,
+                error,
+                details,
+            } => json!({
+                "path": path.to_string(), "index": index, "error": error,
+                "details": details.to_json(),
+            }),
             Event::FanInCompleted {
                 path,
                 succeeded,
@@ -670,6 +692,12 @@ mod tests {
                 reason: "signal".into(),
             },
             Event::RunDeadlineSet { deadline_us: 77 },
+            Event::BranchFailedWith {
+                path: "5".parse().unwrap(),
+                index: 4,
+                error: "e".into(),
+                details: Payload::from_value(&serde_json::json!({"spent": 1})).unwrap(),
+            },
         ]
     }
 
@@ -684,7 +712,7 @@ mod tests {
     #[test]
     fn variant_numbering_is_stable() {
         let tags: Vec<u8> = samples().iter().map(|e| e.encode()[0]).collect();
-        assert_eq!(tags, (0..=22).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=23).collect::<Vec<u8>>());
     }
 
     #[test]

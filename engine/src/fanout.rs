@@ -384,6 +384,24 @@ impl WorkflowContext {
                         Err(WorkflowError::Interrupted(x)) => {
                             return (i, Err(WorkflowError::Interrupted(x)));
                         }
+                        Err(WorkflowError::FailedWith { message, details }) => {
+                            match Payload::from_value(&details) {
+                                // Details over the store's limit are dropped, not the failure.
+                                Ok(d) if d.len() + message.len() + 64 <= max_bytes => {
+                                    Event::BranchFailedWith {
+                                        path: fan_path,
+                                        index: i,
+                                        error: message,
+                                        details: d,
+                                    }
+                                }
+                                _ => Event::BranchFailed {
+                                    path: fan_path,
+                                    index: i,
+                                    error: message,
+                                },
+                            }
+                        }
                         Err(e) => Event::BranchFailed {
                             path: fan_path,
                             index: i,
@@ -391,7 +409,8 @@ impl WorkflowContext {
                         },
                     };
                     match &ev {
-                        Event::BranchFailed { error, .. } => {
+                        Event::BranchFailed { error, .. }
+                        | Event::BranchFailedWith { error, .. } => {
                             branch_span.record("cairn.branch.outcome", "failed");
                             branch_span.record("otel.status_code", "ERROR");
                             branch_span.record("exception.message", error.as_str());
@@ -537,7 +556,10 @@ impl WorkflowContext {
                             }));
                         }
                     },
-                    Some(BranchRecord::Failed(e)) => BranchOutcome::Failed(e.clone()),
+                    Some(BranchRecord::Failed(e))
+                    | Some(BranchRecord::FailedWith { error: e, .. }) => {
+                        BranchOutcome::Failed(e.clone())
+                    }
                     None => BranchOutcome::NotRun,
                 }
             };

@@ -438,9 +438,9 @@ impl Engine {
 /// its branch (`path.index`), not to the fan-out's own position.
 fn belongs_to(e: &Event, from: &StepPath) -> bool {
     match e {
-        Event::BranchCompleted { path, index, .. } | Event::BranchFailed { path, index, .. } => {
-            path.child(*index).starts_with(from)
-        }
+        Event::BranchCompleted { path, index, .. }
+        | Event::BranchFailed { path, index, .. }
+        | Event::BranchFailedWith { path, index, .. } => path.child(*index).starts_with(from),
         _ => e.path().is_some_and(|p| p.starts_with(from)),
     }
 }

@@ -97,6 +97,13 @@ pub enum BranchRecord {
     Completed(Payload),
     /// The branch failed with this error.
     Failed(String),
+    /// The branch failed with this error and left these details.
+    FailedWith {
+        /// What went wrong.
+        error: String,
+        /// What the branch left for the workflow.
+        details: Payload,
+    },
 }
 
 /// What a run's history says about one fan-out.
@@ -139,6 +146,10 @@ fn ser_outcomes<S: serde::Serializer>(v: &[Option<BranchRecord>], s: S) -> Resul
             Some(BranchRecord::Completed(p)) => {
                 map.serialize_entry(&i.to_string(), &serde_json::json!({"ok": p.to_json()}))?
             }
+            Some(BranchRecord::FailedWith { error, details }) => map.serialize_entry(
+                &i.to_string(),
+                &serde_json::json!({"error": error, "details": details.to_json()}),
+            )?,
             Some(BranchRecord::Failed(e)) => {
                 map.serialize_entry(&i.to_string(), &serde_json::json!({"error": e}))?
             }
@@ -672,6 +683,14 @@ impl RunState {
             Event::BranchFailed { path, index, error } => self
                 .branch_outcome(&path, index, BranchRecord::Failed(error))
                 .map_err(inconsistent)?,
+            Event::BranchFailedWith {
+                path,
+                index,
+                error,
+                details,
+            } => self
+                .branch_outcome(&path, index, BranchRecord::FailedWith { error, details })
+                .map_err(inconsistent)?,
             Event::FanInCompleted {
                 path,
                 cancelled,
@@ -710,7 +729,7 @@ impl RunState {
         }
         match &rec {
             BranchRecord::Completed(_) => f.succeeded += 1,
-            BranchRecord::Failed(_) => f.failed += 1,
+            BranchRecord::Failed(_) | BranchRecord::FailedWith { .. } => f.failed += 1,
         }
         *slot = Some(rec);
         self.forget_below(&path.child(index));

@@ -418,3 +418,74 @@ async fn a_branch_output_over_the_payload_limit_fails_the_branch_not_the_run() {
     assert_eq!(ok, 1);
     assert!(errs[0].contains("payload limit"), "{errs:?}");
 }
+
+/// `detailed` fans out over 0..6 (all settled): branches 0–3 fail leaving details, the others
+/// wait for `gate` (when given) and return their index. It returns what the failed branches
+/// had left before this execution, and the fan-in.
+fn detailed_registry(gate: Option<Arc<Notify>>) -> Registry {
+    let mut r = Registry::new();
+    r.register("detailed", 1, move |ctx, (): ()| {
+        let gate = gate.clone();
+        async move {
+            let before = ctx.recorded_branch_failures("b");
+            let fan = ctx
+                .fan_out(
+                    "b",
+                    (0..6u32).collect(),
+                    FanOutOptions::new(6).join(JoinPolicy::AllSettled),
+                    move |_b, i: u32| {
+                        let gate = gate.clone();
+                        async move {
+                            if i < 4 {
+                                return Err(WorkflowError::FailedWith {
+                                    message: format!("branch {i} gave up"),
+                                    details: json!({ "spent": i * 10 }),
+                                });
+                            }
+                            if let Some(g) = gate {
+                                g.notified().await;
+                            }
+                            Ok(i)
+                        }
+                    },
+                )
+                .await?;
+            let failed: Vec<String> = fan.failures().map(|(_, e)| e.to_string()).collect();
+            Ok(json!({ "before": before, "failed": failed, "ok": fan.into_successes() }))
+        }
+    });
+    r
+}
+
+#[tokio::test]
+async fn a_failed_branch_leaves_details_that_a_resumed_run_reads_back() {
+    let (_d, store) = store();
+    let engine = Engine::with_store(
+        store.clone(),
+        detailed_registry(Some(Arc::new(Notify::new()))),
+    );
+    let h = engine.start("detailed", &()).await.unwrap();
+    let id = h.id;
+    loop {
+        let s = engine.load(id).await.unwrap();
+        if s.fanouts.values().next().is_some_and(|f| f.failed == 4) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.shutdown();
+    assert_eq!(h.wait().await.unwrap().status, RunStatus::Running);
+
+    let engine2 = Engine::with_store(store.clone(), detailed_registry(None));
+    let out = engine2.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
+    assert_eq!(
+        out.output.unwrap(),
+        json!({
+            "before": [[0, {"spent": 0}], [1, {"spent": 10}], [2, {"spent": 20}], [3, {"spent": 30}]],
+            "failed": ["branch 0 gave up", "branch 1 gave up", "branch 2 gave up", "branch 3 gave up"],
+            "ok": [4, 5],
+        })
+    );
+    assert!(store.verify(id).await.unwrap().ok());
+}

@@ -467,10 +467,13 @@ async fn for_each(
         None => JoinPolicy::All,
     };
     let opts = FanOutOptions::new(concurrency as usize).join(join);
-    // Items that finished before a resume are answered from the log without replaying their
-    // calls: their recorded spending counts toward the budget before the others run.
+    // Items that finished (or failed) before a resume are answered from the log without
+    // replaying their calls: their recorded spending counts toward the budget before the
+    // others run.
     if let Some(b) = &built.budget {
-        for (_, v) in ctx.recorded_branch_outputs(&step.id) {
+        let done = ctx.recorded_branch_outputs(&step.id);
+        let failed = ctx.recorded_branch_failures(&step.id);
+        for (_, v) in done.iter().chain(failed.iter()) {
             let tokens = v["spent"]["tokens"].as_u64().unwrap_or(0);
             let cost = v["spent"]["cost_usd"].as_f64().unwrap_or(0.0);
             b.add_spent(tokens, cost);
@@ -492,8 +495,22 @@ async fn for_each(
                 }
                 let mut out = serde_json::Map::new();
                 for s in steps.iter() {
-                    let v = simple_step(&bctx, s, &built, &mut scope).await?;
-                    out.insert(s.id.clone(), v);
+                    match simple_step(&bctx, s, &built, &mut scope).await {
+                        Ok(v) => {
+                            out.insert(s.id.clone(), v);
+                        }
+                        // Stopping (shutdown, cancel, a park) is not the item's failure.
+                        Err(e @ WorkflowError::Interrupted(_)) => return Err(e),
+                        // A failed item's spending is recorded with its failure, so that a
+                        // resumed batch counts it against the budget too.
+                        Err(e) => {
+                            let (tokens, cost_usd) = scope.spent;
+                            return Err(WorkflowError::FailedWith {
+                                message: e.to_string(),
+                                details: json!({ "spent": { "tokens": tokens, "cost_usd": cost_usd } }),
+                            });
+                        }
+                    }
                 }
                 let (tokens, cost_usd) = scope.spent;
                 Ok(json!({ "steps": out, "spent": { "tokens": tokens, "cost_usd": cost_usd } }))
@@ -692,7 +709,10 @@ impl FlowFollower {
                     });
                 }
             }
-            Event::BranchFailed { path, index, error } => {
+            Event::BranchFailed { path, index, error }
+            | Event::BranchFailedWith {
+                path, index, error, ..
+            } => {
                 if let Some(step) = self.fan_outs.get(&path) {
                     self.progress.failed += 1;
                     let key = self.key(step, index);
