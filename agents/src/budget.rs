@@ -5,7 +5,7 @@
 //! signal, so the run stops cleanly (parked, `waiting`) and continues once the budget is
 //! raised: `cairn signal RUN budget --data '{"max_cost_usd": 5}'`. Spending is re-added when
 //! recorded calls are replayed, so a resumed run knows what it spent without a counter of its
-//! own.
+//! own; and where the run replays its history, the history decides whether a check stopped it.
 
 use std::sync::Mutex;
 
@@ -95,10 +95,32 @@ impl Budget {
         })
     }
 
+    /// What was spent and the limits, now.
+    fn snapshot(&self) -> BudgetExhausted {
+        let s = self.lock();
+        BudgetExhausted {
+            spent_tokens: s.tokens,
+            spent_cost_usd: s.cost_usd,
+            limits: s.limits,
+        }
+    }
+
     /// Before a model call: while the budget is crossed, record why and wait for the `budget`
-    /// signal with raised limits.
+    /// signal with raised limits. While the run replays its history, the history decides: a
+    /// recorded stop is replayed and a recorded call means the check passed, whatever the
+    /// spending adds up to now (concurrent items may have reached this point in another order,
+    /// or a resumed batch may count its finished items differently), so a resumed run never
+    /// diverges from its own history here.
     pub(crate) async fn check(&self, ctx: &WorkflowContext) -> Result<(), WorkflowError> {
-        while let Some(ex) = self.exhausted() {
+        loop {
+            let ex = match ctx.recorded_next() {
+                Some(name) if name == "budget_exhausted" => self.snapshot(),
+                Some(_) => return Ok(()),
+                None => match self.exhausted() {
+                    Some(ex) => ex,
+                    None => return Ok(()),
+                },
+            };
             ctx.step(
                 "budget_exhausted",
                 move || async move { Ok::<_, StepError>(ex) },
@@ -115,6 +137,73 @@ impl Budget {
                 }
             }
         }
-        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use cairn_engine::{Engine, EngineOptions, Registry};
+    use cairn_storage::{EventStore, RedbStore, RunId, RunStatus};
+
+    use super::*;
+
+    /// `spend` spends 150 tokens inside a step (so only when the step executes, not when it is
+    /// replayed) against a limit of 100, then checks the budget and returns what it counts.
+    fn engine(store: &Arc<dyn EventStore>) -> Engine {
+        let mut r = Registry::new();
+        r.register("spend", 1, |ctx, (): ()| async move {
+            let b = Arc::new(Budget::new(BudgetLimits {
+                max_tokens: Some(100),
+                max_cost_usd: None,
+            }));
+            let live = Arc::clone(&b);
+            ctx.step("work", move || async move {
+                live.add_spent(150, 0.0);
+                Ok::<_, StepError>(())
+            })
+            .await?;
+            b.check(&ctx).await?;
+            Ok::<_, WorkflowError>(b.spent().0)
+        });
+        Engine::with_options(
+            Arc::clone(store),
+            r,
+            EngineOptions {
+                suspend_after: Duration::from_millis(50),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_replayed_check_follows_the_history_not_the_spending_it_counts_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> =
+            Arc::new(RedbStore::open(dir.path().join("b.redb")).unwrap());
+        let out = engine(&store)
+            .start("spend", &())
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(out.status, RunStatus::Waiting, "stopped by the budget");
+        let id: RunId = out.run_id.parse().unwrap();
+
+        // Resumed, the run counts 0 (the step that spent is replayed, not run), under the limit:
+        // deciding again would let it through, and past its recorded stop.
+        let e = engine(&store);
+        let out = e.resume(id).await.unwrap().wait().await.unwrap();
+        assert_eq!(out.status, RunStatus::Waiting, "{:?}", out.error);
+
+        // Raised, it goes on.
+        e.signal(id, "budget", serde_json::json!({ "max_tokens": 1000 }))
+            .await
+            .unwrap();
+        let out = e.resume(id).await.unwrap().wait().await.unwrap();
+        assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
     }
 }

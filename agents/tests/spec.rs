@@ -2035,7 +2035,8 @@ async fn a_resumed_batch_counts_what_its_failed_items_spent_against_the_budget()
     // total to 360, past the limit of 300, so it parks before calling `b`. Resumed, the batch
     // must count the failed items' 240 again (item 2's recorded call is replayed and counts
     // itself): before failures were recorded with what they spent, a resumed batch counted
-    // 120, under the limit, and ran on.
+    // 120, and went on past the recorded stop (a non-determinism error, before budget checks
+    // followed the history on replay) or, once raised, past the new limit.
     let text = r#"[workflow]
 name = "batch"
 
@@ -2173,6 +2174,24 @@ max_tokens = 300
     assert_eq!(
         exhausted.last().unwrap()["spent_tokens"],
         360,
+        "{exhausted:?}"
+    );
+
+    // Raised to 500, the run goes on from 360: item 2's `b` rejects it (free), item 3 spends
+    // 240 (600), and item 4 stops before its first call. Counting from 120 (without the
+    // failed items' 240), item 4 would have run too.
+    let (third_env, answer, check) = env();
+    let e = parking(&store, third_env);
+    e.signal(id, "budget", json!({ "max_tokens": 500 }))
+        .await
+        .unwrap();
+    let out = e.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Waiting, "{:?}", out.error);
+    assert_eq!((answer.calls(), check.calls()), (1, 2));
+    let exhausted = step_outputs(&store, id, "budget_exhausted").await;
+    assert_eq!(
+        exhausted.last().unwrap()["spent_tokens"],
+        600,
         "{exhausted:?}"
     );
 }

@@ -234,6 +234,23 @@ impl WorkflowContext {
         self.scope.prefix.child(i)
     }
 
+    /// What the history has at this context's next position (the step's name, or a
+    /// description of another operation), without taking the position; `None` where the
+    /// history ends (the next operation will execute). Code that decides from live state (a
+    /// budget shared by concurrent branches, say) follows what the history decided while it
+    /// replays, instead of deciding again on state that may have come out differently.
+    pub fn recorded_next(&self) -> Option<String> {
+        let path = self
+            .scope
+            .prefix
+            .child(self.scope.next.load(Ordering::Relaxed));
+        let st = lock(&self.shared.state);
+        match st.run.steps.get(&path) {
+            Some(r) => Some(r.name.clone()),
+            None => st.run.other_kind_at(&path, Kind::Step),
+        }
+    }
+
     /// The run's id.
     pub fn run_id(&self) -> RunId {
         self.shared.run_id
