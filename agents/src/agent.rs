@@ -109,6 +109,15 @@ pub struct AgentRun {
     pub cost_usd: Option<f64>,
 }
 
+/// What an agent run's model calls cost, also when the run failed ([`Agent::run_metered`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Spent {
+    /// Tokens used by the calls made.
+    pub usage: Usage,
+    /// Their cost, if the agent has a price.
+    pub cost_usd: Option<f64>,
+}
+
 /// The most turns an agent runs by default before it gives up.
 pub const MAX_TURNS_DEFAULT: u32 = 16;
 
@@ -211,12 +220,39 @@ impl Agent {
         self.run_conversation(ctx, vec![Message::user(task)]).await
     }
 
+    /// [`Agent::run`], also telling what its model calls cost when it fails: a failed run's
+    /// calls were paid for too (a workflow that counts its spending, like a workflow file's
+    /// `for_each` item, adds them). On success the same as the run's `usage` and `cost_usd`.
+    pub async fn run_metered(
+        &self,
+        ctx: &WorkflowContext,
+        task: &str,
+    ) -> (Result<AgentRun, WorkflowError>, Spent) {
+        let mut spent = Spent::default();
+        let r = self
+            .conversation_in_span(ctx, vec![Message::user(task)], &mut spent)
+            .await;
+        (r, spent)
+    }
+
     /// Runs the agent on a conversation (e.g. one handed over by another agent) until it
     /// answers.
     pub async fn run_conversation(
         &self,
         ctx: &WorkflowContext,
         messages: Vec<Message>,
+    ) -> Result<AgentRun, WorkflowError> {
+        self.conversation_in_span(ctx, messages, &mut Spent::default())
+            .await
+    }
+
+    /// The conversation in its `agent` span, adding what each model call cost to `spent` as
+    /// it is made (or replayed).
+    async fn conversation_in_span(
+        &self,
+        ctx: &WorkflowContext,
+        messages: Vec<Message>,
+        spent: &mut Spent,
     ) -> Result<AgentRun, WorkflowError> {
         let span = tracing::info_span!(
             "agent",
@@ -228,7 +264,10 @@ impl Agent {
             exception.message = Empty,
         );
         let record = span.clone();
-        let r = self.conversation(ctx, messages).instrument(span).await;
+        let r = self
+            .conversation(ctx, messages, spent)
+            .instrument(span)
+            .await;
         // A stop (shutdown, suspension) is not the agent's error.
         if let Err(e) = &r
             && !matches!(e, WorkflowError::Interrupted(_))
@@ -243,6 +282,7 @@ impl Agent {
         &self,
         ctx: &WorkflowContext,
         mut messages: Vec<Message>,
+        spent: &mut Spent,
     ) -> Result<AgentRun, WorkflowError> {
         let scope = ctx.scope(&format!("agent:{}", self.name)).await?;
         let mut usage = Usage::default();
@@ -291,6 +331,10 @@ impl Agent {
             if let Some(c) = call.cost_usd {
                 cost = Some(cost.unwrap_or(0.0) + c);
             }
+            *spent = Spent {
+                usage,
+                cost_usd: cost,
+            };
             let response = call.response;
             messages.push(Message {
                 role: Role::Assistant,

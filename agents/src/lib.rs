@@ -18,7 +18,7 @@ mod scripted;
 pub mod spec;
 mod tools;
 
-pub use agent::{Agent, AgentRun, MAX_TURNS_DEFAULT, ModelCall, Price, ToolCall};
+pub use agent::{Agent, AgentRun, MAX_TURNS_DEFAULT, ModelCall, Price, Spent, ToolCall};
 pub use budget::{Budget, BudgetExhausted, BudgetLimits};
 pub use choreography::{ChoreoEvent, Choreography};
 pub use model::{

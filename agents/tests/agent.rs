@@ -588,3 +588,59 @@ async fn a_recorded_run_answers_a_new_run_of_the_same_workflow_offline() {
     assert_eq!(third.status, RunStatus::Failed);
     assert!(third.error.unwrap().contains("no recorded answer"));
 }
+
+#[tokio::test]
+async fn a_failed_run_reports_what_its_calls_cost() {
+    let (_d, store) = store();
+    // Turn 1 asks for a tool (100 + 20 tokens); turn 2's request is rejected for good.
+    let first = script().remove(0);
+    let model = Arc::new(ScriptedModel::from_fn(move |req| {
+        if req.messages.len() == 1 {
+            Ok(first.clone())
+        } else {
+            Err(ModelError::new(ModelErrorKind::BadRequest, "rejected"))
+        }
+    }));
+    let mut r = Registry::new();
+    let m = model.clone();
+    r.register("metered", 1, move |ctx, task: String| {
+        let agent = Agent::new("triage", m.clone(), "scripted-1")
+            .tools(tools(Arc::new(AtomicU32::new(0))))
+            .price(Price {
+                input_per_mtok: 1.0,
+                output_per_mtok: 5.0,
+                ..Price::default()
+            });
+        async move {
+            let (run, spent) = agent.run_metered(&ctx, &task).await;
+            let error = run.err().map(|e| e.to_string());
+            Ok::<_, WorkflowError>(serde_json::json!({
+                "error": error,
+                "input_tokens": spent.usage.input_tokens,
+                "output_tokens": spent.usage.output_tokens,
+                "cost_usd": spent.cost_usd,
+            }))
+        }
+    });
+    let engine = Engine::with_store(store.clone(), r);
+    let out = engine
+        .start("metered", &"Look at T-7")
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
+    let v = out.output.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("rejected"), "{v}");
+    assert_eq!(
+        (v["input_tokens"].clone(), v["output_tokens"].clone()),
+        (100.into(), 20.into())
+    );
+    let cost = v["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - (100.0 * 1.0 + 20.0 * 5.0) / 1e6).abs() < 1e-12,
+        "{cost}"
+    );
+    assert_eq!(model.calls(), 2);
+}

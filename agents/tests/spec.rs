@@ -2195,3 +2195,85 @@ max_tokens = 300
         "{exhausted:?}"
     );
 }
+
+#[tokio::test]
+async fn an_items_spending_counts_the_calls_of_an_agent_that_failed_before_its_fallback() {
+    let text = r#"[workflow]
+name = "fbeach"
+
+[models.flaky]
+provider = "recorded"
+model = "f"
+
+[models.m]
+provider = "recorded"
+model = "g"
+
+[agents.primary]
+model = "flaky"
+system = "primary"
+tools = ["lookup"]
+
+[agents.backup]
+model = "m"
+system = "backup"
+
+[[flow]]
+id = "each"
+for_each = "items"
+
+[[flow.steps]]
+id = "answer"
+agent = "primary"
+prompt = "{{ item.text }}"
+fallback = "backup"
+"#;
+    // The primary asks for the tool (120 tokens), then its next request is rejected for good;
+    // the backup answers (120 tokens).
+    let flaky = Arc::new(ScriptedModel::from_fn(|req| {
+        if req.messages.len() == 1 {
+            Ok(ModelResponse {
+                id: String::new(),
+                model: "scripted".into(),
+                content: vec![Block::ToolUse {
+                    id: "u1".into(),
+                    name: "lookup".into(),
+                    input: json!({"id": "T-7"}),
+                }],
+                stop_reason: StopReason::ToolUse,
+                usage: usage(100, 20),
+            })
+        } else {
+            Err(ModelError::new(ModelErrorKind::BadRequest, "rejected"))
+        }
+    }));
+    let lookup = tool("lookup", "Find a ticket by id", |i: Lookup| async move {
+        Ok::<_, ToolError>(json!({"id": i.id}))
+    });
+    let backup = Arc::new(ScriptedModel::from_fn(|req| {
+        Ok(say(&format!("backup: {}", last_user(req))))
+    }));
+    let env = FlowEnv::new()
+        .model("flaky", flaky.clone())
+        .model("m", backup.clone())
+        .tool(lookup);
+    let (_sd, store) = store();
+    let spec = load_env(text, &env).unwrap();
+    let out = run_to_end(&store, env, &spec, &[json!({"text": "T-7?"})]).await;
+    assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
+    assert_eq!((flaky.calls(), backup.calls()), (2, 1));
+    let id: RunId = out.run_id.parse().unwrap();
+    let spent: Vec<Value> = store
+        .read(id, Seq(0), 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| match Event::decode(&e.payload).unwrap() {
+            Event::BranchCompleted { output, .. } => Some(output.to_json()["spent"].clone()),
+            _ => None,
+        })
+        .collect();
+    // Both agents' calls: what a resumed batch counts against `[budget]` for this item.
+    assert_eq!(spent.len(), 1);
+    assert_eq!(spent[0]["tokens"], 240, "{spent:?}");
+}

@@ -362,8 +362,10 @@ async fn simple_step(
                 .map(|t| t.render(&scope.vars))
                 .transpose()
                 .map_err(|e| step_failed(step, e))?;
-            // What a summary handoff's summarizer spent, counted with the step's agent.
+            // What a summary handoff's summarizer spent, counted with the step's agent; and
+            // what the agent's calls cost if it failed (before a fallback, or failing the item).
             let mut summary_spent = (0u64, 0.0f64);
+            let mut failed_spent = crate::Spent::default();
             let result = match h {
                 Some(h) => {
                     let from = scope.runs.get(&h.from).ok_or_else(|| {
@@ -399,8 +401,18 @@ async fn simple_step(
                             r
                         })
                 }
-                None => a.run(ctx, task.as_deref().unwrap_or_default()).await,
+                None => {
+                    let (r, spent) = a
+                        .run_metered(ctx, task.as_deref().unwrap_or_default())
+                        .await;
+                    failed_spent = spent;
+                    r
+                }
             };
+            if result.is_err() {
+                scope.spent.0 += failed_spent.usage.total_tokens();
+                scope.spent.1 += failed_spent.cost_usd.unwrap_or(0.0);
+            }
             let (run, used) = match (result, fallback) {
                 (Ok(r), _) => (r, None),
                 (Err(e @ WorkflowError::Interrupted(_)), _) | (Err(e), None) => return Err(e),
