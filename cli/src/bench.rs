@@ -210,6 +210,9 @@ struct FsyncResult {
     /// when the write returns; how the store's log writes), per second; `None` where the file
     /// system refuses direct I/O. The targets use `commits_per_sec`.
     direct_commits_per_sec: Option<f64>,
+    /// The same direct writes from two threads at once (each its own blocks), in total per
+    /// second: how much a second durable write in flight would add on this device.
+    direct_two_writers_per_sec: Option<f64>,
     /// The headline rate of every round, in the order run (the figures above are the median
     /// round's).
     round_rates: Vec<f64>,
@@ -856,12 +859,14 @@ fn bench_fsync(dir: &Path) -> Result<FsyncResult> {
     }
     let secs = started.elapsed().as_secs_f64();
     drop(file);
-    let direct_commits_per_sec = direct_write_rate(&path, lat.len());
+    let direct_commits_per_sec = direct_write_rate(&path, lat.len(), 1);
+    let direct_two_writers_per_sec = direct_write_rate(&path, lat.len(), 2);
     let _ = std::fs::remove_file(&path);
     lat.sort_unstable();
     let writes = lat.len() as u64;
     Ok(FsyncResult {
         direct_commits_per_sec,
+        direct_two_writers_per_sec,
         round_rates: Vec::new(),
         writes,
         secs,
@@ -873,24 +878,38 @@ fn bench_fsync(dir: &Path) -> Result<FsyncResult> {
 }
 
 /// `writes` 4 KiB writes over the preallocated file at `path` through an `O_DIRECT | O_DSYNC`
-/// handle, per second; `None` if the file system refuses direct I/O.
-fn direct_write_rate(path: &Path, writes: usize) -> Option<f64> {
+/// handle, shared by `threads` threads writing at once (each its own blocks), per second in
+/// total; `None` if the file system refuses direct I/O.
+fn direct_write_rate(path: &Path, writes: usize, threads: usize) -> Option<f64> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
         .open(path)
         .ok()?;
-    // A block-aligned 4 KiB buffer (direct I/O needs one).
-    let mut raw = vec![0xA5u8; 2 * FSYNC_BLOCK];
-    let start = raw.as_ptr().align_offset(FSYNC_BLOCK).min(FSYNC_BLOCK);
-    let block = &mut raw[start..start + FSYNC_BLOCK];
+    let threads = threads.max(1);
+    let each = writes / threads;
     let started = Instant::now();
-    for i in 0..writes {
-        let off = (i as u64 % FSYNC_FILE_BLOCKS) * FSYNC_BLOCK as u64;
-        file.write_all_at(block, off).ok()?;
-    }
-    Some(rate(writes as f64, started.elapsed().as_secs_f64()))
+    let ok = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let file = &file;
+                s.spawn(move || {
+                    // A block-aligned 4 KiB buffer (direct I/O needs one).
+                    let mut raw = vec![0xA5u8; 2 * FSYNC_BLOCK];
+                    let start = raw.as_ptr().align_offset(FSYNC_BLOCK).min(FSYNC_BLOCK);
+                    let block = &mut raw[start..start + FSYNC_BLOCK];
+                    (0..each).all(|i| {
+                        let n = (i * threads + t) as u64;
+                        let off = (n % FSYNC_FILE_BLOCKS) * FSYNC_BLOCK as u64;
+                        file.write_all_at(block, off).is_ok()
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().all(|h| h.join().unwrap_or(false))
+    });
+    ok.then(|| rate((each * threads) as f64, started.elapsed().as_secs_f64()))
 }
 
 /// Opens a fresh store for writing, with a clear error.
@@ -2453,6 +2472,9 @@ fn print_human(r: &Results) {
                 f.direct_commits_per_sec
                     .map(|d| format!("\nO_DIRECT|O_DSYNC writes (the log's way): {} /s", fmt_rate(d)))
                     .unwrap_or_default()
+                    + &f.direct_two_writers_per_sec
+                        .map(|d| format!(" · from two threads at once: {} /s", fmt_rate(d)))
+                        .unwrap_or_default()
             ) + &rounds_note(&f.round_rates, "commits/s"),
         ]);
     }
