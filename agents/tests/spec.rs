@@ -160,14 +160,23 @@ async fn run_to_end(
         .unwrap()
 }
 
-/// The outputs of the steps named `name` in a run's log, in log order.
-async fn step_outputs(store: &Arc<dyn EventStore>, id: RunId, name: &str) -> Vec<Value> {
+/// A run's events, decoded, in log order.
+async fn run_events(store: &Arc<dyn EventStore>, id: RunId) -> Vec<Event> {
     store
         .read(id, Seq(0), 100_000)
         .await
         .unwrap()
         .iter()
-        .filter_map(|e| match Event::decode(&e.payload).unwrap() {
+        .map(|e| Event::decode(&e.payload).unwrap())
+        .collect()
+}
+
+/// The outputs of the steps named `name` in a run's log, in log order.
+async fn step_outputs(store: &Arc<dyn EventStore>, id: RunId, name: &str) -> Vec<Value> {
+    run_events(store, id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
             Event::StepCompleted {
                 name: n, output, ..
             } if n == name => Some(output.to_json()),
@@ -2139,12 +2148,10 @@ max_tokens = 300
     assert_eq!(failed.len(), 2, "{failed:?}");
     assert!(failed.iter().all(|r| !r.ok));
     // The failures carry what each item spent (`cairn events` shows it as `details`).
-    let details: Vec<Value> = store
-        .read(id, Seq(0), 10_000)
+    let details: Vec<Value> = run_events(&store, id)
         .await
-        .unwrap()
-        .iter()
-        .filter_map(|e| match Event::decode(&e.payload).unwrap() {
+        .into_iter()
+        .filter_map(|e| match e {
             Event::BranchFailedWith { details, .. } => Some(details.to_json()),
             _ => None,
         })
@@ -2263,12 +2270,10 @@ fallback = "backup"
     assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
     assert_eq!((flaky.calls(), backup.calls()), (2, 1));
     let id: RunId = out.run_id.parse().unwrap();
-    let spent: Vec<Value> = store
-        .read(id, Seq(0), 10_000)
+    let spent: Vec<Value> = run_events(&store, id)
         .await
-        .unwrap()
-        .iter()
-        .filter_map(|e| match Event::decode(&e.payload).unwrap() {
+        .into_iter()
+        .filter_map(|e| match e {
             Event::BranchCompleted { output, .. } => Some(output.to_json()["spent"].clone()),
             _ => None,
         })

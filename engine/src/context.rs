@@ -793,31 +793,29 @@ impl WorkflowContext {
     /// by branch index. Lets a workflow account for finished branches (their spending, say)
     /// before the remaining ones run: finished branches are answered from the log, not re-run.
     pub fn recorded_branch_outputs(&self, name: &str) -> Vec<(u32, serde_json::Value)> {
-        let path = self
-            .scope
-            .prefix
-            .child(self.scope.next.load(Ordering::Relaxed));
-        let st = lock(&self.shared.state);
-        match st.run.fanouts.get(&path) {
-            Some(fo) if fo.name == name => fo
-                .outcomes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, o)| match o {
-                    Some(crate::state::BranchRecord::Completed(p)) => {
-                        Some((u32::try_from(i).ok()?, p.to_json()))
-                    }
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        }
+        self.recorded_branches(name, |o| match o {
+            crate::state::BranchRecord::Completed(p) => Some(p.to_json()),
+            _ => None,
+        })
     }
 
     /// The details the failed branches of the fan-out `name` left
     /// ([`WorkflowError::FailedWith`]), by item index, as recorded before this execution
     /// (like [`WorkflowContext::recorded_branch_outputs`], for the failures).
     pub fn recorded_branch_failures(&self, name: &str) -> Vec<(u32, serde_json::Value)> {
+        self.recorded_branches(name, |o| match o {
+            crate::state::BranchRecord::FailedWith { details, .. } => Some(details.to_json()),
+            _ => None,
+        })
+    }
+
+    /// What `pick` takes of each recorded branch outcome of the fan-out `name` at this scope's
+    /// next position, by branch index.
+    fn recorded_branches(
+        &self,
+        name: &str,
+        pick: impl Fn(&crate::state::BranchRecord) -> Option<serde_json::Value>,
+    ) -> Vec<(u32, serde_json::Value)> {
         let path = self
             .scope
             .prefix
@@ -828,12 +826,7 @@ impl WorkflowContext {
                 .outcomes
                 .iter()
                 .enumerate()
-                .filter_map(|(i, o)| match o {
-                    Some(crate::state::BranchRecord::FailedWith { details, .. }) => {
-                        Some((u32::try_from(i).ok()?, details.to_json()))
-                    }
-                    _ => None,
-                })
+                .filter_map(|(i, o)| Some((u32::try_from(i).ok()?, pick(o.as_ref()?)?)))
                 .collect(),
             _ => Vec::new(),
         }
