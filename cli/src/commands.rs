@@ -240,6 +240,7 @@ async fn start(path: &Path, workflow: &str, input: &str, timeout: Option<f64>) -
                 workflow: workflow.to_string(),
                 input,
                 timeout_secs: timeout.map(|t| t.as_secs_f64()),
+                labels: Default::default(),
             };
             return remote(path, &req, e).await;
         }
@@ -940,7 +941,7 @@ async fn cancel(path: &Path, run: &str, reason: &str) -> Result<ExitCode> {
 }
 
 /// Whether opening the store failed because another process holds it for writing.
-fn is_locked(e: &anyhow::Error) -> bool {
+pub(crate) fn is_locked(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<cairn_storage::StoreError>(),
         Some(cairn_storage::StoreError::AlreadyOpen { .. })

@@ -1,11 +1,12 @@
 //! The control socket: a process that holds a store for writing (`worker`, `demo`, `resume`,
-//! …) listens on `<store>.sock` so that other `cairn` processes can signal or cancel the runs
-//! it executes, which they could not do through the store itself (one writer at a time).
+//! …) listens on `<store>.sock` so that other `cairn` processes can start, signal or cancel
+//! runs there (`cairn run` and `cairn start` forward their runs to it), which they could not do
+//! through the store itself (one writer at a time).
 //!
 //! The protocol is one JSON object per line each way: a request
 //! `{"op":"signal","run":ID,"name":NAME,"data":JSON}`, `{"op":"cancel","run":ID,"reason":TEXT}`
-//! or `{"op":"start","workflow":NAME,"input":JSON}`, and a reply `{"ok":true,"message":TEXT}` or
-//! `{"ok":false,"error":TEXT}`.
+//! or `{"op":"start","workflow":NAME,"input":JSON,"labels":{…}}`, and a reply
+//! `{"ok":true,"message":TEXT}` (with `"run":ID` for a start) or `{"ok":false,"error":TEXT}`.
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +17,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-/// The largest request line accepted, in bytes.
-const REQUEST_BYTES_MAX: usize = 1024 * 1024;
+/// The largest request line accepted, in bytes: a forwarded `cairn run` carries its items and
+/// its workflow file, up to a run input's limit (the store's payload limit, 16 MiB by
+/// default), JSON-escaped.
+const REQUEST_BYTES_MAX: usize = 40 * 1024 * 1024;
 
 /// A request to the process holding the store.
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +44,9 @@ pub enum Request {
         /// A per-run timeout in seconds.
         #[serde(default)]
         timeout_secs: Option<f64>,
+        /// The run's labels (a forwarded `cairn run` passes its results file as `output`).
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        labels: std::collections::BTreeMap<String, String>,
     },
     /// Resolve a step that needs review.
     Review {
@@ -71,6 +77,9 @@ pub struct Reply {
     /// What went wrong, when not ok.
     #[serde(default)]
     pub error: Option<String>,
+    /// The run a `start` started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// The socket path for a store.
@@ -130,6 +139,7 @@ async fn handle(stream: UnixStream, engine: Engine) -> Result<()> {
                 ok: false,
                 message: None,
                 error: Some(format!("bad request: {e}")),
+                run: None,
             },
         };
         let mut out = serde_json::to_vec(&reply)?;
@@ -140,6 +150,7 @@ async fn handle(stream: UnixStream, engine: Engine) -> Result<()> {
 }
 
 async fn execute(engine: &Engine, req: Request) -> Reply {
+    let mut started = None;
     let result: Result<String> = async {
         match req {
             Request::Signal { run, name, data } => {
@@ -165,15 +176,16 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
                 workflow,
                 input,
                 timeout_secs,
+                labels,
             } => {
                 let mut opts = cairn_engine::StartOptions::new(&workflow, input);
                 opts.timeout = timeout_secs.map(std::time::Duration::from_secs_f64);
+                opts.labels = labels;
                 let h = engine.start_with(opts).await?;
                 let id = h.id;
+                started = Some(id.to_string());
                 // The serving process reports how it ends.
-                tokio::spawn(async move {
-                    let _ = h.wait().await;
-                });
+                announce(h);
                 Ok(format!(
                     "run {id} started: {workflow} (in the process holding the store)"
                 ))
@@ -209,11 +221,13 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
             ok: true,
             message: Some(m),
             error: None,
+            run: started,
         },
         Err(e) => Reply {
             ok: false,
             message: None,
             error: Some(format!("{e:#}")),
+            run: None,
         },
     }
 }

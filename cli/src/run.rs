@@ -185,7 +185,15 @@ pub async fn run(path: &Path, a: RunArgs) -> Result<ExitCode> {
     if let Some(o) = &output {
         opts.labels.insert("output".into(), o.display().to_string());
     }
-    let store = open_rw(path)?;
+    let store = match open_rw(path) {
+        Ok(s) => s,
+        // A worker holds the store: it runs the file (its definition travels in the run's
+        // input), and this process follows the run and writes the results.
+        Err(e) if commands::is_locked(&e) => {
+            return forward(path, opts, &spec.workflow(), n_items, output.as_deref(), e).await;
+        }
+        Err(e) => return Err(e),
+    };
     let engine = engine_with(store, env);
     let _control = crate::control::serve(path, engine.clone());
     let h = engine.start_with(opts).await?;
@@ -200,6 +208,114 @@ pub async fn run(path: &Path, a: RunArgs) -> Result<ExitCode> {
     }
     let _ = std::io::stdout().flush();
     follow(path, &engine, h, output.as_deref()).await
+}
+
+/// `cairn run` against a store another process holds: starts the run there through its
+/// control socket, then follows it from the store (read-only, as the holder checkpoints it),
+/// writing each finished item to the results file, until the run stops.
+async fn forward(
+    path: &Path,
+    opts: cairn_engine::StartOptions,
+    workflow: &str,
+    n_items: usize,
+    output: Option<&Path>,
+    lock_err: anyhow::Error,
+) -> Result<ExitCode> {
+    let req = crate::control::Request::Start {
+        workflow: opts.workflow.clone(),
+        input: opts.input.clone(),
+        timeout_secs: opts.timeout.map(|t| t.as_secs_f64()),
+        labels: opts.labels.clone(),
+    };
+    // No socket to talk to: the store is held by a process that does not serve one.
+    let Ok(reply) = crate::control::send(path, &req).await else {
+        return Err(lock_err);
+    };
+    if !reply.ok {
+        anyhow::bail!(reply.error.unwrap_or_default());
+    }
+    let id: RunId = reply
+        .run
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+        .context("the process holding the store did not say which run it started (an older cairn?); follow it with `cairn runs`")?;
+    println!(
+        "run {id} started in the process holding the store: {workflow} over {n_items} items (store {})",
+        path.display()
+    );
+    if let Some(o) = output {
+        println!("results: {}", o.display());
+    }
+    let _ = std::io::stdout().flush();
+    follow_remote(path, id, output).await
+}
+
+/// Follows a run another process executes, from the store read-only: its finished items (to
+/// the results file and the progress line) until it stops; Ctrl-C stops following, not the run.
+async fn follow_remote(path: &Path, id: RunId, output: Option<&Path>) -> Result<ExitCode> {
+    let mut follower = FlowFollower::new(id);
+    let mut out = match output {
+        Some(p) => Some(OutputFile::open(p, id)?),
+        None => None,
+    };
+    let mut bar = Bar::new();
+    // The holder checkpoints every 250 ms; a fresh read-only handle each time sees the latest.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let outcome = loop {
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                if let Some(o) = out.as_mut() {
+                    o.finish()?;
+                }
+                eprintln!(
+                    "\ninterrupt: stopped following; run {id} goes on in the process holding {} (`cairn --store {} show {id}`)",
+                    path.display(),
+                    path.display()
+                );
+                return Ok(ExitCode::from(130));
+            }
+            _ = tick.tick() => {
+                let store = commands::open_ro(path)?;
+                let new = follower.poll(&store).await?;
+                if let Some(o) = out.as_mut() {
+                    o.write(&new)?;
+                }
+                bar.update(follower.progress());
+                let Some(meta) = store.run(id).await? else { continue };
+                if meta.status.is_terminal() || meta.status == cairn_storage::RunStatus::Waiting {
+                    // The run's last events are in the same checkpoint as its status.
+                    let new = follower.poll(&store).await?;
+                    if let Some(o) = out.as_mut() {
+                        o.write(&new)?;
+                    }
+                    let engine = Engine::with_store(Arc::new(store), workflows::registry(Arc::default()));
+                    break engine.wait_for(id).await;
+                }
+            }
+        }
+    };
+    if let Some(o) = out.as_mut() {
+        o.finish()?;
+    }
+    bar.finish(follower.progress());
+    let p = follower.progress();
+    println!(
+        "items: {} of {} done ({} ok, {} failed); {} model calls, {} input + {} output tokens, ${:.4}",
+        p.succeeded + p.failed,
+        p.items_total,
+        p.succeeded,
+        p.failed,
+        p.model_calls,
+        p.input_tokens,
+        p.output_tokens,
+        p.cost_usd
+    );
+    if let (Some(o), Some(p)) = (&out, output) {
+        println!("results: {} lines in {}", o.lines(), p.display());
+    }
+    Ok(commands::report(path, &[outcome]))
 }
 
 /// The recorded input of a run of a workflow file.

@@ -681,3 +681,71 @@ fn check_validates_the_file_items_and_params_and_runs_nothing() {
     assert_eq!(out.code(), Some(2));
     assert!(out.assert_one_line_error().contains("no parameter `nope`"));
 }
+
+/// With a worker holding the store, `cairn run` starts the run in the worker (through its
+/// socket) and follows it from the store: the same 300 results and report as a run of its own.
+#[test]
+fn run_against_a_store_a_worker_holds_runs_there_and_writes_the_results_here() {
+    let (want, want_report) = reference();
+    let env = Env::new();
+    let file = triage_copy(&env, 0);
+    let mut worker = env.spawn(&["worker"]);
+    worker.wait_stdout_line("worker serving", Duration::from_millis(10));
+    let out_path = env.path("forwarded.jsonl");
+    let out = env.run(&[
+        "run",
+        s(&file),
+        "--input",
+        s(&env.path("triage/tickets.jsonl")),
+        "--output",
+        s(&out_path),
+    ]);
+    out.assert_ok();
+    assert!(
+        out.stdout
+            .contains("started in the process holding the store"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(strip_run(results(&out_path)), strip_run(want));
+    assert_eq!(report_text(&out), want_report);
+    // The worker ran it (and says so), and the run is recorded with its results file.
+    let id = out
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("a run id on the first line")
+        .to_string();
+    worker.wait_stdout_line(&format!("run {id} completed"), Duration::from_millis(10));
+    let meta = env.run_meta(&id);
+    assert_eq!(meta["status"], "completed");
+    assert_eq!(meta["labels"]["output"], json!(s(&out_path)));
+}
+
+/// Ctrl-C on a forwarded `cairn run` stops the following, not the run: the worker finishes it,
+/// and once the worker is gone `cairn resume` writes the results the follower did not.
+#[test]
+fn ctrl_c_on_a_forwarded_run_leaves_it_to_the_worker() {
+    let env = Env::new();
+    let file = triage_copy(&env, 15);
+    let mut worker = env.spawn(&["worker"]);
+    worker.wait_stdout_line("worker serving", Duration::from_millis(10));
+    let out_path = env.path("results.jsonl");
+    let (p, id) = start_triage(&env, &file, &out_path);
+    wait_for(Duration::from_secs(60), "some results", || {
+        (lines(&out_path) >= 30).then_some(())
+    });
+    p.signal(libc::SIGINT);
+    let out = p.finish(CMD_TIMEOUT);
+    assert_eq!(out.code(), Some(130), "{out:#?}");
+    assert!(out.stderr.contains("stopped following"), "{}", out.stderr);
+    let stopped_at = lines(&out_path);
+    assert!((30..300).contains(&stopped_at), "{stopped_at}");
+    worker.wait_stdout_line(&format!("run {id} completed"), Duration::from_millis(10));
+    worker.signal(libc::SIGINT);
+    let w = worker.finish(CMD_TIMEOUT);
+    assert_eq!(w.code(), Some(0), "{w:#?}");
+    let out = env.run(&["resume", &id]);
+    out.assert_ok();
+    assert_eq!(results(&out_path).len(), 300);
+}
