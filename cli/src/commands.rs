@@ -131,6 +131,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             output,
             allow_changed,
         } => resume(path, &run, output, allow_changed).await,
+        Command::Follow { run, output } => crate::run::follow_cmd(path, &run, output).await,
         Command::Run {
             file,
             input,

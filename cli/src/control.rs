@@ -57,6 +57,8 @@ pub enum Request {
         /// `Some(output)` for done, `None` for retry.
         done: Option<serde_json::Value>,
     },
+    /// Whether a process serves the store (the reply says which store).
+    Ping,
     /// Cancel a run.
     Cancel {
         /// The run id.
@@ -204,6 +206,7 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
                     "step {step} of run {id} resolved; the run continues"
                 ))
             }
+            Request::Ping => Ok("serving the store".to_string()),
             Request::Cancel { run, reason } => {
                 let id: RunId = run.parse()?;
                 Ok(match engine.cancel(id, &reason).await? {

@@ -174,6 +174,16 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Follow a run of a workflow file another process executes (a worker, say), read-only:
+    /// its progress and its item results (to --output, or the file it was started with), until
+    /// it stops; for a finished run, write the results still missing.
+    Follow {
+        /// The run id.
+        run: String,
+        /// Write the item results here instead of the file the run was started with.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
     /// Resume every run a stopped or crashed process left running.
     Recover,
     /// Audit a run's agents: model calls, tokens, cost, latency, tool calls, failures and

@@ -250,6 +250,47 @@ async fn forward(
     follow_remote(path, id, output).await
 }
 
+/// `cairn follow RUN [--output FILE]`: follows a run of a workflow file from the store,
+/// read-only (another process executes it), or completes the results of a finished one.
+pub async fn follow_cmd(path: &Path, run: &str, output: Option<PathBuf>) -> Result<ExitCode> {
+    let id = commands::parse_run(run)?;
+    let store = commands::open_ro(path)?;
+    let meta = store.run(id).await?.ok_or_else(|| {
+        usage(format!(
+            "no run {id} in {}; list runs with `cairn runs`",
+            path.display()
+        ))
+    })?;
+    if !is_flow(&meta) {
+        return Err(usage(format!(
+            "run {id} runs `{}`, not a workflow file; follow runs of `cairn run`, or look at this one with `cairn show {id}`",
+            meta.workflow
+        )));
+    }
+    drop(store);
+    let output = output
+        .map(|p| std::path::absolute(&p).unwrap_or(p))
+        .or_else(|| meta.labels.get("output").map(PathBuf::from));
+    // A run left `running` with nobody serving the store would never move: say so.
+    if meta.status == cairn_storage::RunStatus::Running
+        && crate::control::send(path, &crate::control::Request::Ping)
+            .await
+            .is_err()
+    {
+        return Err(usage(format!(
+            "run {id} is running but no process serves {}; resume it with `cairn --store {} resume {id}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    println!("following run {id} (store {})", path.display());
+    if let Some(o) = &output {
+        println!("results: {}", o.display());
+    }
+    let _ = std::io::stdout().flush();
+    follow_remote(path, id, output.as_deref()).await
+}
+
 /// Follows a run another process executes, from the store read-only: its finished items (to
 /// the results file and the progress line) until it stops; Ctrl-C stops following, not the run.
 async fn follow_remote(path: &Path, id: RunId, output: Option<&Path>) -> Result<ExitCode> {
@@ -270,7 +311,7 @@ async fn follow_remote(path: &Path, id: RunId, output: Option<&Path>) -> Result<
                     o.finish()?;
                 }
                 eprintln!(
-                    "\ninterrupt: stopped following; run {id} goes on in the process holding {} (`cairn --store {} show {id}`)",
+                    "\ninterrupt: stopped following; run {id} goes on in the process holding {} (follow it again: cairn --store {} follow {id})",
                     path.display(),
                     path.display()
                 );

@@ -723,9 +723,10 @@ fn run_against_a_store_a_worker_holds_runs_there_and_writes_the_results_here() {
 }
 
 /// Ctrl-C on a forwarded `cairn run` stops the following, not the run: the worker finishes it,
-/// and once the worker is gone `cairn resume` writes the results the follower did not.
+/// `cairn follow` picks the results up again while the worker holds the store, and once the
+/// worker is gone `cairn resume` finds nothing missing.
 #[test]
-fn ctrl_c_on_a_forwarded_run_leaves_it_to_the_worker() {
+fn ctrl_c_on_a_forwarded_run_leaves_it_to_the_worker_and_follow_picks_it_up() {
     let env = Env::new();
     let file = triage_copy(&env, 15);
     let mut worker = env.spawn(&["worker"]);
@@ -738,14 +739,67 @@ fn ctrl_c_on_a_forwarded_run_leaves_it_to_the_worker() {
     p.signal(libc::SIGINT);
     let out = p.finish(CMD_TIMEOUT);
     assert_eq!(out.code(), Some(130), "{out:#?}");
-    assert!(out.stderr.contains("stopped following"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("stopped following") && out.stderr.contains(&format!("follow {id}")),
+        "{}",
+        out.stderr
+    );
     let stopped_at = lines(&out_path);
     assert!((30..300).contains(&stopped_at), "{stopped_at}");
+
+    // Following again (to the file the run was started with) writes the rest, once each.
+    let followed = env.run(&["follow", &id]);
+    followed.assert_ok();
+    assert!(
+        followed.stdout.contains(&format!("run {id} completed")),
+        "{}",
+        followed.stdout
+    );
+    assert_eq!(results(&out_path).len(), 300);
     worker.wait_stdout_line(&format!("run {id} completed"), Duration::from_millis(10));
+
+    // Not a workflow file's run, an unknown run: one-line errors.
+    let demo = start_remote_demo(&env);
+    env.run(&["follow", &demo]).assert_one_line_error();
+    env.run(&["follow", "01ARZ3NDEKTSV4RRFFQ69G5FAV"])
+        .assert_one_line_error();
+
     worker.signal(libc::SIGINT);
     let w = worker.finish(CMD_TIMEOUT);
     assert_eq!(w.code(), Some(0), "{w:#?}");
     let out = env.run(&["resume", &id]);
     out.assert_ok();
+    assert!(
+        out.stdout.contains("0 missing result lines"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(results(&out_path).len(), 300);
+}
+
+/// Starts a short `demo` run through the worker's socket; returns its id.
+fn start_remote_demo(env: &Env) -> String {
+    let out = env.run(&["start", "demo", "--input", r#"{"items":2,"step_ms":0}"#]);
+    out.assert_ok();
+    out.stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("run RUN started")
+        .to_string()
+}
+
+/// A run left `running` with no process serving the store: `follow` says to resume it.
+#[test]
+fn follow_refuses_a_running_run_nobody_executes() {
+    let env = Env::new();
+    let file = triage_copy(&env, 15);
+    let out_path = env.path("results.jsonl");
+    let (mut p, id) = start_triage(&env, &file, &out_path);
+    wait_for(Duration::from_secs(60), "some results", || {
+        (lines(&out_path) >= 10).then_some(())
+    });
+    assert!(p.kill9());
+    let out = env.run(&["follow", &id]);
+    let line = out.assert_one_line_error();
+    assert!(line.contains(&format!("resume {id}")), "{line}");
 }
