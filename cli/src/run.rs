@@ -341,21 +341,7 @@ async fn follow_remote(path: &Path, id: RunId, output: Option<&Path>) -> Result<
         o.finish()?;
     }
     bar.finish(follower.progress());
-    let p = follower.progress();
-    println!(
-        "items: {} of {} done ({} ok, {} failed); {} model calls, {} input + {} output tokens, ${:.4}",
-        p.succeeded + p.failed,
-        p.items_total,
-        p.succeeded,
-        p.failed,
-        p.model_calls,
-        p.input_tokens,
-        p.output_tokens,
-        p.cost_usd
-    );
-    if let (Some(o), Some(p)) = (&out, output) {
-        println!("results: {} lines in {}", o.lines(), p.display());
-    }
+    summarize(&follower, out.as_ref(), output);
     Ok(commands::report(path, &[outcome]))
 }
 
@@ -539,6 +525,12 @@ async fn follow(
         o.finish()?;
     }
     bar.finish(follower.progress());
+    summarize(&follower, out.as_ref(), output);
+    Ok(commands::report(path, &[outcome]))
+}
+
+/// The closing lines of a followed run: its items and spending, and its results file.
+fn summarize(follower: &FlowFollower, out: Option<&OutputFile>, output: Option<&Path>) {
     let p = follower.progress();
     println!(
         "items: {} of {} done ({} ok, {} failed); {} model calls, {} input + {} output tokens, ${:.4}",
@@ -551,10 +543,9 @@ async fn follow(
         p.output_tokens,
         p.cost_usd
     );
-    if let (Some(o), Some(p)) = (&out, output) {
+    if let (Some(o), Some(p)) = (out, output) {
         println!("results: {} lines in {}", o.lines(), p.display());
     }
-    Ok(commands::report(path, &[outcome]))
 }
 
 /// The item results file: one JSON line per finished item, each exactly once.

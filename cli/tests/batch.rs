@@ -54,16 +54,39 @@ fn s(p: &Path) -> &str {
 /// Starts `cairn run` of the triage copy `file` writing to `out_path`; returns the process and
 /// the run id.
 fn start_triage(env: &Env, file: &Path, out_path: &Path) -> (common::Proc, String) {
-    let mut p = env.spawn(&[
-        "run",
-        s(file),
-        "--input",
-        s(&env.path("triage/tickets.jsonl")),
-        "--output",
-        s(out_path),
-    ]);
+    let tickets = env.path("triage/tickets.jsonl");
+    let mut p = env.spawn(&triage_args(file, &tickets, out_path));
     let id = p.wait_run_id();
     (p, id)
+}
+
+/// Starts `cairn run` of the triage copy `file` and sends it Ctrl-C (SIGINT) once `out_path`
+/// has `lines_at_stop` results; returns the run id and the process's output (exit 130).
+fn interrupt_after(
+    env: &Env,
+    file: &Path,
+    out_path: &Path,
+    lines_at_stop: usize,
+) -> (String, common::Out) {
+    let (p, id) = start_triage(env, file, out_path);
+    wait_for(Duration::from_secs(60), "some results", || {
+        (lines(out_path) >= lines_at_stop).then_some(())
+    });
+    p.signal(libc::SIGINT);
+    let out = p.finish(CMD_TIMEOUT);
+    assert_eq!(out.code(), Some(130), "{out:#?}");
+    (id, out)
+}
+
+/// Starts `cairn run` of the triage copy `file` and SIGKILLs it once `out_path` has `lines`
+/// results; returns the run id.
+fn start_and_kill_after(env: &Env, file: &Path, out_path: &Path, lines_at_kill: usize) -> String {
+    let (mut p, id) = start_triage(env, file, out_path);
+    wait_for(Duration::from_secs(60), "some results", || {
+        (lines(out_path) >= lines_at_kill).then_some(())
+    });
+    assert!(p.kill9());
+    id
 }
 
 /// The results file's lines, by item index; panics on a duplicate or a malformed line.
@@ -95,19 +118,30 @@ fn report_text(out: &common::Out) -> String {
         .to_string()
 }
 
+/// `cairn run` of the triage copy `file` over its tickets, writing to `out_path`, to the end.
+fn run_triage(env: &Env, file: &Path, out_path: &Path) -> common::Out {
+    let tickets = env.path("triage/tickets.jsonl");
+    env.run(&triage_args(file, &tickets, out_path))
+}
+
+/// The arguments of `cairn run FILE --input TICKETS --output OUT`.
+fn triage_args<'a>(file: &'a Path, tickets: &'a Path, out_path: &'a Path) -> [&'a str; 6] {
+    [
+        "run",
+        s(file),
+        "--input",
+        s(tickets),
+        "--output",
+        s(out_path),
+    ]
+}
+
 /// The same run, uninterrupted: the reference the interrupted runs must match.
 fn reference() -> (BTreeMap<u64, Value>, String) {
     let env = Env::new();
     let file = triage_copy(&env, 0);
     let out_path = env.path("ref.jsonl");
-    let out = env.run(&[
-        "run",
-        s(&file),
-        "--input",
-        s(&env.path("triage/tickets.jsonl")),
-        "--output",
-        s(&out_path),
-    ]);
+    let out = run_triage(&env, &file, &out_path);
     out.assert_ok();
     (results(&out_path), report_text(&out))
 }
@@ -159,13 +193,7 @@ fn ctrl_c_stops_the_batch_cleanly_and_resume_finishes_it() {
     let env = Env::new();
     let file = triage_copy(&env, 15);
     let out_path = env.path("results.jsonl");
-    let (p, id) = start_triage(&env, &file, &out_path);
-    wait_for(Duration::from_secs(60), "some results", || {
-        (lines(&out_path) >= 30).then_some(())
-    });
-    p.signal(libc::SIGINT);
-    let out = p.finish(CMD_TIMEOUT);
-    assert_eq!(out.code(), Some(130), "{out:#?}");
+    let (id, out) = interrupt_after(&env, &file, &out_path, 30);
     assert!(out.stderr.contains("interrupt: stopping"), "{}", out.stderr);
     assert!(
         out.stdout.contains(&format!("resume {id}")),
@@ -475,11 +503,7 @@ fn resuming_a_run_whose_file_changed_is_refused_unless_allowed() {
     let env = Env::new();
     let file = triage_copy(&env, 15);
     let out_path = env.path("results.jsonl");
-    let (mut p, id) = start_triage(&env, &file, &out_path);
-    wait_for(Duration::from_secs(60), "some results", || {
-        (lines(&out_path) >= 20).then_some(())
-    });
-    assert!(p.kill9());
+    let id = start_and_kill_after(&env, &file, &out_path, 20);
     // A change that does not touch recorded steps: the report's prompt.
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(
@@ -692,14 +716,7 @@ fn run_against_a_store_a_worker_holds_runs_there_and_writes_the_results_here() {
     let mut worker = env.spawn(&["worker"]);
     worker.wait_stdout_line("worker serving", Duration::from_millis(10));
     let out_path = env.path("forwarded.jsonl");
-    let out = env.run(&[
-        "run",
-        s(&file),
-        "--input",
-        s(&env.path("triage/tickets.jsonl")),
-        "--output",
-        s(&out_path),
-    ]);
+    let out = run_triage(&env, &file, &out_path);
     out.assert_ok();
     assert!(
         out.stdout
@@ -732,13 +749,7 @@ fn ctrl_c_on_a_forwarded_run_leaves_it_to_the_worker_and_follow_picks_it_up() {
     let mut worker = env.spawn(&["worker"]);
     worker.wait_stdout_line("worker serving", Duration::from_millis(10));
     let out_path = env.path("results.jsonl");
-    let (p, id) = start_triage(&env, &file, &out_path);
-    wait_for(Duration::from_secs(60), "some results", || {
-        (lines(&out_path) >= 30).then_some(())
-    });
-    p.signal(libc::SIGINT);
-    let out = p.finish(CMD_TIMEOUT);
-    assert_eq!(out.code(), Some(130), "{out:#?}");
+    let (id, out) = interrupt_after(&env, &file, &out_path, 30);
     assert!(
         out.stderr.contains("stopped following") && out.stderr.contains(&format!("follow {id}")),
         "{}",
@@ -794,11 +805,7 @@ fn follow_refuses_a_running_run_nobody_executes() {
     let env = Env::new();
     let file = triage_copy(&env, 15);
     let out_path = env.path("results.jsonl");
-    let (mut p, id) = start_triage(&env, &file, &out_path);
-    wait_for(Duration::from_secs(60), "some results", || {
-        (lines(&out_path) >= 10).then_some(())
-    });
-    assert!(p.kill9());
+    let id = start_and_kill_after(&env, &file, &out_path, 10);
     let out = env.run(&["follow", &id]);
     let line = out.assert_one_line_error();
     assert!(line.contains(&format!("resume {id}")), "{line}");
