@@ -118,6 +118,16 @@ pub struct Spent {
     pub cost_usd: Option<f64>,
 }
 
+impl std::ops::AddAssign for Spent {
+    fn add_assign(&mut self, other: Spent) {
+        self.usage = self.usage + other.usage;
+        self.cost_usd = match (self.cost_usd, other.cost_usd) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        };
+    }
+}
+
 /// The most turns an agent runs by default before it gives up.
 pub const MAX_TURNS_DEFAULT: u32 = 16;
 
@@ -232,6 +242,18 @@ impl Agent {
         let r = self
             .conversation_in_span(ctx, vec![Message::user(task)], &mut spent)
             .await;
+        (r, spent)
+    }
+
+    /// [`Agent::run_conversation`], also telling what its model calls cost when it fails (see
+    /// [`Agent::run_metered`]).
+    pub async fn run_conversation_metered(
+        &self,
+        ctx: &WorkflowContext,
+        messages: Vec<Message>,
+    ) -> (Result<AgentRun, WorkflowError>, Spent) {
+        let mut spent = Spent::default();
+        let r = self.conversation_in_span(ctx, messages, &mut spent).await;
         (r, spent)
     }
 

@@ -25,7 +25,7 @@ pub use model::{
     Block, Message, Model, ModelError, ModelErrorKind, ModelRequest, ModelResponse, Role,
     StopReason, ToolChoice, ToolSpec, Usage, classify_status, parse_retry_after,
 };
-pub use orchestration::{HandoffMode, HandoffRecord, Routed, Router, handoff};
+pub use orchestration::{HandoffMode, HandoffRecord, Routed, Router, handoff, handoff_metered};
 pub use scripted::ScriptedModel;
 pub use tools::{FnTool, Tool, ToolError, ToolRegistry, tool, tool_at_most_once};
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::agent::{Agent, AgentRun};
+use crate::agent::{Agent, AgentRun, Spent};
 use crate::model::{Block, Message, Model, Role};
 
 /// A task routed to an agent.
@@ -260,7 +260,18 @@ pub async fn handoff(
     mode: HandoffMode,
     reason: &str,
 ) -> Result<(HandoffRecord, AgentRun), WorkflowError> {
-    // A `handoff` span around the summary (if any) and the next agent's run.
+    handoff_metered(ctx, from, to, mode, reason).await.0
+}
+
+/// [`handoff`], also telling what its model calls (the summary's and the next agent's) cost
+/// when it fails: they were paid for too.
+pub async fn handoff_metered(
+    ctx: &WorkflowContext,
+    from: &AgentRun,
+    to: &Agent,
+    mode: HandoffMode,
+    reason: &str,
+) -> (Result<(HandoffRecord, AgentRun), WorkflowError>, Spent) {
     let span = tracing::info_span!(
         "handoff",
         cairn.run_id = %ctx.run_id(),
@@ -274,12 +285,14 @@ pub async fn handoff(
         otel.status_code = Empty,
         exception.message = Empty,
     );
+    // A `handoff` span around the summary (if any) and the next agent's run.
     let record = span.clone();
-    let r = hand_over(ctx, from, to, mode, reason)
+    let mut spent = Spent::default();
+    let r = hand_over(ctx, from, to, mode, reason, &mut spent)
         .instrument(span)
         .await;
     mark_error(&record, &r);
-    r
+    (r, spent)
 }
 
 async fn hand_over(
@@ -288,6 +301,7 @@ async fn hand_over(
     to: &Agent,
     mode: HandoffMode,
     reason: &str,
+    spent: &mut Spent,
 ) -> Result<(HandoffRecord, AgentRun), WorkflowError> {
     let scope = ctx
         .scope(&format!("handoff:{}->{}", from.agent, to.name()))
@@ -318,7 +332,11 @@ async fn hand_over(
             if let Some(b) = to.budget_handle() {
                 summarizer = summarizer.budget(Arc::clone(b));
             }
-            let summary = summarizer.run(&scope, &transcript(&from.messages)).await?;
+            let (summary, cost) = summarizer
+                .run_metered(&scope, &transcript(&from.messages))
+                .await;
+            *spent += cost;
+            let summary = summary?;
             (
                 "summary",
                 vec![Message::user(format!(
@@ -342,8 +360,11 @@ async fn hand_over(
     let record: HandoffRecord = scope
         .step("handoff", move || async move { Ok::<_, StepError>(r) })
         .await?;
-    let run = to.run_conversation(&scope, record.context.clone()).await?;
-    Ok((record, run))
+    let (run, cost) = to
+        .run_conversation_metered(&scope, record.context.clone())
+        .await;
+    *spent += cost;
+    Ok((record, run?))
 }
 
 /// A conversation as plain text, for a summarizer.

@@ -2282,3 +2282,65 @@ fallback = "backup"
     assert_eq!(spent.len(), 1);
     assert_eq!(spent[0]["tokens"], 240, "{spent:?}");
 }
+
+#[tokio::test]
+async fn a_failed_items_spending_counts_a_summary_handoff_whose_agent_failed() {
+    let text = r#"[workflow]
+name = "relayeach"
+
+[models.m]
+provider = "recorded"
+model = "x"
+
+[models.cheap]
+provider = "recorded"
+model = "small"
+
+[agents.writer]
+model = "m"
+system = "write"
+
+[agents.editor]
+model = "m"
+system = "edit"
+
+[[flow]]
+id = "each"
+for_each = "items"
+min_required = 1
+
+[[flow.steps]]
+id = "draft"
+agent = "writer"
+prompt = "{{ item.text }}"
+
+[[flow.steps]]
+id = "edit"
+agent = "editor"
+handoff = { from = "draft", mode = "summary", model = "cheap", max_tokens = 64 }
+"#;
+    // The writer (120 tokens) and the summary (120) are paid for; the editor is rejected.
+    let m = Arc::new(ScriptedModel::from_fn(|req| match req.system.as_deref() {
+        Some("edit") => Err(ModelError::new(ModelErrorKind::BadRequest, "rejected")),
+        _ => Ok(say("DRAFT")),
+    }));
+    let cheap = Arc::new(ScriptedModel::from_fn(|_| Ok(say("SUMMARY"))));
+    let env = FlowEnv::new().model("m", m).model("cheap", cheap.clone());
+    let (_sd, store) = store();
+    let spec = load_env(text, &env).unwrap();
+    let items = [json!({"text": "one"}), json!({"text": "two"})];
+    let out = run_to_end(&store, env, &spec, &items).await;
+    assert_eq!(out.status, RunStatus::Failed, "{:?}", out.error);
+    assert_eq!(cheap.calls(), 2);
+    let id: RunId = out.run_id.parse().unwrap();
+    let spent: Vec<Value> = run_events(&store, id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::BranchFailedWith { details, .. } => Some(details.to_json()["spent"].clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spent.len(), 2);
+    assert!(spent.iter().all(|s| s["tokens"] == 240), "{spent:?}");
+}

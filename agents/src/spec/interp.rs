@@ -24,7 +24,7 @@ use crate::anthropic::AnthropicModel;
 use crate::budget::Budget;
 use crate::model::{Model, Usage};
 use crate::openai::OpenAiModel;
-use crate::orchestration::{HandoffMode, Router, handoff};
+use crate::orchestration::{HandoffMode, Router, handoff_metered};
 use crate::scripted::ScriptedModel;
 use crate::tools::ToolRegistry;
 
@@ -365,8 +365,7 @@ async fn simple_step(
             // What a summary handoff's summarizer spent, counted with the step's agent; and
             // what the agent's calls cost if it failed (before a fallback, or failing the item).
             let mut summary_spent = (0u64, 0.0f64);
-            let mut failed_spent = crate::Spent::default();
-            let result = match h {
+            let (result, failed_spent) = match h {
                 Some(h) => {
                     let from = scope.runs.get(&h.from).ok_or_else(|| {
                         step_failed(
@@ -391,22 +390,19 @@ async fn simple_step(
                     let reason = task
                         .clone()
                         .unwrap_or_else(|| format!("flow step `{}`", step.id));
-                    handoff(ctx, from, a, mode, &reason)
-                        .await
-                        .map(|(record, r)| {
-                            summary_spent = (
-                                record.summary_usage.map_or(0, |u| u.total_tokens()),
-                                record.summary_cost_usd.unwrap_or(0.0),
-                            );
-                            r
-                        })
+                    let (r, spent) = handoff_metered(ctx, from, a, mode, &reason).await;
+                    let r = r.map(|(record, r)| {
+                        summary_spent = (
+                            record.summary_usage.map_or(0, |u| u.total_tokens()),
+                            record.summary_cost_usd.unwrap_or(0.0),
+                        );
+                        r
+                    });
+                    (r, spent)
                 }
                 None => {
-                    let (r, spent) = a
-                        .run_metered(ctx, task.as_deref().unwrap_or_default())
-                        .await;
-                    failed_spent = spent;
-                    r
+                    a.run_metered(ctx, task.as_deref().unwrap_or_default())
+                        .await
                 }
             };
             if result.is_err() {
