@@ -103,6 +103,16 @@ impl Router {
 
     /// Classifies `task` and runs the chosen agent on it.
     pub async fn run(&self, ctx: &WorkflowContext, task: &str) -> Result<Routed, WorkflowError> {
+        self.run_metered(ctx, task).await.0
+    }
+
+    /// [`Router::run`], also telling what its model calls (the classifier's and the chosen
+    /// agent's) cost when it fails: they were paid for too.
+    pub async fn run_metered(
+        &self,
+        ctx: &WorkflowContext,
+        task: &str,
+    ) -> (Result<Routed, WorkflowError>, Spent) {
         // A `route` span around the classification and the chosen agent's run, with the
         // decision recorded once it is known.
         let span = tracing::info_span!(
@@ -116,12 +126,13 @@ impl Router {
             exception.message = Empty,
         );
         let record = span.clone();
+        let mut spent = Spent::default();
         let r = self
-            .classify_and_run(ctx, task, &record)
+            .classify_and_run(ctx, task, &record, &mut spent)
             .instrument(span)
             .await;
         mark_error(&record, &r);
-        r
+        (r, spent)
     }
 
     async fn classify_and_run(
@@ -129,10 +140,13 @@ impl Router {
         ctx: &WorkflowContext,
         task: &str,
         span: &tracing::Span,
+        spent: &mut Spent,
     ) -> Result<Routed, WorkflowError> {
         let scope = ctx.scope(&format!("router:{}", self.name)).await?;
         let classifier = self.classifier.clone().system(&self.system_prompt());
-        let classification = classifier.run(&scope, task).await?;
+        let (classification, cost) = classifier.run_metered(&scope, task).await;
+        *spent += cost;
+        let classification = classification?;
         let answer = classification.text.clone();
         let wanted = normalize(&answer);
         let category = self.routes.keys().find(|k| normalize(k) == wanted).cloned();
@@ -179,7 +193,9 @@ impl Router {
                 self.name, decision.category
             )));
         };
-        let run = agent.run(&scope, task).await?;
+        let (run, cost) = agent.run_metered(&scope, task).await;
+        *spent += cost;
+        let run = run?;
         Ok(Routed {
             category: decision.category,
             agent: decision.agent,

@@ -2344,3 +2344,35 @@ handoff = { from = "draft", mode = "summary", model = "cheap", max_tokens = 64 }
     assert_eq!(spent.len(), 2);
     assert!(spent.iter().all(|s| s["tokens"] == 240), "{spent:?}");
 }
+
+#[tokio::test]
+async fn a_failed_items_spending_counts_the_classification_of_a_router_whose_agent_failed() {
+    // `ROUTED` with `min_required` so the run goes on; the classifier (on `fast`) answers
+    // billing (120 tokens), and the billing agent (on `smart`) is rejected.
+    let text = ROUTED.replace("concurrency = 2", "concurrency = 2\nmin_required = 1");
+    let fast = Arc::new(ScriptedModel::from_fn(|req| match req.system.as_deref() {
+        Some("general") => Ok(say("general answer")),
+        _ => Ok(say("billing")),
+    }));
+    let smart = Arc::new(ScriptedModel::from_fn(|req| match req.system.as_deref() {
+        Some("summarizer") => Ok(say("REPORT")),
+        _ => Err(ModelError::new(ModelErrorKind::BadRequest, "rejected")),
+    }));
+    let env = FlowEnv::new().model("fast", fast).model("smart", smart);
+    let (_sd, store) = store();
+    let spec = load_env(&text, &env).unwrap();
+    let items = [json!({"id": "T-1", "subject": "refund"})];
+    let out = run_to_end(&store, env, &spec, &items).await;
+    assert_eq!(out.status, RunStatus::Failed, "{:?}", out.error);
+    let id: RunId = out.run_id.parse().unwrap();
+    let spent: Vec<Value> = run_events(&store, id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::BranchFailedWith { details, .. } => Some(details.to_json()["spent"].clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spent.len(), 1);
+    assert_eq!(spent[0]["tokens"], 120, "{spent:?}");
+}

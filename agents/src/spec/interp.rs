@@ -444,7 +444,16 @@ async fn simple_step(
             let task = prompt
                 .render(&scope.vars)
                 .map_err(|e| step_failed(step, e))?;
-            let routed = r.run(ctx, &task).await?;
+            let (routed, spent) = r.run_metered(ctx, &task).await;
+            let routed = match routed {
+                Ok(r) => r,
+                Err(e) => {
+                    // The classifier's and the chosen agent's calls were paid for.
+                    scope.spent.0 += spent.usage.total_tokens();
+                    scope.spent.1 += spent.cost_usd.unwrap_or(0.0);
+                    return Err(e);
+                }
+            };
             scope.spend(&routed.classification);
             scope.spend(&routed.run);
             let mut v = agent_value(&routed.run);
