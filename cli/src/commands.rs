@@ -122,7 +122,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             json,
         } => runs(path, status.as_deref(), limit, json).await,
         Command::Show { run, step } => show(path, &run, step.as_deref()).await,
-        Command::Events { run, from } => events(path, &run, from).await,
+        Command::Events { run, from, follow } => events(path, &run, from, follow).await,
         Command::Replay { run, check: false } => replay(path, &run).await,
         Command::Replay { run, check: true } => replay_check(path, &run).await,
         Command::Verify { run, all } => verify(path, run.as_deref(), all).await,
@@ -603,13 +603,45 @@ pub(crate) async fn for_each_event(
     Ok(())
 }
 
-async fn events(path: &Path, run: &str, from: u64) -> Result<ExitCode> {
+async fn events(path: &Path, run: &str, from: u64, follow: bool) -> Result<ExitCode> {
     let id = parse_run(run)?;
     let store = open_ro(path)?;
     meta_of(&store, id).await?;
+    let mut next = from;
+    let open = print_events(&store, id, &mut next).await?;
+    if !follow || !open {
+        return Ok(ExitCode::SUCCESS);
+    }
+    drop(store);
+    // Following: a fresh read-only handle every 250 ms sees what the writing process (this
+    // store's holder) has checkpointed; the run's status is read before its events, so the
+    // events of a finished run are all printed before stopping.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let store = open_ro(path)?;
+        let meta = meta_of(&store, id).await?;
+        if !print_events(&store, id, &mut next).await? || meta.status.is_terminal() {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+/// Prints a run's events from `*next` on as JSON lines and moves `*next` past them; `false`
+/// once stdout is closed (`| head`: a normal way to stop reading).
+async fn print_events(store: &RedbStore, id: RunId, next: &mut u64) -> Result<bool> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    for_each_event(&store, id, from, |e| {
+    let mut open = true;
+    for_each_event(store, id, *next, |e| {
+        *next = e.seq.0 + 1;
+        if !open {
+            return Ok(());
+        }
         let mut v = match Event::decode(&e.payload) {
             Ok(ev) => ev.to_json(),
             Err(err) => serde_json::json!({ "kind": "undecodable", "error": err.to_string() }),
@@ -621,14 +653,21 @@ async fn events(path: &Path, run: &str, from: u64) -> Result<ExitCode> {
             o.insert("hash".into(), hex(&e.hash).into());
         }
         match writeln!(out, "{v}") {
-            // A closed pipe (`| head`) is a normal way to stop reading.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                open = false;
+                Ok(())
+            }
             r => r.map_err(Into::into),
         }
     })
     .await?;
-    let _ = out.flush();
-    Ok(ExitCode::SUCCESS)
+    if let Err(e) = out.flush() {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e.into());
+        }
+        open = false;
+    }
+    Ok(open)
 }
 
 async fn show(path: &Path, run: &str, step: Option<&str>) -> Result<ExitCode> {

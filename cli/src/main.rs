@@ -121,6 +121,10 @@ enum Command {
         /// Start at this sequence number.
         #[arg(long, default_value_t = 0)]
         from: u64,
+        /// Keep printing events as they are recorded (by this or another process) until the
+        /// run finishes; Ctrl-C stops.
+        #[arg(long)]
+        follow: bool,
     },
     /// Rebuild a run's state from its events (the replayer) and print it as JSON.
     Replay {

@@ -467,3 +467,33 @@ fn ctrl_c_stops_cleanly_and_resume_completes() {
     assert_eq!(events[..recorded.len()], recorded[..]);
     env.run(&["verify", &id]).assert_ok();
 }
+
+/// `events --follow` prints a run's events as another process records them, and stops once
+/// the run has finished, having printed every event once, in order.
+#[test]
+fn events_follow_streams_a_running_run_until_it_finishes() {
+    let env = Env::new();
+    let mut p = env.spawn(&["start", "steps", "--input", r#"{"steps":40,"step_ms":20}"#]);
+    let id = p.wait_run_id();
+    // Other processes see a run once its writer has checkpointed it (within 250 ms).
+    env.wait_events_over(&id, 0);
+    let out = env.run(&["events", &id, "--follow"]);
+    out.assert_ok();
+    let events: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_dense_seq(&events);
+    let steps = events
+        .iter()
+        .filter(|e| e["kind"] == "step_completed")
+        .count();
+    assert_eq!(steps, 40, "{}", out.stdout);
+    assert_eq!(events.last().unwrap()["kind"], "run_completed");
+    assert!(p.finish(CMD_TIMEOUT).success());
+    // Not following: what is there now, at once.
+    let again = env.run(&["events", &id, "--from", "5"]);
+    again.assert_ok();
+    assert_eq!(again.stdout.lines().count(), events.len() - 5);
+}
