@@ -171,6 +171,18 @@ async fn run_events(store: &Arc<dyn EventStore>, id: RunId) -> Vec<Event> {
         .collect()
 }
 
+/// The details the failed branches of a run left (`branch_failed` with details), in log order.
+async fn failure_details(store: &Arc<dyn EventStore>, id: RunId) -> Vec<Value> {
+    run_events(store, id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::BranchFailedWith { details, .. } => Some(details.to_json()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The outputs of the steps named `name` in a run's log, in log order.
 async fn step_outputs(store: &Arc<dyn EventStore>, id: RunId, name: &str) -> Vec<Value> {
     run_events(store, id)
@@ -2148,14 +2160,7 @@ max_tokens = 300
     assert_eq!(failed.len(), 2, "{failed:?}");
     assert!(failed.iter().all(|r| !r.ok));
     // The failures carry what each item spent (`cairn events` shows it as `details`).
-    let details: Vec<Value> = run_events(&store, id)
-        .await
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::BranchFailedWith { details, .. } => Some(details.to_json()),
-            _ => None,
-        })
-        .collect();
+    let details = failure_details(&store, id).await;
     assert_eq!(details.len(), 2);
     assert!(
         details.iter().all(|d| d["spent"]["tokens"] == 120),
@@ -2333,13 +2338,10 @@ handoff = { from = "draft", mode = "summary", model = "cheap", max_tokens = 64 }
     assert_eq!(out.status, RunStatus::Failed, "{:?}", out.error);
     assert_eq!(cheap.calls(), 2);
     let id: RunId = out.run_id.parse().unwrap();
-    let spent: Vec<Value> = run_events(&store, id)
+    let spent: Vec<Value> = failure_details(&store, id)
         .await
         .into_iter()
-        .filter_map(|e| match e {
-            Event::BranchFailedWith { details, .. } => Some(details.to_json()["spent"].clone()),
-            _ => None,
-        })
+        .map(|d| d["spent"].clone())
         .collect();
     assert_eq!(spent.len(), 2);
     assert!(spent.iter().all(|s| s["tokens"] == 240), "{spent:?}");
@@ -2365,13 +2367,10 @@ async fn a_failed_items_spending_counts_the_classification_of_a_router_whose_age
     let out = run_to_end(&store, env, &spec, &items).await;
     assert_eq!(out.status, RunStatus::Failed, "{:?}", out.error);
     let id: RunId = out.run_id.parse().unwrap();
-    let spent: Vec<Value> = run_events(&store, id)
+    let spent: Vec<Value> = failure_details(&store, id)
         .await
         .into_iter()
-        .filter_map(|e| match e {
-            Event::BranchFailedWith { details, .. } => Some(details.to_json()["spent"].clone()),
-            _ => None,
-        })
+        .map(|d| d["spent"].clone())
         .collect();
     assert_eq!(spent.len(), 1);
     assert_eq!(spent[0]["tokens"], 120, "{spent:?}");
