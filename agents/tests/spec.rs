@@ -651,7 +651,7 @@ prompt = \"hi\"
 }
 
 #[test]
-fn a_for_each_inside_a_for_each_is_refused() {
+fn a_for_each_inside_a_for_each_must_run_over_an_array_in_the_item() {
     let text = format!(
         "{BASE}
 [[flow]]
@@ -670,12 +670,19 @@ prompt = \"{{{{ item.x }}}}\"
     );
     let i = issue(&text);
     assert!(
-        i.message
-            .contains("step `inner`: a for_each inside a for_each is not supported"),
+        i.message.contains(
+            "step `inner`: a for_each inside a for_each runs over an array in the item: write for_each = \"item.<field>\""
+        ),
         "{i}"
     );
-    // At the inner step's `[[flow.steps]]` header.
-    assert_eq!(i.line, line_of(&text, "id = \"inner\"") - 1, "{i}");
+    // At the inner step's `for_each` value.
+    assert_eq!(i.line, line_of(&text, "id = \"inner\"") + 1, "{i}");
+    // Over an array in the item, it is valid.
+    let ok = text.replace(
+        "id = \"inner\"\nfor_each = \"items\"",
+        "id = \"inner\"\nfor_each = \"item.parts\"",
+    );
+    assert!(load_env(&ok, &FlowEnv::new()).is_ok(), "{ok}");
 }
 
 const FOR_EACH: &str = r#"
@@ -2374,4 +2381,175 @@ async fn a_failed_items_spending_counts_the_classification_of_a_router_whose_age
         .collect();
     assert_eq!(spent.len(), 1);
     assert_eq!(spent[0]["tokens"], 120, "{spent:?}");
+}
+
+const NESTED: &str = r#"[workflow]
+name = "docs"
+
+[models.m]
+provider = "recorded"
+model = "x"
+
+[agents.a]
+model = "m"
+system = "answer"
+
+[[flow]]
+id = "docs"
+for_each = "items"
+key = "id"
+
+[[flow.steps]]
+id = "chunks"
+for_each = "item.chunks"
+concurrency = 2
+
+[[flow.steps.steps]]
+id = "note"
+agent = "a"
+prompt = "note on {{ item }}"
+
+[[flow.steps]]
+id = "sum"
+agent = "a"
+prompt = "sum of {{ steps.chunks.succeeded }}: {{ steps.chunks.results }}"
+"#;
+
+#[tokio::test]
+async fn a_for_each_inside_a_for_each_runs_over_an_array_in_each_item() {
+    let model = Arc::new(ScriptedModel::from_fn(|req| {
+        Ok(say(&format!("re: {}", last_user(req))))
+    }));
+    let env = FlowEnv::new().model("m", model.clone());
+    let (_sd, store) = store();
+    let spec = load_env(NESTED, &env).unwrap();
+    let items = [
+        json!({"id": "d1", "chunks": ["a", "b"]}),
+        json!({"id": "d2", "chunks": ["c"]}),
+    ];
+    let out = run_to_end(&store, env, &spec, &items).await;
+    assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
+    // Three notes and two sums.
+    assert_eq!(model.calls(), 5);
+    let id: RunId = out.run_id.parse().unwrap();
+    // One result per document (the inner items are in its output), in order.
+    let results = follow_all(&store, id).await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    let d1 = results[0].output.as_ref().unwrap();
+    assert_eq!(d1["chunks"]["count"], 2);
+    assert_eq!(d1["chunks"]["succeeded"], 2);
+    assert_eq!(
+        d1["chunks"]["results"],
+        "- #0: re: note on a\n- #1: re: note on b\n"
+    );
+    assert_eq!(
+        d1["sum"]["text"],
+        "re: sum of 2: - #0: re: note on a\n- #1: re: note on b\n"
+    );
+    // A document's spending includes its chunks' (what a resumed batch counts).
+    let spent: Vec<Value> = run_events(&store, id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::BranchCompleted { path, output, .. } if path.depth() == 1 => {
+                Some(output.to_json()["spent"]["tokens"].clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spent, [json!(360), json!(240)]);
+
+    // The items must have the field the inner for_each runs over (checked before the run).
+    let err = spec.input(lines(&[json!({"id": "d3"})]), &[]).unwrap_err();
+    assert!(err.contains("chunks"), "{err}");
+
+    // An item whose field is not an array fails that item, naming the field.
+    let (_sd2, store2) = self::store();
+    let env = FlowEnv::new().model("m", model.clone());
+    let spec = load_env(
+        &NESTED.replace("key = \"id\"", "key = \"id\"\nmin_required = 1"),
+        &env,
+    )
+    .unwrap();
+    let items = [
+        json!({"id": "d1", "chunks": ["a"]}),
+        json!({"id": "d2", "chunks": "not a list"}),
+    ];
+    let out = run_to_end(&store2, env, &spec, &items).await;
+    assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
+    let id: RunId = out.run_id.parse().unwrap();
+    let results = follow_all(&store2, id).await;
+    let failed = results.iter().find(|r| !r.ok).expect("d2 fails");
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("`item.chunks` is not an array (it is a string)"),
+        "{failed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_nested_for_each_does_not_call_the_model_again_for_finished_chunks() {
+    let items = [
+        json!({"id": "d1", "chunks": ["a", "b", "c"]}),
+        json!({"id": "d2", "chunks": ["d", "e"]}),
+    ];
+    let text = NESTED.replace("key = \"id\"", "key = \"id\"\nconcurrency = 1");
+    // Reference: uninterrupted.
+    let (_sd0, store0) = store();
+    let model = Arc::new(ScriptedModel::from_fn(|req| {
+        Ok(say(&format!("answer to {}", last_user(req))))
+    }));
+    let env = FlowEnv::new().model("m", model.clone());
+    let spec = load_env(&text, &env).unwrap();
+    let want = run_to_end(&store0, env, &spec, &items).await;
+    assert_eq!(want.status, RunStatus::Completed);
+    assert_eq!(model.calls(), 7, "5 notes and 2 sums");
+
+    // Three calls answered (d1's three notes, two at a time), then every call hangs (d1's
+    // sum); stop, and resume with a working model.
+    let (_sd, store) = store();
+    let gated = Gated::new(3);
+    let env = FlowEnv::new().model("m", gated.clone());
+    let spec = load_env(&text, &env).unwrap();
+    let input = spec.input(lines(&items), &[]).unwrap();
+    let e = engine(&store, env);
+    let h = e
+        .start_with(spec.start_options(&input).unwrap())
+        .await
+        .unwrap();
+    let id = h.id;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while gated.calls.load(Ordering::SeqCst) < 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("three calls answered, one hanging");
+    // Let the answered calls' records land.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    e.shutdown();
+    assert_eq!(h.wait().await.unwrap().status, RunStatus::Running);
+    let model = Arc::new(ScriptedModel::from_fn(|req| {
+        Ok(say(&format!("answer to {}", last_user(req))))
+    }));
+    let out = engine(&store, FlowEnv::new().model("m", model.clone()))
+        .resume(id)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed, "{:?}", out.error);
+    assert_eq!(
+        out.output, want.output,
+        "the same output as an uninterrupted run"
+    );
+    assert_eq!(
+        model.calls(),
+        4,
+        "only the 4 calls not answered before the stop"
+    );
 }

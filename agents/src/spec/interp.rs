@@ -299,7 +299,7 @@ pub(crate) async fn run(
                 steps,
                 ..
             } => {
-                let v = for_each(
+                let (v, _) = for_each(
                     &ctx,
                     step,
                     (*concurrency, *min_required, key.clone()),
@@ -346,7 +346,7 @@ fn step_failed(step: &StepDef, e: String) -> WorkflowError {
 async fn simple_step(
     ctx: &WorkflowContext,
     step: &StepDef,
-    built: &Built,
+    built: &Arc<Built>,
     scope: &mut Scope,
 ) -> Result<Value, WorkflowError> {
     match &step.kind {
@@ -462,50 +462,121 @@ async fn simple_step(
             scope.record(&step.id, v.clone(), Some(routed.run));
             Ok(v)
         }
-        StepKind::ForEach { .. } => Err(step_failed(
-            step,
-            "a for_each inside a for_each is not supported".into(),
-        )),
+        StepKind::ForEach {
+            over,
+            concurrency,
+            min_required,
+            key,
+            steps,
+            ..
+        } => {
+            // Inside an item: over an array in it (validated: nothing else gets here).
+            let path = over.as_deref().unwrap_or_default();
+            let mut v = &scope.vars["item"];
+            for f in path {
+                v = match v {
+                    Value::Object(m) => m.get(f).unwrap_or(&Value::Null),
+                    Value::Array(a) => f
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| a.get(i))
+                        .unwrap_or(&Value::Null),
+                    _ => &Value::Null,
+                };
+            }
+            let Value::Array(list) = v else {
+                return Err(step_failed(
+                    step,
+                    format!(
+                        "`item.{}` is not an array (it is {}); a for_each inside a for_each runs over an array in the item",
+                        path.join("."),
+                        match v {
+                            Value::Null => "missing",
+                            Value::Object(_) => "an object",
+                            Value::String(_) => "a string",
+                            _ => "a number or a boolean",
+                        }
+                    ),
+                ));
+            };
+            let items = Arc::new(list.clone());
+            let (v, spent) = for_each(
+                ctx,
+                step,
+                (*concurrency, *min_required, key.clone()),
+                Arc::new(steps.clone()),
+                built,
+                scope,
+                &items,
+            )
+            .await?;
+            // The item's spending includes its inner items' (what a resumed batch counts).
+            scope.spent.0 += spent.0;
+            scope.spent.1 += spent.1;
+            scope.record(&step.id, v.clone(), None);
+            Ok(v)
+        }
     }
 }
 
-/// Runs a `for_each` step: one durable branch per item.
-async fn for_each(
-    ctx: &WorkflowContext,
-    step: &StepDef,
+/// Tokens and dollars.
+type Spending = (u64, f64);
+
+/// Runs a `for_each` step: one durable branch per item. Returns its value and what its items
+/// spent (recorded ones included).
+///
+/// Boxed (and `Send` by its type): a for_each inside a for_each makes this future contain
+/// itself, through the branch's steps.
+fn for_each<'a>(
+    ctx: &'a WorkflowContext,
+    step: &'a StepDef,
     (concurrency, min_required, key): (u32, Option<u32>, Option<String>),
     steps: Arc<Vec<StepDef>>,
-    built: &Arc<Built>,
-    scope: &Scope,
-    items: &Arc<Vec<Value>>,
-) -> Result<Value, WorkflowError> {
-    let join = match min_required {
-        Some(k) => JoinPolicy::AtLeast(k),
-        None => JoinPolicy::All,
-    };
-    let opts = FanOutOptions::new(concurrency as usize).join(join);
-    // Items that finished (or failed) before a resume are answered from the log without
-    // replaying their calls: their recorded spending counts toward the budget before the
-    // others run.
-    if let Some(b) = &built.budget {
-        let done = ctx.recorded_branch_outputs(&step.id);
-        let failed = ctx.recorded_branch_failures(&step.id);
-        for (_, v) in done.iter().chain(failed.iter()) {
-            let tokens = v["spent"]["tokens"].as_u64().unwrap_or(0);
-            let cost = v["spent"]["cost_usd"].as_f64().unwrap_or(0.0);
-            b.add_spent(tokens, cost);
+    built: &'a Arc<Built>,
+    scope: &'a Scope,
+    items: &'a Arc<Vec<Value>>,
+) -> cairn_storage::BoxFuture<'a, Result<(Value, Spending), WorkflowError>> {
+    Box::pin(async move {
+        let join = match min_required {
+            Some(k) => JoinPolicy::AtLeast(k),
+            None => JoinPolicy::All,
+        };
+        let opts = FanOutOptions::new(concurrency as usize).join(join);
+        // Items that finished (or failed) before a resume are answered from the log without
+        // replaying their calls: their recorded spending counts toward the budget before the
+        // others run.
+        let total = Arc::new(std::sync::Mutex::new((0u64, 0.0f64)));
+        {
+            let done = ctx.recorded_branch_outputs(&step.id);
+            let failed = ctx.recorded_branch_failures(&step.id);
+            let mut t = total.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, v) in done.iter().chain(failed.iter()) {
+                let tokens = v["spent"]["tokens"].as_u64().unwrap_or(0);
+                let cost = v["spent"]["cost_usd"].as_f64().unwrap_or(0.0);
+                if let Some(b) = &built.budget {
+                    b.add_spent(tokens, cost);
+                }
+                t.0 += tokens;
+                t.1 += cost;
+            }
         }
-    }
-    let mut base = scope.clone();
-    base.spent = (0, 0.0);
-    let base = Arc::new(base);
-    let built = Arc::clone(built);
-    let list: Vec<Value> = items.as_ref().clone();
-    let fan_in = ctx
+        let mut base = scope.clone();
+        base.spent = (0, 0.0);
+        let base = Arc::new(base);
+        let built = Arc::clone(built);
+        let list: Vec<Value> = items.as_ref().clone();
+        let live_total = Arc::clone(&total);
+        let fan_in = ctx
         .fan_out(&step.id, list, opts, move |bctx, item| {
             let steps = Arc::clone(&steps);
             let built = Arc::clone(&built);
+            let total = Arc::clone(&live_total);
             let mut scope = base.as_ref().clone();
+            let add = move |(tokens, cost): (u64, f64)| {
+                let mut t = total.lock().unwrap_or_else(|p| p.into_inner());
+                t.0 += tokens;
+                t.1 += cost;
+            };
             async move {
                 if let Some(v) = scope.vars.as_object_mut() {
                     v.insert("item".into(), item);
@@ -522,6 +593,7 @@ async fn for_each(
                         // resumed batch counts it against the budget too.
                         Err(e) => {
                             let (tokens, cost_usd) = scope.spent;
+                            add(scope.spent);
                             return Err(WorkflowError::FailedWith {
                                 message: e.to_string(),
                                 details: json!({ "spent": { "tokens": tokens, "cost_usd": cost_usd } }),
@@ -530,38 +602,52 @@ async fn for_each(
                     }
                 }
                 let (tokens, cost_usd) = scope.spent;
+                add(scope.spent);
                 Ok(json!({ "steps": out, "spent": { "tokens": tokens, "cost_usd": cost_usd } }))
             }
         })
         .await?;
-    let mut lines = String::new();
-    let (mut ok, mut failed) = (0u64, 0u64);
-    let last = steps_last_id(step);
-    for (i, o) in fan_in.outcomes.iter().enumerate() {
-        match o {
-            cairn_engine::BranchOutcome::Ok(v) => {
-                ok += 1;
-                let label = item_key(items.get(i), key.as_deref())
-                    .map_or_else(|| format!("#{i}"), |k| plain(&k));
-                let text = last
-                    .as_deref()
-                    .and_then(|l| v["steps"][l]["text"].as_str())
-                    .unwrap_or_default();
-                lines.push_str(&format!(
-                    "- {label}: {}\n",
-                    text.split_whitespace().collect::<Vec<_>>().join(" ")
-                ));
+        let mut lines = String::new();
+        let (mut ok, mut failed) = (0u64, 0u64);
+        let last = steps_last_id(step);
+        for (i, o) in fan_in.outcomes.iter().enumerate() {
+            match o {
+                cairn_engine::BranchOutcome::Ok(v) => {
+                    ok += 1;
+                    let label = item_key(items.get(i), key.as_deref())
+                        .map_or_else(|| format!("#{i}"), |k| plain(&k));
+                    let last_value = last.as_deref().map(|l| &v["steps"][l]);
+                    // The last step's text; for a nested for_each, its counts.
+                    let text = match last_value {
+                        Some(l) if l["text"].is_string() => {
+                            l["text"].as_str().unwrap_or_default().to_string()
+                        }
+                        Some(l) if l["count"].is_u64() => format!(
+                            "{} of {} ok, {} failed",
+                            l["succeeded"], l["count"], l["failed"]
+                        ),
+                        _ => String::new(),
+                    };
+                    lines.push_str(&format!(
+                        "- {label}: {}\n",
+                        text.split_whitespace().collect::<Vec<_>>().join(" ")
+                    ));
+                }
+                cairn_engine::BranchOutcome::Failed(_) => failed += 1,
+                _ => {}
             }
-            cairn_engine::BranchOutcome::Failed(_) => failed += 1,
-            _ => {}
         }
-    }
-    Ok(json!({
-        "count": items.len(),
-        "succeeded": ok,
-        "failed": failed,
-        "results": lines,
-    }))
+        let spent = *total.lock().unwrap_or_else(|p| p.into_inner());
+        Ok((
+            json!({
+                "count": items.len(),
+                "succeeded": ok,
+                "failed": failed,
+                "results": lines,
+            }),
+            spent,
+        ))
+    })
 }
 
 fn steps_last_id(step: &StepDef) -> Option<String> {

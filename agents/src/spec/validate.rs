@@ -102,6 +102,9 @@ pub(crate) enum StepKind {
         prompt: Template,
     },
     ForEach {
+        /// What it runs over: `None` for the input items; inside a `for_each`, the path of an
+        /// array in the current item (`item.chunks` is `["chunks"]`).
+        over: Option<Vec<String>>,
         concurrency: u32,
         min_required: Option<u32>,
         key: Option<String>,
@@ -903,17 +906,38 @@ fn check_steps(
             ] {
                 not_for(is, f, set, "for_each");
             }
-            if source.get_ref() != "items" {
-                is.at(
-                    source.span().start,
-                    format!(
-                        "step `{id}`: for_each must be \"items\" (the items given with --input)"
-                    ),
-                );
-            }
-            if in_branch {
-                is.at(at, format!("step `{id}`: a for_each inside a for_each is not supported in workflow files (write it in Rust with ctx.fan_out)"));
-            }
+            // At the top level it runs over the input items; inside a for_each, over an array
+            // in the current item.
+            let over = if in_branch {
+                let path: Vec<String> = source
+                    .get_ref()
+                    .strip_prefix("item.")
+                    .map(|p| p.split('.').map(str::to_string).collect())
+                    .unwrap_or_default();
+                if path.is_empty() || path.iter().any(|f| f.is_empty()) {
+                    is.at(
+                        source.span().start,
+                        format!(
+                            "step `{id}`: a for_each inside a for_each runs over an array in the item: write for_each = \"item.<field>\" (e.g. \"item.chunks\")"
+                        ),
+                    );
+                } else {
+                    item_fields
+                        .entry(path[0].clone())
+                        .or_insert_with(|| is.line(source.span().start));
+                }
+                Some(path)
+            } else {
+                if source.get_ref() != "items" {
+                    is.at(
+                        source.span().start,
+                        format!(
+                            "step `{id}`: for_each must be \"items\" (the items given with --input)"
+                        ),
+                    );
+                }
+                None
+            };
             let concurrency = s.concurrency.as_ref().map_or(8, |c| *c.get_ref());
             if let Some(c) = &s.concurrency
                 && !(1..=CONCURRENCY_MAX).contains(c.get_ref())
@@ -940,6 +964,7 @@ fn check_steps(
             let inner = check_steps(is, names, s.steps, &visible, true, walk, &mut branch_fields);
             visible.push((id.clone(), Seen::ForEach));
             StepKind::ForEach {
+                over,
                 concurrency,
                 min_required: s.min_required.map(Spanned::into_inner),
                 key: s.key.map(Spanned::into_inner),
