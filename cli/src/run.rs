@@ -304,6 +304,7 @@ async fn follow_remote(path: &Path, id: RunId, output: Option<&Path>) -> Result<
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut ticks = 0u64;
     let outcome = loop {
         tokio::select! {
             _ = &mut ctrl_c => {
@@ -325,6 +326,27 @@ async fn follow_remote(path: &Path, id: RunId, output: Option<&Path>) -> Result<
                 }
                 bar.update(follower.progress());
                 let Some(meta) = store.run(id).await? else { continue };
+                ticks += 1;
+                // Every 5 s: a running run whose executing process is gone (killed, say) would
+                // never move; stop following and say how to continue it.
+                if meta.status == cairn_storage::RunStatus::Running
+                    && ticks % 20 == 0
+                    && crate::control::send(path, &crate::control::Request::Ping).await.is_err()
+                {
+                    let new = follower.poll(&store).await?;
+                    if let Some(o) = out.as_mut() {
+                        o.write(&new)?;
+                    }
+                    eprintln!("\nno process serves {} any more; run {id} stopped where it was", path.display());
+                    break Ok(RunOutcome {
+                        run_id: id.to_string(),
+                        status: meta.status,
+                        output: None,
+                        error: None,
+                        steps_replayed: 0,
+                        steps_executed: 0,
+                    });
+                }
                 if meta.status.is_terminal() || meta.status == cairn_storage::RunStatus::Waiting {
                     // The run's last events are in the same checkpoint as its status.
                     let new = follower.poll(&store).await?;

@@ -810,3 +810,32 @@ fn follow_refuses_a_running_run_nobody_executes() {
     let line = out.assert_one_line_error();
     assert!(line.contains(&format!("resume {id}")), "{line}");
 }
+
+/// A forwarded run whose worker is SIGKILLed: the follower notices (within 5 s) that no
+/// process serves the store, says how to continue, and `cairn resume` finishes the run.
+#[test]
+fn a_forwarded_run_whose_worker_dies_stops_the_follower_and_resumes() {
+    let env = Env::new();
+    let file = triage_copy(&env, 60);
+    let mut worker = env.spawn(&["worker"]);
+    worker.wait_stdout_line("worker serving", Duration::from_millis(10));
+    let out_path = env.path("results.jsonl");
+    let (p, id) = start_triage(&env, &file, &out_path);
+    wait_for(Duration::from_secs(60), "some results", || {
+        (lines(&out_path) >= 30).then_some(())
+    });
+    assert!(worker.kill9());
+    let out = p.finish(Duration::from_secs(30));
+    assert_eq!(out.code(), Some(130), "{out:#?}");
+    assert!(out.stderr.contains("no process serves"), "{}", out.stderr);
+    assert!(
+        out.stdout.contains(&format!("resume {id}")),
+        "{}",
+        out.stdout
+    );
+    let stopped_at = lines(&out_path);
+    assert!((30..300).contains(&stopped_at), "{stopped_at}");
+    let out = env.run(&["resume", &id]);
+    out.assert_ok();
+    assert_eq!(results(&out_path).len(), 300);
+}
