@@ -330,7 +330,7 @@ async fn follow_remote(path: &Path, id: RunId, output: Option<&Path>) -> Result<
                 // Every 5 s: a running run whose executing process is gone (killed, say) would
                 // never move; stop following and say how to continue it.
                 if meta.status == cairn_storage::RunStatus::Running
-                    && ticks % 20 == 0
+                    && ticks.is_multiple_of(20)
                     && crate::control::send(path, &crate::control::Request::Ping).await.is_err()
                 {
                     let new = follower.poll(&store).await?;
