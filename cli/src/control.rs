@@ -180,6 +180,9 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
                 timeout_secs,
                 labels,
             } => {
+                if workflow.starts_with(cairn_agents::spec::FLOW_PREFIX) {
+                    check_flow(&input)?;
+                }
                 let mut opts = cairn_engine::StartOptions::new(&workflow, input);
                 opts.timeout = timeout_secs.map(std::time::Duration::from_secs_f64);
                 opts.labels = labels;
@@ -233,6 +236,22 @@ async fn execute(engine: &Engine, req: Request) -> Reply {
             run: None,
         },
     }
+}
+
+/// A workflow file's run forwarded here (`cairn run`) must be runnable here, with this
+/// process's models, tools and API keys: checked before the run is created, so that a run this
+/// process cannot execute is refused rather than left `running`.
+fn check_flow(input: &serde_json::Value) -> Result<()> {
+    use cairn_agents::spec::{FlowEnv, FlowInput, FlowSpec};
+    let fi: FlowInput = serde_json::from_value(input.clone())
+        .context("the input of a workflow file's run is malformed")?;
+    let env = FlowEnv::new();
+    let spec = FlowSpec::from_input(&fi, &env).map_err(|e| {
+        anyhow::anyhow!("the workflow file does not validate in the process holding the store: {e}")
+    })?;
+    spec.check_runnable(&env).map_err(|e| {
+        anyhow::anyhow!("the process holding the store cannot run this workflow file: {e}")
+    })
 }
 
 /// Prints one line when a run started through the socket stops, so the serving process's

@@ -839,3 +839,26 @@ fn a_forwarded_run_whose_worker_dies_stops_the_follower_and_resumes() {
     out.assert_ok();
     assert_eq!(results(&out_path).len(), 300);
 }
+
+/// A forwarded run the worker cannot execute (its API key is missing there) is refused before
+/// it is created, with the reason; the store has no run.
+#[test]
+fn a_forwarded_run_the_worker_cannot_execute_is_refused_before_it_is_created() {
+    let env = Env::new();
+    let fake = anthropic_fake();
+    let file = env.path("keyed.toml");
+    std::fs::write(&file, fork_flow(&fake.url())).unwrap();
+    let items = env.path("topics.jsonl");
+    std::fs::write(&items, "{\"topic\":\"a\"}\n").unwrap();
+    // The worker runs without CAIRN_TEST_KEY; the forwarding process has it.
+    let mut worker = env.spawn(&["worker"]);
+    worker.wait_stdout_line("worker serving", Duration::from_millis(10));
+    let out = run_keyed(&env, &["run", s(&file), "--input", s(&items)]);
+    let line = out.assert_one_line_error();
+    assert!(
+        line.contains("cannot run this workflow file") && line.contains("CAIRN_TEST_KEY"),
+        "{line}"
+    );
+    assert_eq!(env.runs_json().len(), 0, "no run was created");
+    assert_eq!(fake.count(), 0);
+}
