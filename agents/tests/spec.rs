@@ -683,6 +683,26 @@ prompt = \"{{{{ item.x }}}}\"
         "id = \"inner\"\nfor_each = \"item.parts\"",
     );
     assert!(load_env(&ok, &FlowEnv::new()).is_ok(), "{ok}");
+    // `parent` exists only two levels down.
+    let one_level = format!(
+        "{BASE}
+[[flow]]
+id = \"outer\"
+for_each = \"items\"
+
+[[flow.steps]]
+id = \"leaf\"
+agent = \"a\"
+prompt = \"{{{{ parent.x }}}}\"
+"
+    );
+    let i = issue(&one_level);
+    assert!(
+        i.message.contains(
+            "`parent` (the enclosing item) exists only in the steps of a for_each inside a for_each"
+        ),
+        "{i}"
+    );
 }
 
 const FOR_EACH: &str = r#"
@@ -2407,7 +2427,7 @@ concurrency = 2
 [[flow.steps.steps]]
 id = "note"
 agent = "a"
-prompt = "note on {{ item }}"
+prompt = "note on {{ item }} of {{ parent.id }}"
 
 [[flow.steps]]
 id = "sum"
@@ -2438,13 +2458,14 @@ async fn a_for_each_inside_a_for_each_runs_over_an_array_in_each_item() {
     let d1 = results[0].output.as_ref().unwrap();
     assert_eq!(d1["chunks"]["count"], 2);
     assert_eq!(d1["chunks"]["succeeded"], 2);
+    // Inside, `item` is the chunk and `parent` the document.
     assert_eq!(
         d1["chunks"]["results"],
-        "- #0: re: note on a\n- #1: re: note on b\n"
+        "- #0: re: note on a of d1\n- #1: re: note on b of d1\n"
     );
     assert_eq!(
         d1["sum"]["text"],
-        "re: sum of 2: - #0: re: note on a\n- #1: re: note on b\n"
+        "re: sum of 2: - #0: re: note on a of d1\n- #1: re: note on b of d1\n"
     );
     // A document's spending includes its chunks' (what a resumed batch counts).
     let spent: Vec<Value> = run_events(&store, id)

@@ -579,6 +579,10 @@ fn for_each<'a>(
             };
             async move {
                 if let Some(v) = scope.vars.as_object_mut() {
+                    // Inside a for_each inside a for_each, the enclosing item is `parent`.
+                    if let Some(outer) = v.remove("item") {
+                        v.insert("parent".into(), outer);
+                    }
                     v.insert("item".into(), item);
                 }
                 let mut out = serde_json::Map::new();

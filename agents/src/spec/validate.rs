@@ -682,15 +682,7 @@ fn check(is: &mut Issues<'_>, raw: RawFile, env: &FlowEnv) -> FlowDef {
         params: &params,
     };
     let mut walk = Walk::default();
-    let steps = check_steps(
-        is,
-        &ctx,
-        raw.flow,
-        &[],
-        false,
-        &mut walk,
-        &mut BTreeMap::new(),
-    );
+    let steps = check_steps(is, &ctx, raw.flow, &[], 0, &mut walk, &mut BTreeMap::new());
     if walk.count > STEPS_MAX {
         is.at(
             0,
@@ -729,13 +721,14 @@ struct Names<'a> {
 }
 
 /// Checks one level of steps. `outer` are the steps visible from enclosing levels (already
-/// run when this level starts); `in_branch` whether `item` exists here.
+/// run when this level starts); `depth` how many `for_each` levels enclose it (`item` exists
+/// from 1, `parent` from 2).
 fn check_steps(
     is: &mut Issues<'_>,
     names: &Names<'_>,
     raw: Vec<Spanned<RawStep>>,
     outer: &[(String, Seen)],
-    in_branch: bool,
+    depth: u32,
     walk: &mut Walk,
     item_fields: &mut BTreeMap<String, usize>,
 ) -> Vec<StepDef> {
@@ -842,7 +835,7 @@ fn check_steps(
                 HandoffDef { from, summary }
             });
             let prompt = match &s.prompt {
-                Some(p) => template(is, names, p, &visible, in_branch, item_fields, &id),
+                Some(p) => template(is, names, p, &visible, depth, item_fields, &id),
                 None if handoff.is_some() => None,
                 None => {
                     is.at(
@@ -881,7 +874,7 @@ fn check_steps(
                 );
             }
             let prompt = match &s.prompt {
-                Some(p) => template(is, names, p, &visible, in_branch, item_fields, &id),
+                Some(p) => template(is, names, p, &visible, depth, item_fields, &id),
                 None => {
                     is.at(
                         at,
@@ -908,7 +901,7 @@ fn check_steps(
             }
             // At the top level it runs over the input items; inside a for_each, over an array
             // in the current item.
-            let over = if in_branch {
+            let over = if depth > 0 {
                 let path: Vec<String> = source
                     .get_ref()
                     .strip_prefix("item.")
@@ -961,7 +954,15 @@ fn check_steps(
                 );
             }
             let mut branch_fields = BTreeMap::new();
-            let inner = check_steps(is, names, s.steps, &visible, true, walk, &mut branch_fields);
+            let inner = check_steps(
+                is,
+                names,
+                s.steps,
+                &visible,
+                depth + 1,
+                walk,
+                &mut branch_fields,
+            );
             visible.push((id.clone(), Seen::ForEach));
             StepKind::ForEach {
                 over,
@@ -1006,7 +1007,7 @@ fn template(
     names: &Names<'_>,
     p: &Spanned<String>,
     visible: &[(String, Seen)],
-    in_branch: bool,
+    depth: u32,
     item_fields: &mut BTreeMap<String, usize>,
     id: &str,
 ) -> Option<Template> {
@@ -1022,7 +1023,9 @@ fn template(
         let at = base + off;
         let shown = path.join(".");
         match path[0].as_str() {
-            "item" if !in_branch => is.at(at, format!("step `{id}`: `{{{{ {shown} }}}}`: `item` exists only in the steps of a for_each")),
+            "item" if depth == 0 => is.at(at, format!("step `{id}`: `{{{{ {shown} }}}}`: `item` exists only in the steps of a for_each")),
+            "parent" if depth < 2 => is.at(at, format!("step `{id}`: `{{{{ {shown} }}}}`: `parent` (the enclosing item) exists only in the steps of a for_each inside a for_each")),
+            "parent" => {}
             "item" => {
                 if let Some(f) = path.get(1) {
                     let line = is.line(at);
