@@ -89,6 +89,16 @@ fn start_and_kill_after(env: &Env, file: &Path, out_path: &Path, lines_at_kill: 
     id
 }
 
+/// A stopped triage run's results file is partial (30 to 299 lines), and `cairn resume`
+/// completes it to exactly 300.
+fn resume_completes(env: &Env, id: &str, out_path: &Path) {
+    let stopped_at = lines(out_path);
+    assert!((30..300).contains(&stopped_at), "{stopped_at}");
+    let out = env.run(&["resume", id]);
+    out.assert_ok();
+    assert_eq!(results(out_path).len(), 300);
+}
+
 /// The results file's lines, by item index; panics on a duplicate or a malformed line.
 fn results(path: &Path) -> BTreeMap<u64, Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -200,13 +210,8 @@ fn ctrl_c_stops_the_batch_cleanly_and_resume_finishes_it() {
         "{}",
         out.stdout
     );
-    let stopped_at = lines(&out_path);
-    assert!((30..300).contains(&stopped_at), "{stopped_at}");
     assert_eq!(env.run_meta(&id)["status"], "running");
-
-    let out = env.run(&["resume", &id]);
-    out.assert_ok();
-    assert_eq!(results(&out_path).len(), 300);
+    resume_completes(&env, &id, &out_path);
 }
 
 #[test]
@@ -833,11 +838,7 @@ fn a_forwarded_run_whose_worker_dies_stops_the_follower_and_resumes() {
         "{}",
         out.stdout
     );
-    let stopped_at = lines(&out_path);
-    assert!((30..300).contains(&stopped_at), "{stopped_at}");
-    let out = env.run(&["resume", &id]);
-    out.assert_ok();
-    assert_eq!(results(&out_path).len(), 300);
+    resume_completes(&env, &id, &out_path);
 }
 
 /// A forwarded run the worker cannot execute (its API key is missing there) is refused before
