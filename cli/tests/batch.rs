@@ -863,3 +863,37 @@ fn a_forwarded_run_the_worker_cannot_execute_is_refused_before_it_is_created() {
     assert_eq!(env.runs_json().len(), 0, "no run was created");
     assert_eq!(fake.count(), 0);
 }
+
+/// A client without the API key submits to a worker that has it: the worker checks and runs
+/// the file, and the client writes the results.
+#[test]
+fn a_client_without_the_api_key_runs_a_file_through_a_worker_that_has_it() {
+    let env = Env::new();
+    let fake = anthropic_fake();
+    let file = env.path("keyed.toml");
+    std::fs::write(&file, fork_flow(&fake.url())).unwrap();
+    let items = env.path("topics.jsonl");
+    std::fs::write(&items, "{\"topic\":\"a\"}\n{\"topic\":\"b\"}\n").unwrap();
+    let mut worker =
+        common::Proc::spawn_with_env(&env.store, &["worker"], &[("CAIRN_TEST_KEY", "test-key")]);
+    worker.wait_stdout_line("worker serving", Duration::from_millis(10));
+    let out_path = env.path("out.jsonl");
+    let out = env.run(&[
+        "run",
+        s(&file),
+        "--input",
+        s(&items),
+        "--output",
+        s(&out_path),
+    ]);
+    out.assert_ok();
+    assert_eq!(results(&out_path).len(), 2);
+    // Two drafts and the edit, sent by the worker with its key.
+    assert_eq!(fake.count(), 3);
+    // Without a worker, the same client is refused before anything runs.
+    worker.signal(libc::SIGINT);
+    assert_eq!(worker.finish(CMD_TIMEOUT).code(), Some(0));
+    let out = env.run(&["run", s(&file), "--input", s(&items)]);
+    let line = out.assert_one_line_error();
+    assert!(line.contains("CAIRN_TEST_KEY"), "{line}");
+}

@@ -189,7 +189,16 @@ fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> Jo
 impl Proc {
     /// Starts `cairn --store <store> <args>`.
     pub fn spawn(store: &Path, args: &[&str]) -> Proc {
-        let mut child = command(store, args)
+        Proc::spawn_with_env(store, args, &[])
+    }
+
+    /// [`Proc::spawn`] with these environment variables set.
+    pub fn spawn_with_env(store: &Path, args: &[&str], vars: &[(&str, &str)]) -> Proc {
+        let mut cmd = command(store, args);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
