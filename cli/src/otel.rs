@@ -549,6 +549,10 @@ struct SpanLayer {
     /// queue is full.
     metrics: Option<crate::otel_metrics::SpanMetrics>,
     sampling: Arc<Sampling>,
+    /// Whether a `step` span of a trace that is not exported is not made at all (no other
+    /// layer wants it): the engine then measures the attempt with one event instead
+    /// ([`cairn_engine::ATTEMPT_TARGET`]), which costs a fraction of a span in the registry.
+    skip_unsampled_steps: bool,
 }
 
 /// The span of a trace that is not exported: when it opened and what the metrics read, if it is
@@ -629,15 +633,27 @@ where
     // per-layer filter: a per-layer filter costs a registry lookup in every callback of every
     // span (enter, exit, clone, close), which showed in the profile of no-op steps.
     fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
-        if is_cairn(meta) {
-            Interest::always()
-        } else {
+        if !is_cairn(meta) {
             Interest::never()
+        } else if self.skips(meta) {
+            // Decided per span, by `enabled`: made only in an exported trace.
+            Interest::sometimes()
+        } else {
+            Interest::always()
         }
     }
 
-    fn enabled(&self, meta: &Metadata<'_>, _ctx: LayerContext<'_, S>) -> bool {
-        is_cairn(meta)
+    // Asked only for callsites some layer found `sometimes` interesting. Whatever this layer
+    // does not take part in is left to the others (`true`): `false` would veto it for all.
+    fn enabled(&self, meta: &Metadata<'_>, ctx: LayerContext<'_, S>) -> bool {
+        // A step attempt of a run not exported: no span (the step's metrics come from the
+        // engine's attempt event). Every span of such a run carries `Unsampled`, so the
+        // current one tells.
+        !(self.skips(meta)
+            && is_cairn(meta)
+            && ctx
+                .lookup_current()
+                .is_some_and(|cur| cur.extensions().get::<Unsampled>().is_some()))
     }
 
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
@@ -729,6 +745,22 @@ where
         if !is_cairn(event.metadata()) {
             return;
         }
+        if event.metadata().target() == cairn_engine::ATTEMPT_TARGET {
+            // A step attempt that had no span: its metrics, like an unsampled span's.
+            if let Some(m) = &self.metrics {
+                let mut a = crate::otel_metrics::AttemptRec::default();
+                event.record(&mut a);
+                let (rec, secs) = (MetricRec::Step(a.step), a.secs);
+                if let Some(Ended::Metric { rec, kind, secs }) = self.queue.push(Ended::Metric {
+                    rec,
+                    kind: "step",
+                    secs,
+                }) {
+                    rec.record(m, kind, secs);
+                }
+            }
+            return;
+        }
         let Some(span) = ctx.event_span(event) else {
             return;
         };
@@ -793,6 +825,11 @@ where
 }
 
 impl SpanLayer {
+    /// Whether spans of this callsite are left out of traces that are not exported.
+    fn skips(&self, meta: &Metadata<'_>) -> bool {
+        self.skip_unsampled_steps && meta.is_span() && meta.name() == "step"
+    }
+
     /// What a span of a trace that is not exported keeps: the fields its metrics read, if it
     /// is measured and metrics are on.
     fn unsampled_rec(
@@ -1374,7 +1411,20 @@ impl Pipeline {
     /// `cairn::metrics` events, DEBUG spans) reaches it. A workflow thread only copies a
     /// span's fields and queues it when it closes; the export thread derives the metrics and
     /// builds and sends the OpenTelemetry span.
+    ///
+    /// The `step` spans of a run not exported are not made (the engine measures those attempts
+    /// with an event); see [`Pipeline::layer_beside`] when another layer wants them.
     pub fn layer<S>(&self) -> Box<dyn Layer<S> + Send + Sync>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
+        self.layer_beside(false)
+    }
+
+    /// [`Pipeline::layer`], beside layers that may want every `step` span
+    /// (`steps_wanted_elsewhere`: the stderr log at INFO shows each one), which then keeps
+    /// them in runs not exported too.
+    pub fn layer_beside<S>(&self, steps_wanted_elsewhere: bool) -> Box<dyn Layer<S> + Send + Sync>
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     {
@@ -1382,6 +1432,7 @@ impl Pipeline {
             queue: Arc::clone(&self.queue),
             metrics: self.span_metrics.clone(),
             sampling: Arc::clone(&self.sampling),
+            skip_unsampled_steps: !steps_wanted_elsewhere,
         })
     }
 
@@ -2185,6 +2236,107 @@ mod tests {
             40
         );
         assert_eq!(step_attempts(&m, &[("cairn.step_name", "step")]), 120);
+    }
+
+    /// Runs the built-in `flaky` workflow (its step fails twice, then succeeds) under a
+    /// pipeline with `sampler`; returns the spans and the metrics.
+    async fn flaky_run(sampler: Sampler) -> (Vec<SpanData>, Vec<ResourceMetrics>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (spans, metrics, _stats, pipeline) = memory_pipeline(sampler);
+        let subscriber = tracing_subscriber::registry().with(pipeline.layer());
+        let guard = tracing::subscriber::set_default(subscriber);
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let engine = Engine::new(store, crate::workflows::registry(Arc::default()));
+        let input = json!({
+            "failures": 2, "backoff_ms": 1,
+            "attempts_file": dir.path().join("attempts").to_str().unwrap(),
+        });
+        let h = engine
+            .start_with(StartOptions::new("flaky", input))
+            .await
+            .unwrap();
+        assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
+        engine.wait_idle().await;
+        drop(engine);
+        drop(guard);
+        pipeline.force_flush();
+        let out = (
+            spans.get_finished_spans().unwrap(),
+            metrics.get_finished_metrics().unwrap(),
+        );
+        assert_eq!(pipeline.shutdown(), None, "nothing dropped");
+        out
+    }
+
+    /// A run left out of the export makes no `step` span at all (the engine measures each
+    /// attempt with an event instead): its failed attempts and retries count the same as an
+    /// exported run's.
+    #[tokio::test(flavor = "current_thread")]
+    async fn failed_attempts_and_retries_count_the_same_whether_the_run_is_exported_or_not() {
+        for sampler in [Sampler::AlwaysOn, Sampler::AlwaysOff] {
+            let (spans, m) = flaky_run(sampler).await;
+            let steps = named(&spans, "step").len();
+            match sampler {
+                Sampler::AlwaysOn => assert_eq!(steps, 3, "{spans:#?}"),
+                _ => assert!(spans.is_empty(), "{spans:#?}"),
+            }
+            let call = ("cairn.step_name", "call");
+            assert_eq!(
+                step_attempts(&m, &[call, ("cairn.outcome", "failed")]),
+                2,
+                "{sampler:?}"
+            );
+            assert_eq!(
+                step_attempts(&m, &[call, ("cairn.outcome", "succeeded")]),
+                1,
+                "{sampler:?}"
+            );
+            assert_eq!(counter(&m, "cairn.step.retries", &[call]), 2, "{sampler:?}");
+        }
+    }
+
+    /// Counts the `step` spans a subscriber made (any layer could see them).
+    #[derive(Clone, Default)]
+    struct StepSpans(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: Subscriber> Layer<S> for StepSpans {
+        fn on_new_span(&self, attrs: &Attributes<'_>, _id: &Id, _ctx: LayerContext<'_, S>) {
+            if attrs.metadata().name() == "step" {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Beside a log that shows INFO spans, the steps of a run left out of the export stay
+    /// spans (the log needs them); alone, the export layer has them not made at all.
+    #[tokio::test(flavor = "current_thread")]
+    async fn steps_of_runs_not_exported_are_spans_only_when_the_log_wants_them() {
+        for wanted in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (spans, metrics, _stats, pipeline) = memory_pipeline(Sampler::AlwaysOff);
+            let seen = StepSpans::default();
+            let subscriber = tracing_subscriber::registry()
+                .with(pipeline.layer_beside(wanted))
+                .with(seen.clone());
+            let guard = tracing::subscriber::set_default(subscriber);
+            let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+            let engine = Engine::new(store, crate::workflows::registry(Arc::default()));
+            let h = engine
+                .start_with(StartOptions::new("steps", json!({"steps": 3})))
+                .await
+                .unwrap();
+            assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
+            engine.wait_idle().await;
+            drop(engine);
+            drop(guard);
+            pipeline.force_flush();
+            assert!(spans.get_finished_spans().unwrap().is_empty());
+            let m = metrics.get_finished_metrics().unwrap();
+            assert_eq!(step_attempts(&m, &[("cairn.step_name", "step")]), 3);
+            let made = seen.0.load(Ordering::Relaxed);
+            assert_eq!(made, if wanted { 3 } else { 0 }, "wanted: {wanted}");
+            pipeline.shutdown();
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -300,6 +300,35 @@ impl Visit for StepRec {
     }
 }
 
+/// What the metrics read of a step attempt measured by the engine's attempt event
+/// ([`cairn_engine::ATTEMPT_TARGET`]) instead of a span.
+#[derive(Default)]
+pub(crate) struct AttemptRec {
+    pub(crate) step: StepRec,
+    /// How long the attempt took (`cairn.secs`).
+    pub(crate) secs: f64,
+}
+
+impl Visit for AttemptRec {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if field.name() == "cairn.secs" {
+            self.secs = value;
+        }
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        match field.name() {
+            "cairn.failed" => self.step.failed = value,
+            _ => self.step.record_bool(field, value),
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.step.record_str(field, value);
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.step.record_debug(field, value);
+    }
+}
+
 impl SpanMetrics {
     /// Records a step attempt of a run that is not exported.
     pub(crate) fn record_step(&self, rec: &StepRec, secs: f64) {

@@ -55,7 +55,14 @@ pub fn init(
             .parse_lossy(v),
         _ => EnvFilter::new(DEFAULT_FILTER),
     };
-    let not_metrics = filter_fn(|m| m.target() != METRICS_TARGET);
+    // Whether the log shows INFO spans of cairn's crates (`RUST_LOG=info`, say): then every
+    // step attempt stays a span, also in runs the live export leaves out.
+    let log_wants_steps = env
+        .max_level_hint()
+        .is_none_or(|max| max >= LevelFilter::INFO);
+    // The metrics events are not log lines.
+    let not_metrics =
+        filter_fn(|m| m.target() != METRICS_TARGET && m.target() != cairn_engine::ATTEMPT_TARGET);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // A line when a span closes, with its fields and timing: a live view of runs, steps,
@@ -88,7 +95,7 @@ pub fn init(
         None => None,
         Some(settings) => {
             let pipeline = crate::otel::Pipeline::start(settings)?;
-            layers.push(pipeline.layer());
+            layers.push(pipeline.layer_beside(log_wants_steps));
             Some(pipeline)
         }
     };

@@ -568,6 +568,12 @@ impl WorkflowContext {
                 r = &mut in_span => r,
             };
             let span = in_span.span();
+            // No subscriber wanted the span (telemetry off, or a run not sampled for export):
+            // the attempt is still measured, by one event that costs nothing unless a
+            // metrics layer listens (see [`ATTEMPT_TARGET`]).
+            let measured_by_event = span.is_disabled()
+                && tracing::enabled!(target: ATTEMPT_TARGET, tracing::Level::INFO);
+            let metric_name = measured_by_event.then(|| name.clone());
             let max_bytes = shared.store.max_payload_bytes();
             let outcome = outcome.and_then(|v| {
                 let p = Payload::from_value(&v).map_err(|e| {
@@ -594,6 +600,9 @@ impl WorkflowContext {
                             output,
                         })
                         .await?;
+                    if let Some(n) = &metric_name {
+                        attempt_event(n, started_us, false, false);
+                    }
                     let mut st = lock(&shared.state);
                     st.last = Some(path);
                     st.executed += 1;
@@ -614,7 +623,12 @@ impl WorkflowContext {
                     span.record("otel.status_code", "ERROR");
                     span.record("exception.message", e.message());
                     span.record("cairn.step.will_retry", retry_at_us.is_some());
-                    tracing::warn!(parent: span, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
+                    if span.is_disabled() {
+                        // No step span to give the log line its context: it says which step.
+                        tracing::warn!(cairn.run_id = %shared.run_id, cairn.step_path = %path, cairn.step_name = %name, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
+                    } else {
+                        tracing::warn!(parent: span, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
+                    }
                     shared
                         .record(Event::StepFailed {
                             path: path.clone(),
@@ -625,6 +639,9 @@ impl WorkflowContext {
                             retry_at_us,
                         })
                         .await?;
+                    if let Some(n) = &metric_name {
+                        attempt_event(n, started_us, true, retry_at_us.is_some());
+                    }
                     match retry_at_us {
                         Some(t) => {
                             wait_until = Some(t);
@@ -887,4 +904,22 @@ fn truncate(s: &str, max_chars: usize) -> String {
         None => s.to_string(),
         Some((i, _)) => format!("{}… ({} more bytes)", &s[..i], s.len() - i),
     }
+}
+
+/// The target of the event that measures a step attempt whose `step` span no subscriber took
+/// (a run not sampled for live export): the live metrics read it instead of the span. It is
+/// emitted only when some layer listens to it, and never shown in the logs.
+pub const ATTEMPT_TARGET: &str = "cairn_engine::attempt";
+
+/// Emits the measurement of a step attempt that started at `started_us` and ended now.
+fn attempt_event(name: &str, started_us: i64, failed: bool, will_retry: bool) {
+    let secs = (now_micros() - started_us).max(0) as f64 / 1e6;
+    tracing::event!(
+        target: ATTEMPT_TARGET,
+        tracing::Level::INFO,
+        "cairn.step_name" = name,
+        "cairn.secs" = secs,
+        "cairn.failed" = failed,
+        "cairn.step.will_retry" = will_retry,
+    );
 }

@@ -20,7 +20,7 @@ mod runtime;
 mod state;
 mod waits;
 
-pub use context::{CompletedStep, WorkflowContext};
+pub use context::{ATTEMPT_TARGET, CompletedStep, WorkflowContext};
 pub use error::{EngineError, Interrupt, StepError, WorkflowError};
 pub use event::{DecodeError, Event, Payload, StepPath};
 pub use fanout::{BranchOutcome, FanIn, FanOutOptions, JoinPolicy};
