@@ -2468,16 +2468,20 @@ async fn a_for_each_inside_a_for_each_runs_over_an_array_in_each_item() {
         "re: sum of 2: - #0: re: note on a of d1\n- #1: re: note on b of d1\n"
     );
     // A document's spending includes its chunks' (what a resumed batch counts).
-    let spent: Vec<Value> = run_events(&store, id)
+    // (By item: the two documents run at once and either may finish first.)
+    let mut spent: Vec<(String, Value)> = run_events(&store, id)
         .await
         .into_iter()
         .filter_map(|e| match e {
-            Event::BranchCompleted { path, output, .. } if path.depth() == 1 => {
-                Some(output.to_json()["spent"]["tokens"].clone())
-            }
+            Event::BranchCompleted { path, output, .. } if path.depth() == 1 => Some((
+                path.to_string(),
+                output.to_json()["spent"]["tokens"].clone(),
+            )),
             _ => None,
         })
         .collect();
+    spent.sort_by(|a, b| a.0.cmp(&b.0));
+    let spent: Vec<Value> = spent.into_iter().map(|(_, v)| v).collect();
     assert_eq!(spent, [json!(360), json!(240)]);
 
     // The items must have the field the inner for_each runs over (checked before the run).

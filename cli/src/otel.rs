@@ -177,6 +177,12 @@ impl Sampling {
         }
     }
 
+    /// Whether [`Sampling::sample`] reads the trace id (only the ratio sampler does: the others
+    /// decide before the root span's fields are read).
+    fn needs_trace_id(&self) -> bool {
+        matches!(self.sampler, Sampler::Ratio(_))
+    }
+
     /// Whether the trace that starts now, with this id, is exported.
     fn sample(&self, trace_id: TraceId) -> bool {
         match self.sampler {
@@ -690,6 +696,18 @@ where
         if let Some(m) = &self.metrics {
             m.opened(meta.name());
         }
+        // A root is decided here when the sampler needs no trace id (all but the ratio one):
+        // a root left out then costs no copy of its fields, no trace id, no span record.
+        let stats = &self.queue.stats;
+        let early = matches!(parent, Parent::Root) && !self.sampling.needs_trace_id();
+        if early {
+            if self.sampling.sample(TraceId::INVALID) {
+                stats.traces_sampled.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.traces_unsampled.fetch_add(1, Ordering::Relaxed);
+                parent = Parent::Unsampled;
+            }
+        }
         if matches!(parent, Parent::Unsampled) {
             let rec = self.unsampled_rec(meta.name(), attrs);
             span.extensions_mut().insert(Unsampled(rec));
@@ -717,14 +735,15 @@ where
                 live.trace_id = run_trace_id(&live.attributes).unwrap_or_else(|| {
                     TraceId::from(u128::from(next_id()) << 64 | u128::from(next_id()))
                 });
-                let stats = &self.queue.stats;
-                if !self.sampling.sample(live.trace_id) {
-                    stats.traces_unsampled.fetch_add(1, Ordering::Relaxed);
-                    let rec = self.unsampled_rec(meta.name(), attrs);
-                    span.extensions_mut().insert(Unsampled(rec));
-                    return;
+                if !early {
+                    if !self.sampling.sample(live.trace_id) {
+                        stats.traces_unsampled.fetch_add(1, Ordering::Relaxed);
+                        let rec = self.unsampled_rec(meta.name(), attrs);
+                        span.extensions_mut().insert(Unsampled(rec));
+                        return;
+                    }
+                    stats.traces_sampled.fetch_add(1, Ordering::Relaxed);
                 }
-                stats.traces_sampled.fetch_add(1, Ordering::Relaxed);
             }
         }
         live.span_id = SpanId::from(next_id());

@@ -67,7 +67,11 @@ pub fn init(
         .with_writer(std::io::stderr)
         // A line when a span closes, with its fields and timing: a live view of runs, steps,
         // model and tool calls at `RUST_LOG=cairn=info`.
-        .with_span_events(FmtSpan::CLOSE);
+        .with_span_events(if log_wants_steps {
+            FmtSpan::CLOSE
+        } else {
+            FmtSpan::NONE
+        });
     let fmt = match format {
         LogFormat::Human => fmt
             .with_ansi(std::io::stderr().is_terminal())
@@ -79,6 +83,14 @@ pub fn init(
             .with_span_list(true)
             .with_filter(env.and(not_metrics))
             .boxed(),
+    };
+    // A log that shows no span closing times no span: it skips every enter and exit, which
+    // its filter would otherwise check with a registry lookup at each poll of each run while
+    // live export keeps the spans (see `SkipEnterExit`).
+    let fmt = if log_wants_steps {
+        fmt
+    } else {
+        Box::new(SkipEnterExit(fmt))
     };
     // The layers as a list, with only those asked for: an absent layer (an `Option` that is
     // `None`) still counts as interested in every callsite, which would make every INFO span
@@ -179,5 +191,80 @@ impl Visit for JsonFields {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.0
             .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+/// A layer that passes everything to the one it wraps except span enters and exits: for the
+/// stderr log when it times no span (no `FmtSpan` events), where they do nothing but cost a
+/// registry lookup each in the log's per-layer filter.
+struct SkipEnterExit<L>(L);
+
+impl<S, L> Layer<S> for SkipEnterExit<L>
+where
+    S: Subscriber,
+    L: Layer<S>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber);
+    }
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        self.0.register_callsite(metadata)
+    }
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        self.0.enabled(metadata, ctx)
+    }
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        self.0.on_new_span(attrs, id, ctx);
+    }
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        self.0.max_level_hint()
+    }
+    fn on_record(
+        &self,
+        span: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: Context<'_, S>,
+    ) {
+        self.0.on_record(span, values, ctx);
+    }
+    fn on_follows_from(
+        &self,
+        span: &tracing::span::Id,
+        follows: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        self.0.on_follows_from(span, follows, ctx);
+    }
+    fn event_enabled(&self, event: &Event<'_>, ctx: Context<'_, S>) -> bool {
+        self.0.event_enabled(event, ctx)
+    }
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        self.0.on_event(event, ctx);
+    }
+    fn on_close(&self, id: tracing::span::Id, ctx: Context<'_, S>) {
+        self.0.on_close(id, ctx);
+    }
+    fn on_id_change(&self, old: &tracing::span::Id, new: &tracing::span::Id, ctx: Context<'_, S>) {
+        self.0.on_id_change(old, new, ctx);
+    }
+    // The wrapped layer's per-layer filter is found through this (`Filtered` registers its
+    // filter id and the registry checks for per-layer filters by downcasting).
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: forwarded to the wrapped layer, whose own contract holds.
+        unsafe { self.0.downcast_raw(id) }
     }
 }
