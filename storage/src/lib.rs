@@ -9,6 +9,7 @@
 //! Architecture invariant: records of a run are appended with dense sequence numbers starting at
 //! 0 and are never rewritten; every record carries `blake3(previous hash ‖ seq ‖ ts ‖ payload)`.
 
+mod chunks;
 mod error;
 mod ids;
 mod record;

@@ -5,9 +5,10 @@
 //! takes everything queued, works out its changes against its run cache, appends them to the
 //! write-ahead log (`<store>.wal`) as one record, fdatasyncs it once
 //! ([`Durability::Immediate`]), tells each caller its events are durable, and only then hands
-//! the changes to the apply thread, which writes them into an open redb write transaction. So
-//! a batch costs one small fdatasync, neither the callers nor the writer wait for B-tree
-//! inserts, and throughput grows with concurrency. A caller that is
+//! the changes to the apply thread, which writes them into an open redb write transaction
+//! (events gathered per run into chunks, `chunks.rs`). So a batch costs one small fdatasync,
+//! neither the callers nor the writer wait for B-tree inserts, and throughput grows with
+//! concurrency. A caller that is
 //! alone (nothing else in flight) commits on its own thread instead, saving two thread
 //! wake-ups: the sequential case. The transaction is committed into the redb file (a
 //! checkpoint) every 250 ms, when a reader in this process asks, or when the log is full;
@@ -31,11 +32,13 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
+use crate::chunks::{EVENT_CHUNKS, Pending};
 use crate::record::{decode, encode, genesis_hash, now_micros, record_hash};
 use crate::store::{Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunUpdate};
 use crate::wal::{Change, Wal};
 use crate::{Hash, NewEvent, RunId, Seq, StoreError, StoredEvent};
 
+/// One row per event: how stores of format 1 held events (still read; no longer written).
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
 const RUNS: TableDefinition<u128, &[u8]> = TableDefinition::new("runs");
 const RUNS_BY_STATUS: TableDefinition<(u8, u128), ()> = TableDefinition::new("runs_by_status");
@@ -44,7 +47,9 @@ const WAKEUPS: TableDefinition<(i64, u128), ()> = TableDefinition::new("wakeups"
 const WAL_STATE: TableDefinition<&str, u64> = TableDefinition::new("wal_state");
 
 /// The store-level format version: bumped only by a change old binaries cannot read.
-const STORE_FORMAT: u32 = 1;
+/// 2: events are written as chunks (`chunks.rs`); a store of format 1 is read as it is and
+/// raised to 2 when opened for writing.
+const STORE_FORMAT: u32 = 2;
 /// The version byte in front of each runs-table row.
 const RUN_ROW_VERSION: u8 = 1;
 
@@ -658,16 +663,25 @@ impl RedbStore {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let txn = self.inner.db.begin_read()?;
-        let table = match txn.open_table(EVENTS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
         let id = run.as_u128();
         let mut out = Vec::with_capacity(limit.min(4096));
-        for row in table.range((id, from.0)..=(id, u64::MAX))?.take(limit) {
-            let (k, v) = row?;
-            out.push(decode(run, Seq(k.value().1), v.value())?);
+        // A run's events from before format 2 (one row each), then those in chunks: the
+        // chunks of a run only ever follow its rows.
+        match txn.open_table(EVENTS) {
+            Ok(table) => {
+                for row in table.range((id, from.0)..=(id, u64::MAX))?.take(limit) {
+                    let (k, v) = row?;
+                    out.push(decode(run, Seq(k.value().1), v.value())?);
+                }
+            }
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let next = out.last().map_or(from, |e| Seq(e.seq.0 + 1));
+        match txn.open_table(EVENT_CHUNKS) {
+            Ok(table) => crate::chunks::read(&table, run, next, limit, &mut out)?,
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
         }
         Ok(out)
     }
@@ -695,6 +709,7 @@ fn init_format(path: &Path, db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
     let ours = [
         "events",
+        "event_chunks",
         "runs",
         "runs_by_status",
         "meta",
@@ -709,11 +724,14 @@ fn init_format(path: &Path, db: &Database) -> Result<(), StoreError> {
             return Err(not_cairn(path));
         }
         check_format(path, found)?;
-        if found.is_none() {
+        // A new store, or one of an older format this binary writes in its own from now on
+        // (format 1 → 2: new events go to chunks; an older binary must then refuse the file
+        // rather than miss them).
+        if found != Some(STORE_FORMAT) {
             meta.insert("format_version", STORE_FORMAT)?;
         }
         // Creating the tables up front lets read-only handles open them before the first run.
-        txn.open_table(EVENTS)?;
+        txn.open_table(EVENT_CHUNKS)?;
         txn.open_table(RUNS)?;
         txn.open_table(RUNS_BY_STATUS)?;
         txn.open_table(WAKEUPS)?;
@@ -845,11 +863,12 @@ impl Writer {
     /// Replays the log after the last checkpoint into a fresh transaction and checkpoints it.
     fn recover(&mut self) -> Result<(), StoreError> {
         let shared = Arc::clone(&self.txn);
-        let mut open = shared.discard();
+        let mut slot = shared.discard();
         self.has_txn = false;
         self.runs.clear();
         self.stale_rows.clear();
-        let txn = self.db.begin_write()?;
+        let mut open = OpenTxn::new(self.db.begin_write()?);
+        let txn = &open.txn;
         let checkpoint = {
             let t = txn.open_table(WAL_STATE)?;
             t.get("checkpoint_lsn")?.map(|v| v.value()).unwrap_or(0)
@@ -870,7 +889,7 @@ impl Writer {
         // event count, head and update time are rebuilt from them.
         let mut last: HashMap<u128, (u64, &[u8])> = HashMap::new();
         for (lsn, changes) in &records {
-            apply(&txn, changes)?;
+            apply(&mut open, changes)?;
             for c in changes {
                 if let Change::Event { run, seq, bytes } = c {
                     last.insert(*run, (*seq, bytes.as_slice()));
@@ -879,7 +898,7 @@ impl Writer {
             self.lsn = *lsn;
         }
         {
-            let mut runs = txn.open_table(RUNS)?;
+            let mut runs = open.txn.open_table(RUNS)?;
             for (run, (seq, bytes)) in last {
                 let id = RunId::from_u128(run);
                 let mut meta = match runs.get(run)? {
@@ -902,9 +921,9 @@ impl Writer {
                 }
             }
         }
-        *open = Some(txn);
+        *slot = Some(open);
         self.has_txn = true;
-        drop(open);
+        drop(slot);
         self.checkpoint()
     }
 
@@ -918,12 +937,13 @@ impl Writer {
     fn checkpoint(&mut self) -> Result<(), StoreError> {
         let shared = Arc::clone(&self.txn);
         let mut open = shared.drained()?;
-        self.stage_rows_into(open.as_ref())?;
+        self.stage_rows_into(open.as_ref().map(|o| &o.txn))?;
         let taken = open.take();
         self.has_txn = false;
-        let Some(txn) = taken else {
+        let Some(OpenTxn { txn, mut pending }) = taken else {
             return Ok(());
         };
+        pending.flush(&txn)?;
         {
             let mut t = txn.open_table(WAL_STATE)?;
             t.insert("checkpoint_lsn", self.lsn)?;
@@ -944,7 +964,7 @@ impl Writer {
         }
         let shared = Arc::clone(&self.txn);
         let open = shared.drained()?;
-        self.stage_rows_into(open.as_ref())
+        self.stage_rows_into(open.as_ref().map(|o| &o.txn))
     }
 
     /// [`Writer::stage_rows`] into a drained transaction.
@@ -1138,8 +1158,8 @@ impl Writer {
 
     /// Applies a batch's changes to the open transaction now, after every batch queued before.
     fn apply_changes(&self, changes: &[Change]) -> Result<(), StoreError> {
-        match self.txn.drained()?.as_ref() {
-            Some(txn) => apply(txn, changes),
+        match self.txn.drained()?.as_mut() {
+            Some(open) => apply(open, changes),
             None => Err(StoreError::Closed),
         }
     }
@@ -1193,7 +1213,7 @@ impl Writer {
         if !self.has_txn {
             let mut open = shared.drained()?;
             if open.is_none() {
-                *open = Some(self.db.begin_write()?);
+                *open = Some(OpenTxn::new(self.db.begin_write()?));
             }
             self.has_txn = true;
         }
@@ -1212,7 +1232,7 @@ impl Writer {
         let mut stored: HashMap<u128, Option<Vec<u8>>> = HashMap::with_capacity(missing.len());
         if !missing.is_empty() {
             let open = shared.drained()?;
-            let txn = open.as_ref().ok_or(StoreError::Closed)?;
+            let txn = &open.as_ref().ok_or(StoreError::Closed)?.txn;
             let runs = txn.open_table(RUNS)?;
             for id in missing {
                 let row = runs.get(id)?.map(|v| v.value().to_vec());
@@ -1445,7 +1465,7 @@ impl Answers {
 #[derive(Default)]
 struct Txn {
     /// The open transaction (`None` between a checkpoint and the next batch).
-    open: Mutex<Option<redb::WriteTransaction>>,
+    open: Mutex<Option<OpenTxn>>,
     /// Logged batches not yet applied, and the apply thread's state.
     queue: Mutex<ApplyQueue>,
     /// Wakes the apply thread.
@@ -1471,7 +1491,7 @@ impl Txn {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_open(&self) -> MutexGuard<'_, Option<redb::WriteTransaction>> {
+    fn lock_open(&self) -> MutexGuard<'_, Option<OpenTxn>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -1492,14 +1512,14 @@ impl Txn {
 
     /// The open transaction with every queued batch applied (here, if the apply thread has not
     /// got to them yet); an error if an apply failed (the caller rebuilds from the log).
-    fn drained(&self) -> Result<MutexGuard<'_, Option<redb::WriteTransaction>>, StoreError> {
-        let open = self.lock_open();
-        apply_queued(&open, self)?;
+    fn drained(&self) -> Result<MutexGuard<'_, Option<OpenTxn>>, StoreError> {
+        let mut open = self.lock_open();
+        apply_queued(&mut open, self)?;
         Ok(open)
     }
 
     /// Drops the open transaction and everything queued (the log holds it all), for a rebuild.
-    fn discard(&self) -> MutexGuard<'_, Option<redb::WriteTransaction>> {
+    fn discard(&self) -> MutexGuard<'_, Option<OpenTxn>> {
         let mut open = self.lock_open();
         *open = None;
         let mut q = self.queue();
@@ -1516,7 +1536,7 @@ impl Txn {
 }
 
 /// Applies the queued batches, in order, to `open` (held by the caller).
-fn apply_queued(open: &Option<redb::WriteTransaction>, txn: &Txn) -> Result<(), StoreError> {
+fn apply_queued(open: &mut Option<OpenTxn>, txn: &Txn) -> Result<(), StoreError> {
     loop {
         let next = {
             let mut q = txn.queue();
@@ -1534,7 +1554,7 @@ fn apply_queued(open: &Option<redb::WriteTransaction>, txn: &Txn) -> Result<(), 
             txn.queue().error = Some(e.to_string());
             return Err(e);
         }
-        let applied = match open.as_ref() {
+        let applied = match open.as_mut() {
             Some(t) => apply(t, &changes),
             None => Err(StoreError::Backend(
                 "a logged batch has no open transaction to go into".into(),
@@ -1548,7 +1568,8 @@ fn apply_queued(open: &Option<redb::WriteTransaction>, txn: &Txn) -> Result<(), 
 }
 
 /// The apply thread: writes logged, answered batches into the open transaction, off the
-/// writer's path (B-tree inserts are about 1 µs per event). Exits when the writer closes.
+/// writer's path (run rows and index entries as B-tree inserts, events into their runs'
+/// chunks). Exits when the writer closes.
 fn apply_thread(txn: &Txn) {
     lower_priority();
     loop {
@@ -1564,9 +1585,9 @@ fn apply_thread(txn: &Txn) {
                 return;
             }
         }
-        let open = txn.lock_open();
+        let mut open = txn.lock_open();
         // An error is recorded in the queue for the writer, which rebuilds from the log.
-        let _ = apply_queued(&open, txn);
+        let _ = apply_queued(&mut open, txn);
     }
 }
 
@@ -1598,8 +1619,25 @@ impl Drop for Writer {
     }
 }
 
+/// An open write transaction and the events applied to it that wait in chunks (inserted when
+/// the transaction is committed, or when a chunk fills: `chunks.rs`).
+struct OpenTxn {
+    txn: redb::WriteTransaction,
+    pending: Pending,
+}
+
+impl OpenTxn {
+    fn new(txn: redb::WriteTransaction) -> Self {
+        OpenTxn {
+            txn,
+            pending: Pending::default(),
+        }
+    }
+}
+
 /// Applies logged changes to a transaction, in order (the live path and recovery share it).
-fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), StoreError> {
+fn apply(open: &mut OpenTxn, changes: &[Change]) -> Result<(), StoreError> {
+    let OpenTxn { txn, pending } = open;
     // Tables are opened when first needed: most batches touch only the events.
     let mut events = None;
     let mut runs = None;
@@ -1608,7 +1646,7 @@ fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), StoreEr
     for c in changes {
         match c {
             Change::Event { run, seq, bytes } => {
-                opened(&mut events, txn, EVENTS)?.insert((*run, *seq), bytes.as_slice())?;
+                pending.push(opened(&mut events, txn, EVENT_CHUNKS)?, *run, *seq, bytes)?;
             }
             Change::Run { run, row } => {
                 opened(&mut runs, txn, RUNS)?.insert(*run, row.as_slice())?;

@@ -276,19 +276,22 @@ async fn verify_detects_an_edited_event() {
             .unwrap();
     }
     {
-        // Rewrite event 1's payload byte in place, keeping its stored hash.
+        // Rewrite event 1's last payload byte in place, keeping its stored hash. The three
+        // events are one chunk: a version byte, then each record after its u32 length.
         let db = redb::Database::builder()
             .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
             .create(&path)
             .unwrap();
-        let def = redb::TableDefinition::<(u128, u64), &[u8]>::new("events");
+        let def = redb::TableDefinition::<(u128, u64), &[u8]>::new("event_chunks");
         let txn = db.begin_write().unwrap();
         {
             let mut t = txn.open_table(def).unwrap();
-            let mut bytes = t.get((id.as_u128(), 1)).unwrap().unwrap().value().to_vec();
-            let last = bytes.len() - 1;
-            bytes[last] = b'X';
-            t.insert((id.as_u128(), 1), bytes.as_slice()).unwrap();
+            let mut bytes = t.get((id.as_u128(), 0)).unwrap().unwrap().value().to_vec();
+            let len = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+            let second = 1 + 4 + len(1) as usize;
+            let end_of_second = second + 4 + len(second) as usize;
+            bytes[end_of_second - 1] = b'X';
+            t.insert((id.as_u128(), 0), bytes.as_slice()).unwrap();
         }
         txn.commit().unwrap();
     }
@@ -690,4 +693,148 @@ async fn a_log_left_by_a_deleted_store_file_is_not_replayed_into_a_new_store() {
     let store = RedbStore::open(&path).unwrap();
     assert!(store.run(old).await.unwrap().is_none());
     assert_eq!(store.run(fresh).await.unwrap().unwrap().events, 1);
+}
+
+/// The store of `storage/tests/data/format1.redb`, written by cairn before format 2 (one row
+/// per event), copied into `dir`: a completed `steps` run of 6 events and a waiting
+/// `approval` run of 4.
+fn format1_store(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("format1.redb");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/format1.redb"),
+        &path,
+    )
+    .unwrap();
+    path
+}
+
+const FORMAT1_STEPS: &str = "01M957KVG7G60GQHD5FWH04JRA";
+const FORMAT1_APPROVAL: &str = "01M957KVGS8XBNMND0H101WNDH";
+
+fn store_format(path: &std::path::Path) -> u32 {
+    let db = redb::Database::builder().open_read_only(path).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let meta = txn
+        .open_table(redb::TableDefinition::<&str, u32>::new("meta"))
+        .unwrap();
+    meta.get("format_version").unwrap().unwrap().value()
+}
+
+/// Regression for the format-2 change (events in chunks): a store of format 1 is read as it
+/// is, raised to format 2 when opened for writing (so an older binary refuses it rather than
+/// miss events), and a run recorded in it goes on with its hash chain unbroken across the
+/// rows of format 1 and the chunks of format 2.
+#[tokio::test]
+async fn a_format_1_store_is_read_as_it_is_and_its_runs_continue_in_format_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = format1_store(dir.path());
+    let steps: RunId = FORMAT1_STEPS.parse().unwrap();
+    let approval: RunId = FORMAT1_APPROVAL.parse().unwrap();
+    {
+        let ro = RedbStore::open_read_only(&path).unwrap();
+        assert_eq!(ro.read(steps, Seq(0), 100).await.unwrap().len(), 6);
+        assert_eq!(ro.read(approval, Seq(0), 100).await.unwrap().len(), 4);
+        assert!(ro.verify(steps).await.unwrap().ok());
+    }
+    assert_eq!(store_format(&path), 1, "a read-only open changes nothing");
+    let before = RedbStore::open_read_only(&path)
+        .unwrap()
+        .read(approval, Seq(0), 100)
+        .await
+        .unwrap();
+    {
+        let store = RedbStore::open(&path).unwrap();
+        let a = store
+            .append(approval, vec![ev("x"), ev("y"), ev("z")], None)
+            .await
+            .unwrap();
+        assert_eq!((a.first, a.next), (Seq(4), Seq(7)));
+    }
+    assert_eq!(store_format(&path), 2);
+    let store = RedbStore::open(&path).unwrap();
+    let all = store.read(approval, Seq(0), 100).await.unwrap();
+    assert_eq!(all.len(), 7);
+    assert!(all.iter().enumerate().all(|(i, e)| e.seq == Seq(i as u64)));
+    assert_eq!(&all[..4], &before[..], "the format-1 events are unchanged");
+    let tail: Vec<&[u8]> = all[4..].iter().map(|e| e.payload.as_slice()).collect();
+    assert_eq!(tail, [b"x".as_slice(), b"y", b"z"]);
+    // Reading from inside either part, and across the boundary.
+    let mid = store.read(approval, Seq(3), 2).await.unwrap();
+    assert_eq!(
+        mid.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [Seq(3), Seq(4)]
+    );
+    assert!(store.verify(approval).await.unwrap().ok());
+    assert!(store.verify(steps).await.unwrap().ok());
+    assert_eq!(store.run(approval).await.unwrap().unwrap().events, 7);
+}
+
+/// Events of many runs, appended interleaved across several checkpoints and in chunks that
+/// fill up (payloads of a few KiB), read back whole and from every position, before and after
+/// a reopen.
+#[tokio::test]
+async fn interleaved_runs_read_back_from_any_position_across_chunks_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let runs: Vec<RunId> = (0..5).map(|_| RunId::new()).collect();
+    let payload = |r: usize, i: usize| -> Vec<u8> {
+        // Some events are large, so chunks of 64 KiB fill within a checkpoint.
+        let n = if i % 5 == 3 { 12_000 } else { 40 };
+        let mut p = format!("run {r} event {i} ").into_bytes();
+        p.resize(n, b'a' + (i % 26) as u8);
+        p
+    };
+    const EVENTS: usize = 120;
+    {
+        let store = RedbStore::open(&path).unwrap();
+        for (r, id) in runs.iter().enumerate() {
+            store
+                .create_run(new_run(*id), vec![NewEvent::now(payload(r, 0))])
+                .await
+                .unwrap();
+        }
+        for i in 1..EVENTS {
+            for (r, id) in runs.iter().enumerate() {
+                store
+                    .append(*id, vec![NewEvent::now(payload(r, i))], None)
+                    .await
+                    .unwrap();
+            }
+            if i % 40 == 0 {
+                // A read in this process checkpoints first: the chunks so far are closed.
+                store.read(runs[0], Seq(0), 1).await.unwrap();
+            }
+        }
+        for (r, id) in runs.iter().enumerate() {
+            let all = store.read(*id, Seq(0), usize::MAX).await.unwrap();
+            assert_eq!(all.len(), EVENTS, "run {r}");
+        }
+    }
+    let store = RedbStore::open(&path).unwrap();
+    for (r, id) in runs.iter().enumerate() {
+        for from in 0..EVENTS {
+            for limit in [1, 2, 5, 50, usize::MAX] {
+                let got = store.read(*id, Seq(from as u64), limit).await.unwrap();
+                let want = (EVENTS - from).min(limit);
+                assert_eq!(got.len(), want, "run {r} from {from} limit {limit}");
+                for (k, e) in got.iter().enumerate() {
+                    assert_eq!(e.seq, Seq((from + k) as u64));
+                    assert_eq!(
+                        e.payload,
+                        payload(r, from + k),
+                        "run {r} event {}",
+                        from + k
+                    );
+                }
+            }
+        }
+        assert!(store.verify(*id).await.unwrap().ok());
+    }
+    assert!(
+        store
+            .read(runs[0], Seq(EVENTS as u64), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
