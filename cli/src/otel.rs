@@ -2257,21 +2257,27 @@ mod tests {
         assert_eq!(step_attempts(&m, &[("cairn.step_name", "step")]), 120);
     }
 
-    /// Runs the built-in `flaky` workflow (its step fails twice, then succeeds) under a
-    /// pipeline with `sampler`; returns the spans and the metrics.
-    async fn flaky_run(sampler: Sampler) -> (Vec<SpanData>, Vec<ResourceMetrics>) {
+    /// Runs one run of the built-in `workflow`, with the input `input` makes from a temp dir,
+    /// on this thread under a pipeline with `sampler`, its layer beside `seen` (and beside a log
+    /// that wants every step span when `log_wants_steps`); returns the exported spans and the
+    /// metrics.
+    async fn one_run(
+        sampler: Sampler,
+        log_wants_steps: bool,
+        seen: &StepSpans,
+        workflow: &str,
+        input: impl FnOnce(&std::path::Path) -> serde_json::Value,
+    ) -> (Vec<SpanData>, Vec<ResourceMetrics>) {
         let dir = tempfile::tempdir().unwrap();
         let (spans, metrics, _stats, pipeline) = memory_pipeline(sampler);
-        let subscriber = tracing_subscriber::registry().with(pipeline.layer());
+        let subscriber = tracing_subscriber::registry()
+            .with(pipeline.layer_beside(log_wants_steps))
+            .with(seen.clone());
         let guard = tracing::subscriber::set_default(subscriber);
         let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
         let engine = Engine::new(store, crate::workflows::registry(Arc::default()));
-        let input = json!({
-            "failures": 2, "backoff_ms": 1,
-            "attempts_file": dir.path().join("attempts").to_str().unwrap(),
-        });
         let h = engine
-            .start_with(StartOptions::new("flaky", input))
+            .start_with(StartOptions::new(workflow, input(dir.path())))
             .await
             .unwrap();
         assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
@@ -2287,13 +2293,32 @@ mod tests {
         out
     }
 
+    /// Counts the `step` spans a subscriber made (any layer could see them).
+    #[derive(Clone, Default)]
+    struct StepSpans(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: Subscriber> Layer<S> for StepSpans {
+        fn on_new_span(&self, attrs: &Attributes<'_>, _id: &Id, _ctx: LayerContext<'_, S>) {
+            if attrs.metadata().name() == "step" {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// A run left out of the export makes no `step` span at all (the engine measures each
     /// attempt with an event instead): its failed attempts and retries count the same as an
     /// exported run's.
     #[tokio::test(flavor = "current_thread")]
     async fn failed_attempts_and_retries_count_the_same_whether_the_run_is_exported_or_not() {
         for sampler in [Sampler::AlwaysOn, Sampler::AlwaysOff] {
-            let (spans, m) = flaky_run(sampler).await;
+            // The step fails twice, then succeeds.
+            let (spans, m) = one_run(sampler, false, &StepSpans::default(), "flaky", |dir| {
+                json!({
+                    "failures": 2, "backoff_ms": 1,
+                    "attempts_file": dir.join("attempts").to_str().unwrap(),
+                })
+            })
+            .await;
             let steps = named(&spans, "step").len();
             match sampler {
                 Sampler::AlwaysOn => assert_eq!(steps, 3, "{spans:#?}"),
@@ -2314,47 +2339,24 @@ mod tests {
         }
     }
 
-    /// Counts the `step` spans a subscriber made (any layer could see them).
-    #[derive(Clone, Default)]
-    struct StepSpans(Arc<std::sync::atomic::AtomicUsize>);
-
-    impl<S: Subscriber> Layer<S> for StepSpans {
-        fn on_new_span(&self, attrs: &Attributes<'_>, _id: &Id, _ctx: LayerContext<'_, S>) {
-            if attrs.metadata().name() == "step" {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
     /// Beside a log that shows INFO spans, the steps of a run left out of the export stay
     /// spans (the log needs them); alone, the export layer has them not made at all.
     #[tokio::test(flavor = "current_thread")]
     async fn steps_of_runs_not_exported_are_spans_only_when_the_log_wants_them() {
         for wanted in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let (spans, metrics, _stats, pipeline) = memory_pipeline(Sampler::AlwaysOff);
             let seen = StepSpans::default();
-            let subscriber = tracing_subscriber::registry()
-                .with(pipeline.layer_beside(wanted))
-                .with(seen.clone());
-            let guard = tracing::subscriber::set_default(subscriber);
-            let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
-            let engine = Engine::new(store, crate::workflows::registry(Arc::default()));
-            let h = engine
-                .start_with(StartOptions::new("steps", json!({"steps": 3})))
-                .await
-                .unwrap();
-            assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
-            engine.wait_idle().await;
-            drop(engine);
-            drop(guard);
-            pipeline.force_flush();
-            assert!(spans.get_finished_spans().unwrap().is_empty());
-            let m = metrics.get_finished_metrics().unwrap();
+            let (spans, m) = one_run(
+                Sampler::AlwaysOff,
+                wanted,
+                &seen,
+                "steps",
+                |_| json!({"steps": 3}),
+            )
+            .await;
+            assert!(spans.is_empty());
             assert_eq!(step_attempts(&m, &[("cairn.step_name", "step")]), 3);
             let made = seen.0.load(Ordering::Relaxed);
             assert_eq!(made, if wanted { 3 } else { 0 }, "wanted: {wanted}");
-            pipeline.shutdown();
         }
     }
 
