@@ -86,6 +86,20 @@ impl Pending {
         Ok(())
     }
 
+    /// Inserts `run`'s open chunk, if it has one: the run stopped appending (it finished or
+    /// parked), so its chunk is whole, and inserting it now, on the apply thread, leaves less
+    /// for the checkpoint, which holds up the writer.
+    pub(crate) fn close(
+        &mut self,
+        table: &mut redb::Table<'_, (u128, u64), &[u8]>,
+        run: u128,
+    ) -> Result<(), StoreError> {
+        match self.runs.remove(&run) {
+            Some(open) => insert(table, run, &open),
+            None => Ok(()),
+        }
+    }
+
     /// Inserts every open chunk into `txn` (before the transaction is committed).
     pub(crate) fn flush(&mut self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
         if self.runs.is_empty() {

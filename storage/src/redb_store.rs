@@ -34,7 +34,9 @@ use tokio::sync::oneshot;
 
 use crate::chunks::{EVENT_CHUNKS, Pending};
 use crate::record::{decode, encode, genesis_hash, now_micros, record_hash};
-use crate::store::{Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunUpdate};
+use crate::store::{
+    Appended, BoxFuture, EventStore, Guard, NewRun, RunFilter, RunMeta, RunStatus, RunUpdate,
+};
 use crate::wal::{Change, Wal};
 use crate::{Hash, NewEvent, RunId, Seq, StoreError, StoredEvent};
 
@@ -1652,6 +1654,14 @@ fn apply(open: &mut OpenTxn, changes: &[Change]) -> Result<(), StoreError> {
                 opened(&mut runs, txn, RUNS)?.insert(*run, row.as_slice())?;
             }
             Change::Status { code, run, present } => {
+                // A run that finished or parked appends nothing for a while: its chunk is
+                // whole (its events come before this change).
+                if *present
+                    && RunStatus::from_code(*code)
+                        .is_some_and(|s| s.is_terminal() || s == RunStatus::Waiting)
+                {
+                    pending.close(opened(&mut events, txn, EVENT_CHUNKS)?, *run)?;
+                }
                 let t = opened(&mut by_status, txn, RUNS_BY_STATUS)?;
                 if *present {
                     t.insert((*code, *run), ())?;

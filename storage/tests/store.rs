@@ -838,3 +838,73 @@ async fn interleaved_runs_read_back_from_any_position_across_chunks_and_checkpoi
             .is_empty()
     );
 }
+
+/// A run's chunk is inserted when the run parks or finishes (the apply thread does it rather
+/// than the next checkpoint); a parked run that goes on starts a new chunk. Nothing is read in
+/// between, so all of it happens in one open transaction.
+#[tokio::test]
+async fn a_run_that_parks_and_goes_on_reads_back_whole_across_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let id = RunId::new();
+    let payloads: Vec<String> = (0..8).map(|i| format!("event {i}")).collect();
+    {
+        let store = RedbStore::open(&path).unwrap();
+        let p = |i: usize| ev(&payloads[i]);
+        store
+            .create_run(new_run(id), vec![p(0), p(1)])
+            .await
+            .unwrap();
+        store
+            .append(id, vec![p(2)], Some(RunStatus::Waiting))
+            .await
+            .unwrap();
+        store
+            .append(id, vec![p(3), p(4)], Some(RunStatus::Running))
+            .await
+            .unwrap();
+        store
+            .append(id, vec![p(5)], Some(RunStatus::Waiting))
+            .await
+            .unwrap();
+        store
+            .append(id, vec![p(6)], Some(RunStatus::Running))
+            .await
+            .unwrap();
+        store
+            .append(id, vec![p(7)], Some(RunStatus::Completed))
+            .await
+            .unwrap();
+        let all = store.read(id, Seq(0), 100).await.unwrap();
+        assert_eq!(all.len(), 8);
+    }
+    let store = RedbStore::open(&path).unwrap();
+    for from in 0..8u64 {
+        let got = store.read(id, Seq(from), 100).await.unwrap();
+        let seqs: Vec<u64> = got.iter().map(|e| e.seq.0).collect();
+        assert_eq!(seqs, (from..8).collect::<Vec<_>>(), "from {from}");
+        for e in &got {
+            assert_eq!(e.payload, payloads[e.seq.0 as usize].as_bytes());
+        }
+    }
+    assert!(store.verify(id).await.unwrap().ok());
+    assert_eq!(
+        store.run(id).await.unwrap().unwrap().status,
+        RunStatus::Completed
+    );
+    drop(store);
+    // Three chunks, each ended by a park or the end: events 0–2, 3–5 and 6–7.
+    let db = redb::Database::builder().open_read_only(&path).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let chunks = txn
+        .open_table(redb::TableDefinition::<(u128, u64), &[u8]>::new(
+            "event_chunks",
+        ))
+        .unwrap();
+    let firsts: Vec<u64> = chunks
+        .range((id.as_u128(), 0)..=(id.as_u128(), u64::MAX))
+        .unwrap()
+        .map(|r| r.unwrap().0.value().1)
+        .collect();
+    assert_eq!(firsts, [0, 3, 6]);
+}
