@@ -778,7 +778,7 @@ async fn interleaved_runs_read_back_from_any_position_across_chunks_and_checkpoi
     let path = dir.path().join("s.redb");
     let runs: Vec<RunId> = (0..5).map(|_| RunId::new()).collect();
     let payload = |r: usize, i: usize| -> Vec<u8> {
-        // Some events are large, so chunks of 64 KiB fill within a checkpoint.
+        // Some events are large, so chunks (16 KiB) fill within a checkpoint.
         let n = if i % 5 == 3 { 12_000 } else { 40 };
         let mut p = format!("run {r} event {i} ").into_bytes();
         p.resize(n, b'a' + (i % 26) as u8);
