@@ -2469,18 +2469,19 @@ async fn a_for_each_inside_a_for_each_runs_over_an_array_in_each_item() {
     );
     // A document's spending includes its chunks' (what a resumed batch counts).
     // (By item: the two documents run at once and either may finish first.)
-    let mut spent: Vec<(String, Value)> = run_events(&store, id)
+    let mut spent: Vec<(u32, Value)> = run_events(&store, id)
         .await
         .into_iter()
         .filter_map(|e| match e {
-            Event::BranchCompleted { path, output, .. } if path.depth() == 1 => Some((
-                path.to_string(),
-                output.to_json()["spent"]["tokens"].clone(),
-            )),
+            Event::BranchCompleted {
+                path,
+                index,
+                output,
+            } if path.depth() == 1 => Some((index, output.to_json()["spent"]["tokens"].clone())),
             _ => None,
         })
         .collect();
-    spent.sort_by(|a, b| a.0.cmp(&b.0));
+    spent.sort_by_key(|(index, _)| *index);
     let spent: Vec<Value> = spent.into_iter().map(|(_, v)| v).collect();
     assert_eq!(spent, [json!(360), json!(240)]);
 

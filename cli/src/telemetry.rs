@@ -55,43 +55,8 @@ pub fn init(
             .parse_lossy(v),
         _ => EnvFilter::new(DEFAULT_FILTER),
     };
-    // Whether the log shows INFO spans of cairn's crates (`RUST_LOG=info`, say): then every
-    // step attempt stays a span, also in runs the live export leaves out.
-    let log_wants_steps = env
-        .max_level_hint()
-        .is_none_or(|max| max >= LevelFilter::INFO);
-    // The metrics events are not log lines.
-    let not_metrics =
-        filter_fn(|m| m.target() != METRICS_TARGET && m.target() != cairn_engine::ATTEMPT_TARGET);
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        // A line when a span closes, with its fields and timing: a live view of runs, steps,
-        // model and tool calls at `RUST_LOG=cairn=info`.
-        .with_span_events(if log_wants_steps {
-            FmtSpan::CLOSE
-        } else {
-            FmtSpan::NONE
-        });
-    let fmt = match format {
-        LogFormat::Human => fmt
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_filter(env.and(not_metrics))
-            .boxed(),
-        LogFormat::Json => fmt
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .with_filter(env.and(not_metrics))
-            .boxed(),
-    };
-    // A log that shows no span closing times no span: it skips every enter and exit, which
-    // its filter would otherwise check with a registry lookup at each poll of each run while
-    // live export keeps the spans (see `SkipEnterExit`).
-    let fmt = if log_wants_steps {
-        fmt
-    } else {
-        Box::new(SkipEnterExit(fmt))
-    };
+    let ansi = std::io::stderr().is_terminal();
+    let (fmt, log_wants_steps) = log_layer(format, env, ansi, std::io::stderr);
     // The layers as a list, with only those asked for: an absent layer (an `Option` that is
     // `None`) still counts as interested in every callsite, which would make every INFO span
     // of the engine a real span in the registry even with nothing listening.
@@ -116,6 +81,56 @@ pub fn init(
         .try_init()
         .context("cannot install the log subscriber")?;
     Ok(pipeline)
+}
+
+/// The log layer: lines for what `env` lets through, written to `writer`, and whether it shows
+/// INFO spans of cairn's crates (`RUST_LOG=info`, say: then every step attempt stays a span,
+/// also in runs the live export leaves out).
+fn log_layer<W>(
+    format: LogFormat,
+    env: EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> (Box<dyn Layer<Registry> + Send + Sync>, bool)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let log_wants_steps = env
+        .max_level_hint()
+        .is_none_or(|max| max >= LevelFilter::INFO);
+    // The metrics events are not log lines.
+    let not_metrics =
+        filter_fn(|m| m.target() != METRICS_TARGET && m.target() != cairn_engine::ATTEMPT_TARGET);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        // A line when a span closes, with its fields and timing: a live view of runs, steps,
+        // model and tool calls at `RUST_LOG=cairn=info`.
+        .with_span_events(if log_wants_steps {
+            FmtSpan::CLOSE
+        } else {
+            FmtSpan::NONE
+        });
+    let fmt = match format {
+        LogFormat::Human => fmt
+            .with_ansi(ansi)
+            .with_filter(env.and(not_metrics))
+            .boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_filter(env.and(not_metrics))
+            .boxed(),
+    };
+    // A log that shows no span closing times no span: it skips every enter and exit, which
+    // its filter would otherwise check with a registry lookup at each poll of each run while
+    // live export keeps the spans (see `SkipEnterExit`).
+    let fmt = if log_wants_steps {
+        fmt
+    } else {
+        Box::new(SkipEnterExit(fmt))
+    };
+    (fmt, log_wants_steps)
 }
 
 /// Writes each `cairn::metrics` event as one JSON line.
@@ -266,5 +281,124 @@ where
         }
         // SAFETY: forwarded to the wrapped layer, whose own contract holds.
         unsafe { self.0.downcast_raw(id) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tracing::span::{Attributes, Id};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// What the log wrote.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Buf {
+        type Writer = Buf;
+        fn make_writer(&'w self) -> Buf {
+            self.clone()
+        }
+    }
+
+    /// Counts the spans made and the events seen, for any layer beside the log.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+    impl<S: Subscriber> Layer<S> for Seen {
+        fn on_new_span(&self, _: &Attributes<'_>, _: &Id, _: Context<'_, S>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn on_event(&self, _: &Event<'_>, _: Context<'_, S>) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Logs a step span with an INFO and a WARN event inside, a metrics event and an attempt
+    /// event under a log filtered by `filter`, beside another layer; returns the log's text and
+    /// what the other layer saw (spans, events).
+    fn logged(filter: &str) -> (String, usize, usize) {
+        let buf = Buf::default();
+        let (log, _) = log_layer(LogFormat::Human, EnvFilter::new(filter), false, buf.clone());
+        let seen = Seen::default();
+        let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![log, Box::new(seen.clone())];
+        let subscriber = tracing_subscriber::registry().with(layers);
+        tracing::subscriber::with_default(subscriber, || {
+            let span =
+                tracing::info_span!(target: "cairn_engine::context", "step", cairn.step_name = "s");
+            {
+                let _e = span.enter();
+                tracing::info!(target: "cairn_engine::context", "an info line");
+                tracing::warn!(target: "cairn_engine::context", "a warning line");
+            }
+            drop(span);
+            tracing::info!(target: METRICS_TARGET, "agent_call");
+            tracing::info!(target: cairn_engine::ATTEMPT_TARGET, "attempt");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (
+            text,
+            seen.0.load(Ordering::Relaxed),
+            seen.1.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Regression for the log that skips span enters and exits (`SkipEnterExit` forwards the
+    /// per-layer filter's plumbing): at `warn` the log shows the warning and nothing else, while
+    /// another layer still gets every span and event; at INFO it
+    /// shows the span's closing line too. Metrics and attempt events never reach the log.
+    #[test]
+    fn the_log_filters_by_itself_and_leaves_spans_to_the_other_layers() {
+        let (text, spans, events) = logged("warn");
+        assert!(text.contains("a warning line"), "{text}");
+        assert!(!text.contains("an info line"), "{text}");
+        assert!(!text.contains("close"), "{text}");
+        assert!(
+            !text.contains("agent_call") && !text.contains("attempt"),
+            "{text}"
+        );
+        assert_eq!((spans, events), (1, 4));
+
+        // Alone, the log makes no span it does not show: with telemetry off, the engine's INFO
+        // spans cost a cached check, not a registry span.
+        let (log, _) = log_layer(
+            LogFormat::Human,
+            EnvFilter::new("warn"),
+            false,
+            Buf::default(),
+        );
+        let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![log];
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layers), || {
+            let span = tracing::info_span!(target: "cairn_engine::context", "step");
+            assert!(span.is_disabled());
+            let warn = tracing::warn_span!(target: "cairn_engine::context", "shown");
+            assert!(!warn.is_disabled());
+        });
+
+        let (text, spans, events) = logged("info");
+        assert!(
+            text.contains("an info line") && text.contains("a warning line"),
+            "{text}"
+        );
+        assert!(text.contains("close"), "the span's closing line: {text}");
+        assert!(
+            !text.contains("agent_call") && !text.contains("attempt"),
+            "{text}"
+        );
+        assert_eq!((spans, events), (1, 4));
     }
 }
