@@ -102,7 +102,7 @@ fn probe_span(run: cairn_storage::RunId) {
     );
     drop(span.enter());
     // As the engine does when no layer took the span: one event measures the attempt.
-    if span.is_disabled() && tracing::enabled!(target: ATTEMPT_TARGET, tracing::Level::INFO) {
+    if span.is_disabled() && tracing::level_enabled!(tracing::Level::INFO) {
         tracing::event!(
             target: ATTEMPT_TARGET,
             tracing::Level::INFO,

@@ -165,3 +165,66 @@ fn json_logs_on_stderr_carry_the_run_span() {
     // The metrics events stay out of the log.
     assert!(!stderr.contains("agent_call"), "{stderr}");
 }
+
+/// A failed step attempt's warning names its run, its position and its step, whether the
+/// attempt had a span (the log shows INFO spans, or the run is exported) or not (the default
+/// log, or a run the live export leaves out, where no `step` span is made at all).
+#[test]
+fn a_failed_attempts_warning_names_the_run_and_the_step_in_every_setup() {
+    // RUST_LOG, flags, environment.
+    type Setup = (
+        &'static str,
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+    );
+    let setups: [Setup; 4] = [
+        ("warn", &[], &[]),
+        (
+            "warn",
+            &["--otel-discard"],
+            &[("OTEL_TRACES_SAMPLER", "always_off")],
+        ),
+        (
+            "warn",
+            &["--otel-discard"],
+            &[("OTEL_TRACES_SAMPLER", "always_on")],
+        ),
+        ("info", &[], &[]),
+    ];
+    for (rust_log, flags, vars) in setups {
+        let dir = tempfile::tempdir().unwrap();
+        let input = json!({
+            "failures": 1, "backoff_ms": 1,
+            "attempts_file": dir.path().join("attempts").to_str().unwrap(),
+        })
+        .to_string();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        c.arg("--store").arg(dir.path().join("s.redb")).args(flags);
+        c.args(["start", "flaky", "--input", &input]);
+        c.env_remove("CAIRN_STORE")
+            .env("RUST_LOG", rust_log)
+            .envs(vars.iter().copied());
+        let out = c.output().expect("run cairn");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let setup = format!("RUST_LOG={rust_log} {flags:?} {vars:?}");
+        assert!(out.status.success(), "{setup}: {stderr}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let run = stdout
+            .split_whitespace()
+            .find(|w| w.len() == 26 && w.chars().all(|c| c.is_ascii_alphanumeric()))
+            .unwrap_or_else(|| panic!("no run id in {stdout}"));
+        let warning = stderr
+            .lines()
+            .find(|l| l.contains("step attempt failed"))
+            .unwrap_or_else(|| panic!("{setup}: no warning in {stderr}"));
+        for part in [run, "cairn.step_path=0", "cairn.step_name=call", "503"] {
+            assert!(warning.contains(part), "{setup}: {part} not in {warning}");
+        }
+        // At INFO the log shows each span closing; at WARN it shows none.
+        assert_eq!(
+            stderr.contains("close"),
+            rust_log == "info",
+            "{setup}: {stderr}"
+        );
+    }
+}

@@ -571,8 +571,11 @@ impl WorkflowContext {
             // No subscriber wanted the span (telemetry off, or a run not sampled for export):
             // the attempt is still measured, by one event that costs nothing unless a
             // metrics layer listens (see [`ATTEMPT_TARGET`]).
-            let measured_by_event = span.is_disabled()
-                && tracing::enabled!(target: ATTEMPT_TARGET, tracing::Level::INFO);
+            // (`level_enabled!`, not `enabled!`: asking a subscriber with per-layer filters
+            // about a callsite leaves their verdict behind for the next event of this thread,
+            // which then vanished from the log: the warning below, for one.)
+            let measured_by_event =
+                span.is_disabled() && tracing::level_enabled!(tracing::Level::INFO);
             let metric_name = measured_by_event.then(|| name.clone());
             let max_bytes = shared.store.max_payload_bytes();
             let outcome = outcome.and_then(|v| {
@@ -623,12 +626,10 @@ impl WorkflowContext {
                     span.record("otel.status_code", "ERROR");
                     span.record("exception.message", e.message());
                     span.record("cairn.step.will_retry", retry_at_us.is_some());
-                    if span.is_disabled() {
-                        // No step span to give the log line its context: it says which step.
-                        tracing::warn!(cairn.run_id = %shared.run_id, cairn.step_path = %path, cairn.step_name = %name, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
-                    } else {
-                        tracing::warn!(parent: span, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
-                    }
+                    // The line says which step itself: a log that shows no INFO spans (the
+                    // default) gives it no span context, and a run the export leaves out has no
+                    // step span at all.
+                    tracing::warn!(parent: span, cairn.run_id = %shared.run_id, cairn.step_path = %path, cairn.step_name = %name, error = e.message(), retryable = e.is_retryable(), will_retry = retry_at_us.is_some(), "step attempt failed");
                     shared
                         .record(Event::StepFailed {
                             path: path.clone(),

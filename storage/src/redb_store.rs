@@ -1878,6 +1878,29 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_streak_of_lone_ops_commits_on_the_callers_thread() {
+        // Regression for a flaky integration test: after concurrent work (streak reset), a
+        // short run of lone appends goes to the writer thread, and only from the
+        // `LEADER_STREAK`-th on does the caller commit itself.
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let id = RunId::new();
+        store.create_run(new_run(id), vec![]).await.unwrap();
+        let shared = store.inner.shared.as_ref().unwrap();
+        shared.alone_streak.store(0, Ordering::Relaxed);
+        let before = store.writer_stats();
+        for _ in 0..LEADER_STREAK - 1 {
+            store.append(id, vec![ev("x")], None).await.unwrap();
+        }
+        assert_eq!(store.writer_stats().leader_commits, before.leader_commits);
+        for _ in 0..50 {
+            store.append(id, vec![ev("y")], None).await.unwrap();
+        }
+        // Not every one of them: the writer thread may hold its lock for a checkpoint.
+        assert!(store.writer_stats().leader_commits > before.leader_commits);
+    }
+
     #[tokio::test]
     async fn a_failed_apply_is_redone_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
