@@ -569,8 +569,7 @@ impl WorkflowContext {
             };
             let span = in_span.span();
             // No subscriber wanted the span (telemetry off, or a run not sampled for export):
-            // the attempt is still measured, by one event that costs nothing unless a
-            // metrics layer listens (see [`ATTEMPT_TARGET`]).
+            // the attempt is still measured, by one event (see [`ATTEMPT_TARGET`]).
             // (`level_enabled!`, not `enabled!`: asking a subscriber with per-layer filters
             // about a callsite leaves their verdict behind for the next event of this thread,
             // which then vanished from the log: the warning below, for one.)
@@ -909,7 +908,8 @@ fn truncate(s: &str, max_chars: usize) -> String {
 
 /// The target of the event that measures a step attempt whose `step` span no subscriber took
 /// (a run not sampled for live export): the live metrics read it instead of the span. It is
-/// emitted only when some layer listens to it, and never shown in the logs.
+/// built only when the process's maximum log level lets INFO through (with telemetry off and
+/// the default log it is not), and the stderr log never shows it.
 pub const ATTEMPT_TARGET: &str = "cairn_engine::attempt";
 
 /// Emits the measurement of a step attempt that started at `started_us` and ended now.

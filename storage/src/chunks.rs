@@ -89,6 +89,11 @@ impl Pending {
         Ok(())
     }
 
+    /// Whether `run` has a chunk being filled.
+    pub(crate) fn is_open(&self, run: u128) -> bool {
+        self.runs.contains_key(&run)
+    }
+
     /// Inserts `run`'s open chunk, if it has one: the run stopped appending (it finished or
     /// parked), so its chunk is whole, and inserting it now, on the apply thread, leaves less
     /// for the checkpoint, which holds up the writer.

@@ -1622,7 +1622,8 @@ impl Drop for Writer {
 }
 
 /// An open write transaction and the events applied to it that wait in chunks (inserted when
-/// the transaction is committed, or when a chunk fills: `chunks.rs`).
+/// a chunk fills, when its run parks or finishes, or when the transaction is committed:
+/// `chunks.rs`).
 struct OpenTxn {
     txn: redb::WriteTransaction,
     pending: Pending,
@@ -1657,6 +1658,7 @@ fn apply(open: &mut OpenTxn, changes: &[Change]) -> Result<(), StoreError> {
                 // A run that finished or parked appends nothing for a while: its chunk is
                 // whole (its events come before this change).
                 if *present
+                    && pending.is_open(*run)
                     && RunStatus::from_code(*code)
                         .is_some_and(|s| s.is_terminal() || s == RunStatus::Waiting)
                 {
