@@ -556,9 +556,12 @@ struct SpanLayer {
     metrics: Option<crate::otel_metrics::SpanMetrics>,
     sampling: Arc<Sampling>,
     /// Whether a `step` span of a trace that is not exported is not made at all (no other
-    /// layer wants it): the engine then measures the attempt with one event instead
-    /// ([`cairn_engine::ATTEMPT_TARGET`]), which costs a fraction of a span in the registry.
+    /// layer wants it): the engine then hands the attempt to [`SpanLayer::meter`] instead,
+    /// which costs a fraction of a span in the registry.
     skip_unsampled_steps: bool,
+    /// What measures the step attempts that had no span (when metrics are on): offered to the
+    /// engine through [`Layer::downcast_raw`]; it queues the attempt for the export thread.
+    meter: Option<cairn_engine::StepMeter>,
 }
 
 /// The span of a trace that is not exported: when it opened and what the metrics read, if it is
@@ -652,14 +655,26 @@ where
     // Asked only for callsites some layer found `sometimes` interesting. Whatever this layer
     // does not take part in is left to the others (`true`): `false` would veto it for all.
     fn enabled(&self, meta: &Metadata<'_>, ctx: LayerContext<'_, S>) -> bool {
-        // A step attempt of a run not exported: no span (the step's metrics come from the
-        // engine's attempt event). Every span of such a run carries `Unsampled`, so the
-        // current one tells.
+        // A step attempt of a run not exported: no span (the engine hands the attempt to
+        // `meter`). Every span of such a run carries `Unsampled`, so the current one tells.
         !(self.skips(meta)
             && is_cairn(meta)
             && ctx
                 .lookup_current()
                 .is_some_and(|cur| cur.extensions().get::<Unsampled>().is_some()))
+    }
+
+    // The engine finds the meter here (as tracing-opentelemetry's `WithContext`).
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            Some(self as *const Self as *const ())
+        } else if id == std::any::TypeId::of::<cairn_engine::StepMeter>() {
+            self.meter
+                .as_ref()
+                .map(|m| m as *const cairn_engine::StepMeter as *const ())
+        } else {
+            None
+        }
     }
 
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
@@ -762,22 +777,6 @@ where
 
     fn on_event(&self, event: &tracing::Event<'_>, ctx: LayerContext<'_, S>) {
         if !is_cairn(event.metadata()) {
-            return;
-        }
-        if event.metadata().target() == cairn_engine::ATTEMPT_TARGET {
-            // A step attempt that had no span: its metrics, like an unsampled span's.
-            if let Some(m) = &self.metrics {
-                let mut a = crate::otel_metrics::AttemptRec::default();
-                event.record(&mut a);
-                let (rec, secs) = (MetricRec::Step(a.step), a.secs);
-                if let Some(Ended::Metric { rec, kind, secs }) = self.queue.push(Ended::Metric {
-                    rec,
-                    kind: "step",
-                    secs,
-                }) {
-                    rec.record(m, kind, secs);
-                }
-            }
             return;
         }
         let Some(span) = ctx.event_span(event) else {
@@ -941,13 +940,20 @@ fn into_span_data(
 /// capacity while the export thread waits for a core is copied whole, under the lock.
 struct Queue {
     spans: Mutex<Chunks>,
-    /// Wakes the export thread: a batch is full, a flush is asked for, or the end.
+    /// Wakes the export thread: a batch of spans is full, the queue is three quarters full, a
+    /// flush is asked for, or the end.
     wake: Condvar,
     /// The most spans waiting at once; more are dropped (and the metrics of spans not
     /// exported are recorded by the thread that ended them).
     max: usize,
     /// Spans per export request.
     batch: usize,
+    /// Entries queued that wake the export thread whatever they are (three quarters of
+    /// [`Queue::max`]). Metric records of runs not exported (one per step) do not count
+    /// toward a batch: they wait for the timer or for this, so that a busy process wakes the
+    /// export thread a few times a second, not after every `batch` steps (each wake took a
+    /// core from the workflows: `many` lost about 10% to them).
+    wake_len: usize,
     /// The longest an ended span waits before its batch is sent.
     delay: Duration,
     /// Set at shutdown: the thread sends what is left and stops.
@@ -964,8 +970,18 @@ const CHUNKS_FREE_MAX: usize = 64;
 #[derive(Default)]
 struct Chunks {
     full: Vec<Vec<Ended>>,
+    /// Entries queued.
     len: usize,
+    /// Of which spans to export.
+    spans: usize,
     free: Vec<Vec<Ended>>,
+}
+
+impl Chunks {
+    /// Whether the export thread has enough to do to be woken.
+    fn due(&self, q: &Queue) -> bool {
+        self.spans >= q.batch || self.len >= q.wake_len
+    }
 }
 
 impl Queue {
@@ -979,11 +995,13 @@ impl Queue {
             let c = q.free.pop().unwrap_or_else(|| Vec::with_capacity(CHUNK));
             q.full.push(c);
         }
+        let (was_due, is_span) = (q.due(self), matches!(span, Ended::Span(_)));
         q.full.last_mut().expect("a chunk").push(span);
         q.len += 1;
-        let full = q.len == self.batch;
+        q.spans += usize::from(is_span);
+        let wake = !was_due && q.due(self);
         drop(q);
-        if full {
+        if wake {
             self.wake.notify_one();
         }
         None
@@ -993,6 +1011,7 @@ impl Queue {
     fn take(&self) -> Vec<Vec<Ended>> {
         let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
         q.len = 0;
+        q.spans = 0;
         std::mem::take(&mut q.full)
     }
 
@@ -1087,7 +1106,7 @@ fn export_loop(queue: Arc<Queue>, drain: Arc<dyn Drain>, done: std::sync::mpsc::
             let (q, _) = queue
                 .wake
                 .wait_timeout_while(q, queue.delay, |q| {
-                    q.len < queue.batch && !queue.closing.load(Ordering::Relaxed)
+                    !q.due(&queue) && !queue.closing.load(Ordering::Relaxed)
                 })
                 .unwrap_or_else(|p| p.into_inner());
             drop(q);
@@ -1380,6 +1399,7 @@ impl Pipeline {
             wake: Condvar::new(),
             max,
             batch,
+            wake_len: (max - max / 4).max(1),
             delay,
             closing: AtomicBool::new(false),
             stats: Arc::clone(&stats),
@@ -1431,8 +1451,9 @@ impl Pipeline {
     /// span's fields and queues it when it closes; the export thread derives the metrics and
     /// builds and sends the OpenTelemetry span.
     ///
-    /// The `step` spans of a run not exported are not made (the engine measures those attempts
-    /// with an event); see [`Pipeline::layer_beside`] when another layer wants them.
+    /// The `step` spans of a run not exported are not made (the engine hands those attempts to
+    /// the layer's [`cairn_engine::StepMeter`]); see [`Pipeline::layer_beside`] when another
+    /// layer wants them.
     pub fn layer<S>(&self) -> Box<dyn Layer<S> + Send + Sync>
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
@@ -1447,11 +1468,30 @@ impl Pipeline {
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     {
+        let meter = self.span_metrics.clone().map(|metrics| {
+            let queue = Arc::clone(&self.queue);
+            cairn_engine::StepMeter::new(move |a| {
+                let rec = MetricRec::Step(crate::otel_metrics::StepRec {
+                    name: Some(crate::otel_metrics::intern_label(a.step_name)),
+                    failed: a.failed,
+                    will_retry: a.will_retry,
+                });
+                if let Some(Ended::Metric { rec, kind, secs }) = queue.push(Ended::Metric {
+                    rec,
+                    kind: "step",
+                    secs: a.secs,
+                }) {
+                    // The queue is full: counted here rather than lost.
+                    rec.record(&metrics, kind, secs);
+                }
+            })
+        });
         Box::new(SpanLayer {
             queue: Arc::clone(&self.queue),
             metrics: self.span_metrics.clone(),
             sampling: Arc::clone(&self.sampling),
             skip_unsampled_steps: !steps_wanted_elsewhere,
+            meter,
         })
     }
 
@@ -2427,5 +2467,64 @@ mod tests {
             "{warning}"
         );
         assert_eq!(p.stats().dropped(), 10);
+    }
+
+    #[test]
+    fn metric_records_wake_the_export_thread_only_when_the_queue_fills() {
+        let queue = Queue {
+            spans: Mutex::new(Chunks::default()),
+            wake: Condvar::new(),
+            max: 8,
+            batch: 2,
+            wake_len: 6,
+            delay: Duration::from_secs(1),
+            closing: AtomicBool::new(false),
+            stats: Arc::default(),
+        };
+        let metric = || Ended::Metric {
+            rec: MetricRec::Step(Default::default()),
+            kind: "step",
+            secs: 0.0,
+        };
+        let due = |q: &Queue| q.spans.lock().unwrap().due(q);
+        // Metric records (a step of a run not exported) wait for the timer...
+        for _ in 0..5 {
+            assert!(queue.push(metric()).is_none());
+            assert!(!due(&queue));
+        }
+        // ...or for the queue three quarters full.
+        assert!(queue.push(metric()).is_none());
+        assert!(due(&queue));
+        assert_eq!(queue.take().iter().map(Vec::len).sum::<usize>(), 6);
+        assert!(!due(&queue));
+        // A batch of spans to export is due at once, whatever else waits.
+        let span = || {
+            Ended::Span(Box::new(SpanEnd {
+                live: LiveSpan {
+                    trace_id: TraceId::INVALID,
+                    span_id: SpanId::INVALID,
+                    parent_span_id: SpanId::INVALID,
+                    name: Cow::Borrowed("step"),
+                    kind: SpanKind::Internal,
+                    start_time: SystemTime::now(),
+                    attributes: Vec::new(),
+                    events: Vec::new(),
+                    status: Status::Unset,
+                },
+                end_time: SystemTime::now(),
+                kind: "step",
+            }))
+        };
+        assert!(queue.push(metric()).is_none());
+        assert!(queue.push(span()).is_none());
+        assert!(!due(&queue));
+        assert!(queue.push(span()).is_none());
+        assert!(due(&queue));
+        // Beyond the most it holds, an entry is given back (its metrics are then recorded by
+        // the thread that ended it).
+        for _ in 0..5 {
+            assert!(queue.push(metric()).is_none());
+        }
+        assert!(queue.push(metric()).is_some());
     }
 }

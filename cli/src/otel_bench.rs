@@ -10,7 +10,6 @@
 //! figure stands on. Modes are interleaved, in a rotating order, for a number of rounds;
 //! figures are medians. Then an in-process probe times one span on the emitting thread.
 
-use cairn_engine::ATTEMPT_TARGET;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -80,8 +79,8 @@ pub struct SpanCost {
     /// before the export thread recorded them; for comparison), in nanoseconds.
     pub metrics_ns: f64,
     /// With the span layer, a step attempt of a run the sampler left out: no span is made, the
-    /// attempt is one `cairn_engine::attempt` event (metrics only), in nanoseconds (the whole
-    /// cost, not an addition to the registry's).
+    /// attempt goes to the layer's step meter (metrics only), in nanoseconds (the whole cost,
+    /// not an addition to the registry's).
     pub unsampled_ns: f64,
 }
 
@@ -101,16 +100,12 @@ fn probe_span(run: cairn_storage::RunId) {
         cairn.step.will_retry = tracing::field::Empty,
     );
     drop(span.enter());
-    // As the engine does when no layer took the span: one event measures the attempt.
-    if span.is_disabled() && tracing::level_enabled!(tracing::Level::INFO) {
-        tracing::event!(
-            target: ATTEMPT_TARGET,
-            tracing::Level::INFO,
-            "cairn.step_name" = "step",
-            "cairn.secs" = 0.000_1,
-            "cairn.failed" = false,
-            "cairn.step.will_retry" = false,
-        );
+    // As the engine does when no layer took the span: the subscriber's meter measures the
+    // attempt.
+    if span.is_disabled() {
+        cairn_engine::StepMeter::record_current(&cairn_engine::StepAttempt::new(
+            "step", 0.000_1, false, false,
+        ));
     }
 }
 
@@ -441,7 +436,7 @@ pub fn rows(r: &TelemetryResult) -> Vec<[String; 3]> {
         "telemetry span cost".to_string(),
         format!("{:.2} µs per span", (c.spans_ns - c.registry_ns) / 1000.0),
         format!(
-            "on the emitting thread, one step-like span, in this process:\nregistry {:.2} µs · + exported span {:.2} µs · + metrics layer {:.2} µs · a step of a run not sampled (no span: one attempt event) {:.2} µs\n(the export thread's work comes on top)",
+            "on the emitting thread, one step-like span, in this process:\nregistry {:.2} µs · + exported span {:.2} µs · + metrics layer {:.2} µs · a step of a run not sampled (no span: the step meter) {:.2} µs\n(the export thread's work comes on top)",
             c.registry_ns / 1000.0,
             (c.spans_ns - c.registry_ns) / 1000.0,
             (c.metrics_ns - c.registry_ns) / 1000.0,

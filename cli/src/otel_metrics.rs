@@ -8,7 +8,11 @@
 
 use std::time::Instant;
 
-use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
+use std::sync::{Arc, Mutex};
+
+use opentelemetry::metrics::{
+    BoundCounter, BoundHistogram, Counter, Histogram, Meter, UpDownCounter,
+};
 use opentelemetry::{KeyValue, StringValue, Value};
 use tracing::Subscriber;
 use tracing::field::{Field, Visit};
@@ -60,6 +64,21 @@ pub struct SpanMetrics {
     tool_duration: Histogram<f64>,
     branches: Counter<u64>,
     branches_active: UpDownCounter<i64>,
+    /// `step_duration` (and `step_retries`) bound to each step name and outcome seen, so that
+    /// recording a step attempt skips the SDK's lookup of its attribute set (a SipHash of the
+    /// attributes: about 1,100 instructions of the export thread per step).
+    bound_steps: Arc<Mutex<rustc_hash::FxHashMap<BoundKey, BoundStep>>>,
+}
+
+/// A step name kept for the life of the process (its address and length) and whether the
+/// attempt failed.
+type BoundKey = (usize, usize, bool);
+
+/// The step instruments bound to one step name and outcome.
+struct BoundStep {
+    duration: BoundHistogram<f64>,
+    /// Bound at the first retry (a bound counter is a series even before it counts).
+    retries: Option<BoundCounter<u64>>,
 }
 
 impl SpanMetrics {
@@ -149,6 +168,7 @@ impl SpanMetrics {
                 .with_unit("{branch}")
                 .with_description("Fan-out branches running now.")
                 .build(),
+            bound_steps: Arc::default(),
         }
     }
 
@@ -273,7 +293,7 @@ impl SpanMetrics {
 #[derive(Default)]
 pub(crate) struct StepRec {
     /// `cairn.step_name`.
-    pub(crate) name: Option<StringValue>,
+    pub(crate) name: Option<Label>,
     /// `otel.status_code = "ERROR"` was recorded.
     pub(crate) failed: bool,
     /// `cairn.step.will_retry = true` was recorded.
@@ -288,63 +308,64 @@ impl Visit for StepRec {
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "cairn.step_name" => self.name = Some(intern(value)),
+            "cairn.step_name" => self.name = Some(intern_label(value)),
             "otel.status_code" => self.failed = value == "ERROR",
             _ => {}
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if field.name() == "cairn.step_name" {
-            self.name = Some(intern_debug(value));
+            self.name = Some(intern_debug_label(value));
         }
-    }
-}
-
-/// What the metrics read of a step attempt measured by the engine's attempt event
-/// ([`cairn_engine::ATTEMPT_TARGET`]) instead of a span.
-#[derive(Default)]
-pub(crate) struct AttemptRec {
-    pub(crate) step: StepRec,
-    /// How long the attempt took (`cairn.secs`).
-    pub(crate) secs: f64,
-}
-
-impl Visit for AttemptRec {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        if field.name() == "cairn.secs" {
-            self.secs = value;
-        }
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        match field.name() {
-            "cairn.failed" => self.step.failed = value,
-            _ => self.step.record_bool(field, value),
-        }
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.step.record_str(field, value);
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.step.record_debug(field, value);
     }
 }
 
 impl SpanMetrics {
-    /// Records a step attempt of a run that is not exported.
+    /// Records a step attempt of a run that is not exported (the export thread's call, once
+    /// per step: through instruments bound to the step's name and outcome).
     pub(crate) fn record_step(&self, rec: &StepRec, secs: f64) {
-        let step = KeyValue::new(
-            "cairn.step_name",
-            rec.name.clone().unwrap_or_else(|| "".into()),
-        );
+        let name = match &rec.name {
+            Some(Label::Kept(s)) => *s,
+            // A label beyond the kept ones (or none): the SDK looks its attributes up.
+            other => {
+                let name = match other {
+                    Some(Label::Shared(v)) => v.clone(),
+                    _ => StringValue::from(""),
+                };
+                let step = KeyValue::new("cairn.step_name", name);
+                if rec.will_retry {
+                    self.step_retries.add(1, std::slice::from_ref(&step));
+                }
+                self.step_duration
+                    .record(secs, &[step, outcome_kv(rec.failed)]);
+                return;
+            }
+        };
+        let mut bound = self.bound_steps.lock().unwrap_or_else(|p| p.into_inner());
+        let b = bound
+            .entry((name.as_ptr() as usize, name.len(), rec.failed))
+            .or_insert_with(|| BoundStep {
+                duration: self.step_duration.bind(&[
+                    KeyValue::new("cairn.step_name", name),
+                    outcome_kv(rec.failed),
+                ]),
+                retries: None,
+            });
         if rec.will_retry {
-            self.step_retries.add(1, std::slice::from_ref(&step));
+            b.retries
+                .get_or_insert_with(|| {
+                    self.step_retries
+                        .bind(&[KeyValue::new("cairn.step_name", name)])
+                })
+                .add(1);
         }
-        let outcome = KeyValue::new(
-            "cairn.outcome",
-            if rec.failed { "failed" } else { "succeeded" },
-        );
-        self.step_duration.record(secs, &[step, outcome]);
+        b.duration.record(secs);
     }
+}
+
+/// The `cairn.outcome` attribute.
+fn outcome_kv(failed: bool) -> KeyValue {
+    KeyValue::new("cairn.outcome", if failed { "failed" } else { "succeeded" })
 }
 
 /// Whether spans of this name are measured.
@@ -467,14 +488,31 @@ const INTERNED_MAX: usize = 4_096;
 const LEAKED_MAX: usize = 16_384;
 
 /// The label strings kept for the life of the process (see [`intern`]).
-static LEAKED: std::sync::Mutex<Option<std::collections::HashSet<&'static str>>> =
+static LEAKED: std::sync::Mutex<Option<rustc_hash::FxHashSet<&'static str>>> =
     std::sync::Mutex::new(None);
 
 thread_local! {
     /// This thread's cache of interned metric labels (step names, workflows, models,
     /// statuses: few distinct values, seen once per span), and a buffer to format them in.
-    static INTERNED: std::cell::RefCell<(std::collections::HashSet<&'static str>, String)> =
-        std::cell::RefCell::new((std::collections::HashSet::new(), String::new()));
+    static INTERNED: std::cell::RefCell<(rustc_hash::FxHashSet<&'static str>, String)> =
+        std::cell::RefCell::new((rustc_hash::FxHashSet::default(), String::new()));
+}
+
+/// A metric label: kept for the life of the process (the usual case), or a shared copy.
+pub(crate) enum Label {
+    /// Kept for the life of the process: the same address each time the same text is seen.
+    Kept(&'static str),
+    /// Beyond the [`LEAKED_MAX`] kept labels.
+    Shared(StringValue),
+}
+
+impl From<Label> for StringValue {
+    fn from(l: Label) -> StringValue {
+        match l {
+            Label::Kept(s) => StringValue::from(s),
+            Label::Shared(v) => v,
+        }
+    }
 }
 
 /// `value` as a label: a `&'static str` kept for the life of the process, the same each time
@@ -483,35 +521,45 @@ thread_local! {
 /// count moved between the cores at every step). At most [`LEAKED_MAX`] distinct labels are
 /// kept (step names are the workflow's own: a bounded set); further ones are `Arc` copies.
 pub(crate) fn intern(value: &str) -> StringValue {
+    intern_label(value).into()
+}
+
+/// [`intern`], saying whether the label is kept.
+pub(crate) fn intern_label(value: &str) -> Label {
     INTERNED
         .try_with(|t| {
             let Ok(mut t) = t.try_borrow_mut() else {
-                return StringValue::from(value.to_string());
+                return Label::Shared(StringValue::from(value.to_string()));
             };
             intern_in(&mut t.0, value)
         })
-        .unwrap_or_else(|_| StringValue::from(value.to_string()))
+        .unwrap_or_else(|_| Label::Shared(StringValue::from(value.to_string())))
 }
 
 /// A `Debug` (or `%` `Display`) field value, formatted into a reused buffer and interned.
 pub(crate) fn intern_debug(value: &dyn std::fmt::Debug) -> StringValue {
+    intern_debug_label(value).into()
+}
+
+/// [`intern_debug`], saying whether the label is kept.
+pub(crate) fn intern_debug_label(value: &dyn std::fmt::Debug) -> Label {
     use std::fmt::Write as _;
     INTERNED
         .try_with(|t| {
             let Ok(mut t) = t.try_borrow_mut() else {
-                return StringValue::from(format!("{value:?}"));
+                return Label::Shared(StringValue::from(format!("{value:?}")));
             };
             let (set, buf) = &mut *t;
             buf.clear();
             let _ = write!(buf, "{value:?}");
             intern_in(set, buf)
         })
-        .unwrap_or_else(|_| StringValue::from(format!("{value:?}")))
+        .unwrap_or_else(|_| Label::Shared(StringValue::from(format!("{value:?}"))))
 }
 
-fn intern_in(cache: &mut std::collections::HashSet<&'static str>, value: &str) -> StringValue {
+fn intern_in(cache: &mut rustc_hash::FxHashSet<&'static str>, value: &str) -> Label {
     if let Some(s) = cache.get(value) {
-        return StringValue::from(*s);
+        return Label::Kept(s);
     }
     let kept = {
         let mut all = LEAKED.lock().unwrap_or_else(|p| p.into_inner());
@@ -527,13 +575,13 @@ fn intern_in(cache: &mut std::collections::HashSet<&'static str>, value: &str) -
         }
     };
     let Some(s) = kept else {
-        return StringValue::from(std::sync::Arc::<str>::from(value));
+        return Label::Shared(StringValue::from(std::sync::Arc::<str>::from(value)));
     };
     if cache.len() >= INTERNED_MAX {
         cache.clear();
     }
     cache.insert(s);
-    StringValue::from(s)
+    Label::Kept(s)
 }
 
 impl<S> Layer<S> for SpanMetrics

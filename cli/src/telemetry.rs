@@ -99,8 +99,7 @@ where
         .max_level_hint()
         .is_none_or(|max| max >= LevelFilter::INFO);
     // The metrics events are not log lines.
-    let not_metrics =
-        filter_fn(|m| m.target() != METRICS_TARGET && m.target() != cairn_engine::ATTEMPT_TARGET);
+    let not_metrics = filter_fn(|m| m.target() != METRICS_TARGET);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         // A line when a span closes, with its fields and timing: a live view of runs, steps,

@@ -48,7 +48,21 @@ pub(crate) struct RunShared {
     /// Checking a history: nothing may execute or be recorded; reaching an operation the
     /// history does not have ends the check (`Interrupt::EndOfHistory`).
     pub(crate) check_only: bool,
+    /// Whether this run's step attempts get a `step` span, or else are handed to the
+    /// subscriber's [`crate::StepMeter`]: unknown until the first attempt, then the
+    /// subscriber's answer for it, which holds for the run's later attempts (the sampler decides
+    /// once per run). Asking the subscriber again at every step cost about 750 instructions.
+    pub(crate) step_spans: std::sync::atomic::AtomicU8,
+    /// The subscriber's meter, found at the first attempt that had no span.
+    pub(crate) meter: std::sync::OnceLock<crate::StepMeter>,
 }
+
+/// [`RunShared::step_spans`]: the subscriber wanted the first step span.
+const STEP_SPANS_YES: u8 = 1;
+/// [`RunShared::step_spans`]: no span; attempts go to the subscriber's meter.
+const STEP_SPANS_METERED: u8 = 2;
+/// [`RunShared::step_spans`]: no span and no meter (telemetry off).
+const STEP_SPANS_NONE: u8 = 3;
 
 pub(crate) struct LiveState {
     pub(crate) run: RunState,
@@ -526,17 +540,35 @@ impl WorkflowContext {
                 (None, Some(left)) => (Some(from_micros(left)), true),
                 (None, None) => (None, false),
             };
-            // One span per executed attempt (replayed steps return above and cost nothing).
-            let span = tracing::info_span!(
-                "step",
-                cairn.run_id = %shared.run_id,
-                cairn.step_path = %path,
-                cairn.step_name = %name,
-                cairn.attempt = i64::from(attempt),
-                otel.status_code = tracing::field::Empty,
-                exception.message = tracing::field::Empty,
-                cairn.step.will_retry = tracing::field::Empty,
-            );
+            // One span per executed attempt (replayed steps return above and cost nothing),
+            // unless the subscriber wanted none for this run's first attempt.
+            let spans = shared.step_spans.load(Ordering::Relaxed);
+            let span = if spans >= STEP_SPANS_METERED {
+                tracing::Span::none()
+            } else {
+                let span = tracing::info_span!(
+                    "step",
+                    cairn.run_id = %shared.run_id,
+                    cairn.step_path = %path,
+                    cairn.step_name = %name,
+                    cairn.attempt = i64::from(attempt),
+                    otel.status_code = tracing::field::Empty,
+                    exception.message = tracing::field::Empty,
+                    cairn.step.will_retry = tracing::field::Empty,
+                );
+                if spans == 0 {
+                    let seen = if !span.is_disabled() {
+                        STEP_SPANS_YES
+                    } else if let Some(m) = crate::StepMeter::current() {
+                        let _ = shared.meter.set(m);
+                        STEP_SPANS_METERED
+                    } else {
+                        STEP_SPANS_NONE
+                    };
+                    shared.step_spans.store(seen, Ordering::Relaxed);
+                }
+                span
+            };
             let attempt_fut = span.in_scope(&mut f);
             let run = async {
                 match limit {
@@ -568,14 +600,10 @@ impl WorkflowContext {
                 r = &mut in_span => r,
             };
             let span = in_span.span();
-            // No subscriber wanted the span (telemetry off, or a run not sampled for export):
-            // the attempt is still measured, by one event (see [`ATTEMPT_TARGET`]).
-            // (`level_enabled!`, not `enabled!`: asking a subscriber with per-layer filters
-            // about a callsite leaves their verdict behind for the next event of this thread,
-            // which then vanished from the log: the warning below, for one.)
-            let measured_by_event =
-                span.is_disabled() && tracing::level_enabled!(tracing::Level::INFO);
-            let metric_name = measured_by_event.then(|| name.clone());
+            // No subscriber wanted the span (a run the live export leaves out): the attempt is
+            // still measured, by the subscriber's meter.
+            let meter = span.is_disabled().then(|| shared.meter.get()).flatten();
+            let metric_name = meter.map(|m| (m, name.clone()));
             let max_bytes = shared.store.max_payload_bytes();
             let outcome = outcome.and_then(|v| {
                 let p = Payload::from_value(&v).map_err(|e| {
@@ -602,8 +630,8 @@ impl WorkflowContext {
                             output,
                         })
                         .await?;
-                    if let Some(n) = &metric_name {
-                        attempt_event(n, started_us, false, false);
+                    if let Some((m, n)) = &metric_name {
+                        meter_attempt(m, n, started_us, false, false);
                     }
                     let mut st = lock(&shared.state);
                     st.last = Some(path);
@@ -639,8 +667,8 @@ impl WorkflowContext {
                             retry_at_us,
                         })
                         .await?;
-                    if let Some(n) = &metric_name {
-                        attempt_event(n, started_us, true, retry_at_us.is_some());
+                    if let Some((m, n)) = &metric_name {
+                        meter_attempt(m, n, started_us, true, retry_at_us.is_some());
                     }
                     match retry_at_us {
                         Some(t) => {
@@ -906,21 +934,14 @@ fn truncate(s: &str, max_chars: usize) -> String {
     }
 }
 
-/// The target of the event that measures a step attempt whose `step` span no subscriber took
-/// (a run not sampled for live export): the live metrics read it instead of the span. It is
-/// built only when the process's maximum log level lets INFO through (with telemetry off and
-/// the default log it is not), and the stderr log never shows it.
-pub const ATTEMPT_TARGET: &str = "cairn_engine::attempt";
-
-/// Emits the measurement of a step attempt that started at `started_us` and ended now.
-fn attempt_event(name: &str, started_us: i64, failed: bool, will_retry: bool) {
+/// Hands a step attempt that started at `started_us` and ended now to the subscriber's meter.
+fn meter_attempt(
+    meter: &crate::StepMeter,
+    name: &str,
+    started_us: i64,
+    failed: bool,
+    will_retry: bool,
+) {
     let secs = (now_micros() - started_us).max(0) as f64 / 1e6;
-    tracing::event!(
-        target: ATTEMPT_TARGET,
-        tracing::Level::INFO,
-        "cairn.step_name" = name,
-        "cairn.secs" = secs,
-        "cairn.failed" = failed,
-        "cairn.step.will_retry" = will_retry,
-    );
+    meter.record(&crate::StepAttempt::new(name, secs, failed, will_retry));
 }

@@ -14,19 +14,21 @@ mod error;
 mod event;
 mod fanout;
 mod fork;
+mod meter;
 mod registry;
 mod retry;
 mod runtime;
 mod state;
 mod waits;
 
-pub use context::{ATTEMPT_TARGET, CompletedStep, WorkflowContext};
+pub use context::{CompletedStep, WorkflowContext};
 pub use error::{EngineError, Interrupt, StepError, WorkflowError};
 pub use event::{DecodeError, Event, Payload, StepPath};
 pub use fanout::{BranchOutcome, FanIn, FanOutOptions, JoinPolicy};
 pub use fork::{
     FORK_EVENTS_LABEL, FORK_POINT_LABEL, FORKED_FROM_LABEL, ForkError, ForkOptions, ForkedRun,
 };
+pub use meter::{StepAttempt, StepMeter};
 pub use registry::Registry;
 pub use retry::{RetryPolicy, StepOptions};
 pub use runtime::{

@@ -5,7 +5,8 @@
 //! the task executing it, or by `cancel` only when no task in this process executes it; so a
 //! run never gets two terminal events.
 
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
@@ -227,7 +228,7 @@ impl Drop for Claim<'_> {
 pub(crate) struct EngineInner {
     store: Arc<dyn EventStore>,
     registry: Registry,
-    active: Mutex<HashMap<RunId, ActiveRun>>,
+    active: Mutex<FxHashMap<RunId, ActiveRun>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     options: EngineOptions,
@@ -268,7 +269,7 @@ impl Engine {
             inner: Arc::new(EngineInner {
                 store,
                 registry,
-                active: Mutex::new(HashMap::new()),
+                active: Mutex::new(FxHashMap::default()),
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 options,
@@ -722,6 +723,8 @@ impl Engine {
             engine: Arc::downgrade(&self.inner),
             suspend_after: self.inner.options.suspend_after,
             check_only: true,
+            step_spans: Default::default(),
+            meter: Default::default(),
         });
         let ctx = WorkflowContext::root(Arc::clone(&shared));
         let root = ctx.clone();
@@ -974,6 +977,8 @@ impl Engine {
             engine: Arc::downgrade(&self.inner),
             suspend_after: self.inner.options.suspend_after,
             check_only: false,
+            step_spans: Default::default(),
+            meter: Default::default(),
         });
         let inner = Arc::clone(&self.inner);
         let slot = if queued { self.request_slot() } else { None };

@@ -7,7 +7,9 @@ use common::{finish, store};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use cairn_engine::{Engine, FanOutOptions, Registry};
+use cairn_engine::{
+    Engine, FanOutOptions, Registry, RetryPolicy, StepAttempt, StepError, StepMeter, StepOptions,
+};
 use cairn_storage::RunStatus;
 use tracing::Subscriber;
 use tracing::field::{Field, Visit};
@@ -115,4 +117,118 @@ async fn a_fan_out_has_a_span_with_a_branch_span_per_branch() {
         assert_eq!(s.fields["cairn.attempt"], "1");
         assert!(s.fields["cairn.step_path"].ends_with(".0"), "{s:?}");
     }
+}
+
+/// Refuses `step` spans (as the export layer does in a run it leaves out) and offers a
+/// [`StepMeter`] that keeps each attempt it is handed.
+struct Metering {
+    meter: StepMeter,
+    refuse_steps: bool,
+}
+
+type Attempts = Arc<Mutex<Vec<(String, bool, bool)>>>;
+
+impl Metering {
+    fn new(refuse_steps: bool) -> (Self, Attempts) {
+        let seen = Attempts::default();
+        let keep = Arc::clone(&seen);
+        let meter = StepMeter::new(move |a: &StepAttempt<'_>| {
+            assert!(a.secs >= 0.0 && a.secs < 60.0, "{a:?}");
+            keep.lock()
+                .unwrap()
+                .push((a.step_name.to_string(), a.failed, a.will_retry));
+        });
+        (
+            Metering {
+                meter,
+                refuse_steps,
+            },
+            seen,
+        )
+    }
+}
+
+impl<S: Subscriber> Layer<S> for Metering {
+    fn enabled(&self, meta: &tracing::Metadata<'_>, _ctx: Context<'_, S>) -> bool {
+        !(self.refuse_steps && meta.is_span() && meta.name() == "step")
+    }
+
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            Some(self as *const Self as *const ())
+        } else if id == std::any::TypeId::of::<StepMeter>() {
+            Some(&self.meter as *const StepMeter as *const ())
+        } else {
+            None
+        }
+    }
+}
+
+/// Two steps, the second failing twice (retryably) before it succeeds.
+fn metered_registry() -> Registry {
+    let mut r = Registry::new();
+    r.register("metered", 1, |ctx, (): ()| async move {
+        ctx.step("first", || async { Ok(1u32) }).await?;
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let opts = StepOptions::retry(
+            RetryPolicy::exponential(5)
+                .with_initial_delay(std::time::Duration::from_millis(1))
+                .with_jitter(false),
+        );
+        ctx.step_with("second", opts, move || {
+            let calls = Arc::clone(&calls);
+            async move {
+                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                    return Err(StepError::retryable("503"));
+                }
+                Ok(2u32)
+            }
+        })
+        .await
+    });
+    r
+}
+
+#[tokio::test]
+async fn attempts_without_a_span_go_to_the_subscribers_meter() {
+    let (layer, seen) = Metering::new(true);
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let (_d, store) = store();
+    let engine = Engine::with_store(store, metered_registry());
+    let out = finish(&engine, "metered", &()).await;
+    assert_eq!(out.status, RunStatus::Completed);
+    let seen = seen.lock().unwrap().clone();
+    let want = [
+        ("first", false, false),
+        ("second", true, true),
+        ("second", true, true),
+        ("second", false, false),
+    ]
+    .map(|(n, f, r)| (n.to_string(), f, r));
+    assert_eq!(seen, want);
+}
+
+#[tokio::test]
+async fn attempts_with_a_span_are_not_metered_twice() {
+    let (layer, seen) = Metering::new(false);
+    let collect = Collect::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(collect.clone()),
+    );
+    let (_d, store) = store();
+    let engine = Engine::with_store(store, metered_registry());
+    let out = finish(&engine, "metered", &()).await;
+    assert_eq!(out.status, RunStatus::Completed);
+    assert!(seen.lock().unwrap().is_empty());
+    tokio::task::yield_now().await;
+    let steps = collect
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.name == "step")
+        .count();
+    assert_eq!(steps, 4, "one span per attempt");
 }

@@ -18,7 +18,8 @@
 //! processes may open it read-only at the same time (`cairn runs` while a batch runs); they
 //! see what the writer has checkpointed.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -777,11 +778,11 @@ struct Writer {
     db: Arc<Database>,
     path: PathBuf,
     /// Cached run rows, so an append does not read the row back first.
-    runs: HashMap<u128, RunMeta>,
+    runs: FxHashMap<u128, RunMeta>,
     /// Runs whose cached row is newer than the row in the open transaction only by `events`,
     /// `head` and `updated_us`: a plain append does not log or write the row (recovery rebuilds
     /// those fields from the logged events); the row is written at the next checkpoint.
-    stale_rows: HashSet<u128>,
+    stale_rows: FxHashSet<u128>,
     counters: Arc<Counters>,
     wal: Wal,
     /// The open transaction holding everything logged since the last checkpoint, and the
@@ -841,8 +842,8 @@ impl Writer {
         let mut w = Writer {
             db,
             path,
-            runs: HashMap::with_capacity(4096),
-            stale_rows: HashSet::new(),
+            runs: FxHashMap::with_capacity_and_hasher(4096, Default::default()),
+            stale_rows: FxHashSet::default(),
             counters,
             wal,
             txn,
@@ -889,7 +890,7 @@ impl Writer {
         self.lsn = checkpoint;
         // The last logged event of each run: plain appends do not log the run's row, so its
         // event count, head and update time are rebuilt from them.
-        let mut last: HashMap<u128, (u64, &[u8])> = HashMap::new();
+        let mut last: FxHashMap<u128, (u64, &[u8])> = FxHashMap::default();
         for (lsn, changes) in &records {
             apply(&mut open, changes)?;
             for c in changes {
@@ -1231,7 +1232,8 @@ impl Writer {
             })
             .filter(|id| !self.runs.contains_key(id))
             .collect();
-        let mut stored: HashMap<u128, Option<Vec<u8>>> = HashMap::with_capacity(missing.len());
+        let mut stored: FxHashMap<u128, Option<Vec<u8>>> =
+            FxHashMap::with_capacity_and_hasher(missing.len(), Default::default());
         if !missing.is_empty() {
             let open = shared.drained()?;
             let txn = &open.as_ref().ok_or(StoreError::Closed)?.txn;
