@@ -185,6 +185,24 @@ impl SpanMetrics {
         if !measured(name) {
             return;
         }
+        if name == "step" {
+            // The hot path (every attempt of an exported run): the bound instruments.
+            let mut rec = StepRec {
+                failed,
+                ..StepRec::default()
+            };
+            for kv in attributes {
+                match (kv.key.as_str(), &kv.value) {
+                    ("cairn.step_name", Value::String(s)) => {
+                        rec.name = Some(intern_label(s.as_str()))
+                    }
+                    ("cairn.step.will_retry", Value::Bool(b)) => rec.will_retry = *b,
+                    _ => {}
+                }
+            }
+            self.record_step(&rec, secs);
+            return;
+        }
         let mut rec = SpanRec {
             failed,
             ..SpanRec::default()
