@@ -339,8 +339,10 @@ impl WorkflowContext {
                     None => Box::pin(async { Err(StepError::msg("this step cannot be retried")) }),
                 }
             };
-            self.run_step(path, name, &StepOptions::default(), once)
-                .await
+            // Boxed: the attempt loop's state is about 1 KiB, and every caller's future would
+            // otherwise hold (and move, several times per step) a copy of it: a step cost
+            // more in `memcpy` than in its durable append.
+            Box::pin(self.run_step(path, name, &StepOptions::default(), once)).await
         }
     }
 
@@ -363,7 +365,7 @@ impl WorkflowContext {
         let name = name.to_string();
         async move {
             reserved?;
-            self.run_step(path, name, &opts, f).await
+            Box::pin(self.run_step(path, name, &opts, f)).await
         }
     }
 
@@ -390,10 +392,7 @@ impl WorkflowContext {
         let name = name.to_string();
         async move {
             reserved?;
-            match self
-                .run_step(path.clone(), name.clone(), &opts, primary)
-                .await
-            {
+            match Box::pin(self.run_step(path.clone(), name.clone(), &opts, primary)).await {
                 Err(WorkflowError::Step { .. }) => {
                     let below = self.scope_at(path);
                     below.step(&format!("{name}.fallback"), fallback).await
