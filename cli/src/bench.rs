@@ -86,8 +86,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub agent_concurrency: u32,
     /// Rounds of the short core workloads (`fsync`, `seq`, `many`, `fanout`): they run in turn,
-    /// round after round, each on a fresh store, and each reports its median round.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    /// round after round, each on a fresh store, and each reports its median round (9: the
+    /// median of 5 rounds of 10–30 ms swung across the targets on a noisy 2-core VM).
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
     /// Unrecorded rounds of `seq`, `many` and `fanout` before the `--rounds`: the first runs
     /// in a process pay for faulting in the allocator's memory and starting threads.
