@@ -68,6 +68,21 @@ pub struct SpanMetrics {
     /// recording a step attempt skips the SDK's lookup of its attribute set (a SipHash of the
     /// attributes: about 1,100 instructions of the export thread per step).
     bound_steps: Arc<Mutex<rustc_hash::FxHashMap<BoundKey, BoundStep>>>,
+    /// `runs` and `run_duration` bound to each workflow and status seen (at most
+    /// [`BOUND_RUNS_MAX`] pairs; beyond, the SDK looks the attributes up).
+    bound_runs: Arc<Mutex<BoundRuns>>,
+}
+
+/// Workflow → status → the run instruments bound to them.
+type BoundRuns = rustc_hash::FxHashMap<Box<str>, rustc_hash::FxHashMap<Box<str>, BoundRun>>;
+
+/// Workflow and status pairs bound at most.
+const BOUND_RUNS_MAX: usize = 4_096;
+
+/// The run instruments bound to one workflow and status.
+struct BoundRun {
+    count: BoundCounter<u64>,
+    duration: BoundHistogram<f64>,
 }
 
 /// A step name kept for the life of the process (its address and length) and whether the
@@ -169,6 +184,7 @@ impl SpanMetrics {
                 .with_description("Fan-out branches running now.")
                 .build(),
             bound_steps: Arc::default(),
+            bound_runs: Arc::default(),
         }
     }
 
@@ -238,15 +254,19 @@ impl SpanMetrics {
         );
         match name {
             "run" => {
-                let attrs = [
-                    rec.kv("cairn.workflow", &rec.label),
-                    KeyValue::new(
-                        "cairn.run.status",
-                        rec.outcome.clone().unwrap_or_else(|| "stopped".into()),
-                    ),
-                ];
-                self.runs.add(1, &attrs);
-                self.run_duration.record(secs, &attrs);
+                let workflow = rec.label.as_ref().map_or("", |v| v.as_str());
+                let status = rec.outcome.as_ref().map_or("stopped", |v| v.as_str());
+                if !self.record_run_bound(workflow, status, secs) {
+                    let attrs = [
+                        rec.kv("cairn.workflow", &rec.label),
+                        KeyValue::new(
+                            "cairn.run.status",
+                            rec.outcome.clone().unwrap_or_else(|| "stopped".into()),
+                        ),
+                    ];
+                    self.runs.add(1, &attrs);
+                    self.run_duration.record(secs, &attrs);
+                }
             }
             "step" => {
                 let step = rec.kv("cairn.step_name", &rec.label);
@@ -378,6 +398,38 @@ impl SpanMetrics {
                 .add(1);
         }
         b.duration.record(secs);
+    }
+}
+
+impl SpanMetrics {
+    /// Records a run through the instruments bound to its workflow and status (binding them
+    /// the first time); false when [`BOUND_RUNS_MAX`] pairs are bound already and this is a
+    /// new one.
+    fn record_run_bound(&self, workflow: &str, status: &str, secs: f64) -> bool {
+        let mut bound = self.bound_runs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = bound.get(workflow).and_then(|by| by.get(status)) {
+            b.count.add(1);
+            b.duration.record(secs);
+            return true;
+        }
+        if bound.values().map(|by| by.len()).sum::<usize>() >= BOUND_RUNS_MAX {
+            return false;
+        }
+        let attrs = [
+            KeyValue::new("cairn.workflow", workflow.to_string()),
+            KeyValue::new("cairn.run.status", status.to_string()),
+        ];
+        let b = BoundRun {
+            count: self.runs.bind(&attrs),
+            duration: self.run_duration.bind(&attrs),
+        };
+        b.count.add(1);
+        b.duration.record(secs);
+        bound
+            .entry(workflow.into())
+            .or_default()
+            .insert(status.into(), b);
+        true
     }
 }
 
