@@ -248,10 +248,7 @@ impl SpanMetrics {
     /// Records what a span of this `tracing` name did, from the few fields kept in `rec`, after
     /// `secs` (the export thread's call for a span of a run not sampled for export).
     pub(crate) fn record(&self, name: &str, rec: &SpanRec, secs: f64) {
-        let outcome = KeyValue::new(
-            "cairn.outcome",
-            if rec.failed { "failed" } else { "succeeded" },
-        );
+        let outcome = outcome_kv(rec.failed);
         match name {
             "run" => {
                 let workflow = rec.label.as_ref().map_or("", |v| v.as_str());
@@ -359,8 +356,8 @@ impl Visit for StepRec {
 }
 
 impl SpanMetrics {
-    /// Records a step attempt of a run that is not exported (the export thread's call, once
-    /// per step: through instruments bound to the step's name and outcome).
+    /// Records a step attempt (the export thread's call, once per attempt, for runs exported
+    /// or not): through the instruments bound to the step's name and outcome.
     pub(crate) fn record_step(&self, rec: &StepRec, secs: f64) {
         let name = match &rec.name {
             Some(Label::Kept(s)) => *s,
