@@ -1642,9 +1642,12 @@ async fn with_min_required_failed_items_are_reported_and_the_run_completes() {
     }
 
     // Requiring more successes than happen fails the run, with the items still reported.
+    // One at a time: the policy can only decide after the last item (2 of 3 possible
+    // successes remain until then), so every item has run; with items in flight at once, the
+    // second failure decides early and stops what is still running (timing-dependent).
     let (_sd2, store2) = self::store();
     let env = FlowEnv::new().model("m", poisoned());
-    let spec = load_env(&batch("min_required = 3", "x"), &env).unwrap();
+    let spec = load_env(&batch("min_required = 3\nconcurrency = 1", "x"), &env).unwrap();
     let out = run_to_end(&store2, env, &spec, &items).await;
     assert_eq!(out.status, RunStatus::Failed);
     assert!(
