@@ -201,24 +201,6 @@ impl SpanMetrics {
         if !measured(name) {
             return;
         }
-        if name == "step" {
-            // The hot path (every attempt of an exported run): the bound instruments.
-            let mut rec = StepRec {
-                failed,
-                ..StepRec::default()
-            };
-            for kv in attributes {
-                match (kv.key.as_str(), &kv.value) {
-                    ("cairn.step_name", Value::String(s)) => {
-                        rec.name = Some(intern_label(s.as_str()))
-                    }
-                    ("cairn.step.will_retry", Value::Bool(b)) => rec.will_retry = *b,
-                    _ => {}
-                }
-            }
-            self.record_step(&rec, secs);
-            return;
-        }
         let mut rec = SpanRec {
             failed,
             ..SpanRec::default()
@@ -266,11 +248,12 @@ impl SpanMetrics {
                 }
             }
             "step" => {
-                let step = rec.kv("cairn.step_name", &rec.label);
-                if rec.will_retry {
-                    self.step_retries.add(1, std::slice::from_ref(&step));
-                }
-                self.step_duration.record(secs, &[step, outcome]);
+                let step = StepRec {
+                    name: rec.label.as_ref().map(|l| intern_label(l.as_str())),
+                    failed: rec.failed,
+                    will_retry: rec.will_retry,
+                };
+                self.record_step(&step, secs);
             }
             "chat" => {
                 let agent = rec.kv("gen_ai.agent.name", &rec.agent);

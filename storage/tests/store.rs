@@ -829,26 +829,17 @@ async fn a_run_that_parks_and_goes_on_reads_back_whole_across_its_chunks() {
             .create_run(new_run(id), vec![p(0), p(1)])
             .await
             .unwrap();
-        store
-            .append(id, vec![p(2)], Some(RunStatus::Waiting))
-            .await
-            .unwrap();
-        store
-            .append(id, vec![p(3), p(4)], Some(RunStatus::Running))
-            .await
-            .unwrap();
-        store
-            .append(id, vec![p(5)], Some(RunStatus::Waiting))
-            .await
-            .unwrap();
-        store
-            .append(id, vec![p(6)], Some(RunStatus::Running))
-            .await
-            .unwrap();
-        store
-            .append(id, vec![p(7)], Some(RunStatus::Completed))
-            .await
-            .unwrap();
+        // Each status change closes the run's chunk: parked, resumed, parked, resumed, done.
+        for (events, status) in [
+            (vec![2], RunStatus::Waiting),
+            (vec![3, 4], RunStatus::Running),
+            (vec![5], RunStatus::Waiting),
+            (vec![6], RunStatus::Running),
+            (vec![7], RunStatus::Completed),
+        ] {
+            let events = events.into_iter().map(p).collect();
+            store.append(id, events, Some(status)).await.unwrap();
+        }
         let all = store.read(id, Seq(0), 100).await.unwrap();
         assert_eq!(all.len(), 8);
     }
