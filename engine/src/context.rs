@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
 use cairn_storage::{EventStore, NewEvent, RunId, now_micros};
 use serde::Serialize;
@@ -588,15 +589,29 @@ impl WorkflowContext {
             // afterwards (no clone: each clone and drop is a registry operation per step).
             let in_span = run.instrument(span);
             tokio::pin!(in_span);
-            let outcome = tokio::select! {
-                biased;
-                _ = shared.cancel.cancelled() => {
-                    return Err(shared.set_interrupt(Interrupt::Cancelled(shared.run_id)));
-                }
-                _ = shared.shutdown.cancelled() => {
-                    return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
-                }
-                r = &mut in_span => r,
+            // A stop requested before the attempt wins, as in the select below.
+            if shared.cancel.is_cancelled() {
+                return Err(shared.set_interrupt(Interrupt::Cancelled(shared.run_id)));
+            }
+            if shared.shutdown.is_cancelled() {
+                return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+            }
+            // One poll first, without waiting on the cancellation tokens: an attempt that is
+            // done at once (a pure computation, an answer from a cache) then never registers
+            // with them (a lock, a list insert and removal per token).
+            let first = std::future::poll_fn(|cx| Poll::Ready(in_span.as_mut().poll(cx))).await;
+            let outcome = match first {
+                Poll::Ready(r) => r,
+                Poll::Pending => tokio::select! {
+                    biased;
+                    _ = shared.cancel.cancelled() => {
+                        return Err(shared.set_interrupt(Interrupt::Cancelled(shared.run_id)));
+                    }
+                    _ = shared.shutdown.cancelled() => {
+                        return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+                    }
+                    r = &mut in_span => r,
+                },
             };
             let span = in_span.span();
             // No subscriber wanted the span (a run the live export leaves out): the attempt is

@@ -279,6 +279,8 @@ impl WorkflowContext {
                 None => None,
             }
         };
+        // Appended records not yet known durable; all are awaited before the fan-in.
+        let mut outcomes_written: Vec<Durable> = Vec::new();
         match recorded {
             // The fan-in was decided before: answer entirely from the log.
             Some(Some(fan_in)) => {
@@ -287,15 +289,17 @@ impl WorkflowContext {
             }
             Some(None) => {}
             None => {
-                shared
-                    .record(Event::FanOutStarted {
-                        path: path.clone(),
-                        name: name.clone(),
-                        branches: total,
-                        concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
-                        join: opts.join.label(),
-                    })
-                    .await?;
+                // Not awaited: the log is ordered, so any branch record a caller waits for
+                // implies this one is durable; a crash before it only re-runs the branches,
+                // whose steps then have no record either. A fan-out saves one disk write of
+                // latency.
+                outcomes_written.push(shared.record_pipelined(Event::FanOutStarted {
+                    path: path.clone(),
+                    name: name.clone(),
+                    branches: total,
+                    concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
+                    join: opts.join.label(),
+                })?);
             }
         }
         let counts = |shared: &crate::context::RunShared| {
@@ -325,7 +329,11 @@ impl WorkflowContext {
         let mut todo = todo.into_iter();
         let mut set: JoinSet<(u32, BranchResult)> = JoinSet::new();
         let mut in_flight: BTreeSet<u32> = BTreeSet::new();
-        let mut outcomes_written: Vec<Durable> = Vec::new();
+        // Made once: a cancellation future registers with its token when first polled, and
+        // stays registered across the loop's turns.
+        let cancelled = shared.cancel.cancelled();
+        let shutdown = shared.shutdown.cancelled();
+        tokio::pin!(cancelled, shutdown);
         let decision = loop {
             let (ok, failed) = counts(&shared);
             if let Some(d) = opts.join.decide(total, ok, failed) {
@@ -434,38 +442,46 @@ impl WorkflowContext {
             }
             let joined = tokio::select! {
                 biased;
-                _ = shared.cancel.cancelled() => None,
-                _ = shared.shutdown.cancelled() => None,
+                _ = &mut cancelled => None,
+                _ = &mut shutdown => None,
                 j = set.join_next() => j,
             };
-            match joined {
-                None => {
-                    stop_all(&mut set).await;
-                    return Err(match shared.check() {
-                        Err(e) => e,
-                        Ok(()) => shared.set_interrupt(Interrupt::Shutdown(shared.run_id)),
-                    });
-                }
-                Some(Ok((i, Ok(durable)))) => {
-                    in_flight.remove(&i);
-                    outcomes_written.push(durable);
-                    if outcomes_written.len() >= 4096 {
-                        await_durable(&shared, &mut outcomes_written).await?;
+            let Some(mut joined) = joined else {
+                stop_all(&mut set).await;
+                return Err(match shared.check() {
+                    Err(e) => e,
+                    Ok(()) => shared.set_interrupt(Interrupt::Shutdown(shared.run_id)),
+                });
+            };
+            // Every branch that has finished meanwhile is taken in the same turn: the window
+            // refills in one go, and the policy is asked once.
+            loop {
+                match joined {
+                    Ok((i, Ok(durable))) => {
+                        in_flight.remove(&i);
+                        outcomes_written.push(durable);
+                        if outcomes_written.len() >= 4096 {
+                            await_durable(&shared, &mut outcomes_written).await?;
+                        }
+                    }
+                    Ok((_, Err(e))) => {
+                        stop_all(&mut set).await;
+                        return Err(match e {
+                            WorkflowError::Interrupted(x) => shared.set_interrupt(x),
+                            other => other,
+                        });
+                    }
+                    Err(join_err) => {
+                        stop_all(&mut set).await;
+                        if join_err.is_panic() {
+                            std::panic::resume_unwind(join_err.into_panic());
+                        }
+                        return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
                     }
                 }
-                Some(Ok((_, Err(e)))) => {
-                    stop_all(&mut set).await;
-                    return Err(match e {
-                        WorkflowError::Interrupted(x) => shared.set_interrupt(x),
-                        other => other,
-                    });
-                }
-                Some(Err(join_err)) => {
-                    stop_all(&mut set).await;
-                    if join_err.is_panic() {
-                        std::panic::resume_unwind(join_err.into_panic());
-                    }
-                    return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
+                match set.try_join_next() {
+                    Some(j) => joined = j,
+                    None => break,
                 }
             }
         };

@@ -738,30 +738,32 @@ impl RunState {
 
     /// Drops the recorded steps, metadata positions and fan-outs at or below `prefix`.
     fn forget_below(&mut self, prefix: &StepPath) {
-        fn below<V>(m: &BTreeMap<StepPath, V>, prefix: &StepPath) -> Vec<StepPath> {
-            m.range(prefix.clone()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, _)| k.clone())
-                .collect()
+        // Called once per finished branch: one range lookup per map and no allocation when a
+        // map has nothing below the prefix (most of them, most of the time).
+        fn forget<V>(m: &mut BTreeMap<StepPath, V>, prefix: &StepPath) {
+            if m.is_empty() {
+                return;
+            }
+            loop {
+                let below = m
+                    .range::<StepPath, _>(prefix..)
+                    .next()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, _)| k.clone());
+                match below {
+                    Some(k) => {
+                        m.remove(&k);
+                    }
+                    None => return,
+                }
+            }
         }
-        for k in below(&self.steps, prefix) {
-            self.steps.remove(&k);
-        }
-        for k in below(&self.metadata_paths, prefix) {
-            self.metadata_paths.remove(&k);
-        }
-        for k in below(&self.fanouts, prefix) {
-            self.fanouts.remove(&k);
-        }
-        for k in below(&self.timers, prefix) {
-            self.timers.remove(&k);
-        }
-        for k in below(&self.waits, prefix) {
-            self.waits.remove(&k);
-        }
-        for k in below(&self.children, prefix) {
-            self.children.remove(&k);
-        }
+        forget(&mut self.steps, prefix);
+        forget(&mut self.metadata_paths, prefix);
+        forget(&mut self.fanouts, prefix);
+        forget(&mut self.timers, prefix);
+        forget(&mut self.waits, prefix);
+        forget(&mut self.children, prefix);
     }
 
     /// A description of what the history has at `path` if it is not of kind `want` (a step,
