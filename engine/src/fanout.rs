@@ -9,10 +9,12 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -325,170 +327,100 @@ impl WorkflowContext {
                 })
                 .unwrap_or_default()
         };
-        let mut items: Vec<Option<I>> = items.into_iter().map(Some).collect();
-        let mut todo = todo.into_iter();
-        let mut set: JoinSet<(u32, BranchResult)> = JoinSet::new();
-        let mut in_flight: BTreeSet<u32> = BTreeSet::new();
+        let lanes = concurrency.min(todo.len());
+        let slots = Arc::new(Slots {
+            todo,
+            next: AtomicUsize::new(0),
+            items: Mutex::new(items.into_iter().map(Some).collect()),
+            in_flight: Mutex::new(BTreeSet::new()),
+            stop: AtomicBool::new(false),
+            decided: Notify::new(),
+            path: path.clone(),
+            span: tracing::Span::current(),
+            join: opts.join,
+            total,
+            keep: (4096 / lanes.max(1)).max(16),
+        });
+        // Each of `concurrency` tasks runs branch after branch, taking the next item the moment
+        // its branch has finished: the window slides without a round trip through this task,
+        // and no task is spawned per branch.
+        let mut set: JoinSet<Result<Vec<Durable>, WorkflowError>> = JoinSet::new();
+        let mut decision = {
+            let (ok, failed) = counts(&shared);
+            opts.join.decide(total, ok, failed)
+        };
+        if decision.is_none() {
+            for _ in 0..lanes {
+                set.spawn(Box::pin(lane(
+                    Arc::clone(&slots),
+                    self.clone(),
+                    Arc::clone(&f),
+                )));
+            }
+        }
         // Made once: a cancellation future registers with its token when first polled, and
         // stays registered across the loop's turns.
         let cancelled = shared.cancel.cancelled();
         let shutdown = shared.shutdown.cancelled();
         tokio::pin!(cancelled, shutdown);
         let decision = loop {
-            let (ok, failed) = counts(&shared);
-            if let Some(d) = opts.join.decide(total, ok, failed) {
+            if let Some(d) = decision.take() {
                 break d;
             }
-            while set.len() < concurrency {
-                let Some(i) = todo.next() else { break };
-                let Some(item) = items.get_mut(i as usize).and_then(Option::take) else {
-                    continue;
-                };
-                let ctx = self.scope_at(path.child(i));
-                let f = Arc::clone(&f);
-                let sh = Arc::clone(&shared);
-                let fan_path = path.clone();
-                in_flight.insert(i);
-                let span = tracing::info_span!(
-                    "branch",
-                    cairn.run_id = %shared.run_id,
-                    cairn.step_path = %path.child(i),
-                    index = i64::from(i),
-                    cairn.branch.outcome = tracing::field::Empty,
-                    otel.status_code = tracing::field::Empty,
-                    exception.message = tracing::field::Empty,
-                );
-                let branch_span = span.clone();
-                // Boxed: the task then holds a pointer, not the whole branch future (2.7 KB in
-                // the bench), which tokio would otherwise copy on spawn, on completion and when
-                // the output is read.
-                set.spawn(Box::pin(async move {
-                    let r = f(ctx, item).await;
-                    let max_bytes = sh.store.max_payload_bytes();
-                    let ev = match r {
-                        Ok(o) => match Payload::from_value(&o) {
-                            // An output over the store's limit fails the branch, not the run.
-                            Ok(output) if output.len() + 64 > max_bytes => Event::BranchFailed {
-                                path: fan_path,
-                                index: i,
-                                error: format!(
-                                    "the branch's output is {} bytes, over the store's payload limit of {max_bytes} bytes; return a reference to large data instead",
-                                    output.len()
-                                ),
-                            },
-                            Ok(output) => Event::BranchCompleted {
-                                path: fan_path,
-                                index: i,
-                                output,
-                            },
-                            Err(e) => Event::BranchFailed {
-                                path: fan_path,
-                                index: i,
-                                error: format!(
-                                    "the branch's output cannot be encoded as JSON: {e}"
-                                ),
-                            },
-                        },
-                        Err(WorkflowError::Interrupted(x)) => {
-                            return (i, Err(WorkflowError::Interrupted(x)));
-                        }
-                        Err(WorkflowError::FailedWith { message, details }) => {
-                            match Payload::from_value(&details) {
-                                // Details over the store's limit are dropped, not the failure.
-                                Ok(d) if d.len() + message.len() + 64 <= max_bytes => {
-                                    Event::BranchFailedWith {
-                                        path: fan_path,
-                                        index: i,
-                                        error: message,
-                                        details: d,
-                                    }
-                                }
-                                _ => Event::BranchFailed {
-                                    path: fan_path,
-                                    index: i,
-                                    error: message,
-                                },
-                            }
-                        }
-                        Err(e) => Event::BranchFailed {
-                            path: fan_path,
-                            index: i,
-                            error: e.to_string(),
-                        },
-                    };
-                    match &ev {
-                        Event::BranchFailed { error, .. }
-                        | Event::BranchFailedWith { error, .. } => {
-                            branch_span.record("cairn.branch.outcome", "failed");
-                            branch_span.record("otel.status_code", "ERROR");
-                            branch_span.record("exception.message", error.as_str());
-                        }
-                        _ => {
-                            branch_span.record("cairn.branch.outcome", "succeeded");
-                        }
-                    }
-                    // The branch's steps are durable already; its outcome need not be
-                    // awaited before the next branch starts (a crash only re-runs the branch's
-                    // closure, whose steps are answered from the log). The fan-in waits for it.
-                    (i, sh.record_pipelined(ev))
-                }
-                .instrument(span)));
-            }
             if set.is_empty() {
-                // Nothing left to run and the policy did not decide: only possible if items
-                // were missing, which `total` rules out; decide on what is recorded.
+                // Every lane ran out of items: decide on what is recorded.
                 let (ok, failed) = counts(&shared);
-                break opts.join.decide(ok + failed, ok, failed).unwrap_or(Ok(()));
+                break opts
+                    .join
+                    .decide(total, ok, failed)
+                    .or_else(|| opts.join.decide(ok + failed, ok, failed))
+                    .unwrap_or(Ok(()));
             }
             let joined = tokio::select! {
                 biased;
                 _ = &mut cancelled => None,
                 _ = &mut shutdown => None,
+                _ = slots.decided.notified() => {
+                    let (ok, failed) = counts(&shared);
+                    decision = opts.join.decide(total, ok, failed);
+                    continue;
+                }
                 j = set.join_next() => j,
             };
-            let Some(mut joined) = joined else {
-                stop_all(&mut set).await;
-                return Err(match shared.check() {
-                    Err(e) => e,
-                    Ok(()) => shared.set_interrupt(Interrupt::Shutdown(shared.run_id)),
-                });
-            };
-            // Every branch that has finished meanwhile is taken in the same turn: the window
-            // refills in one go, and the policy is asked once.
-            loop {
-                match joined {
-                    Ok((i, Ok(durable))) => {
-                        in_flight.remove(&i);
-                        outcomes_written.push(durable);
-                        if outcomes_written.len() >= 4096 {
-                            await_durable(&shared, &mut outcomes_written).await?;
-                        }
-                    }
-                    Ok((_, Err(e))) => {
-                        stop_all(&mut set).await;
-                        return Err(match e {
-                            WorkflowError::Interrupted(x) => shared.set_interrupt(x),
-                            other => other,
-                        });
-                    }
-                    Err(join_err) => {
-                        stop_all(&mut set).await;
-                        if join_err.is_panic() {
-                            std::panic::resume_unwind(join_err.into_panic());
-                        }
-                        return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
-                    }
+            match joined {
+                None => {
+                    slots.stop.store(true, Ordering::Release);
+                    stop_all(&mut set).await;
+                    return Err(match shared.check() {
+                        Err(e) => e,
+                        Ok(()) => shared.set_interrupt(Interrupt::Shutdown(shared.run_id)),
+                    });
                 }
-                match set.try_join_next() {
-                    Some(j) => joined = j,
-                    None => break,
+                Some(Ok(Ok(durables))) => outcomes_written.extend(durables),
+                Some(Ok(Err(e))) => {
+                    slots.stop.store(true, Ordering::Release);
+                    stop_all(&mut set).await;
+                    return Err(match e {
+                        WorkflowError::Interrupted(x) => shared.set_interrupt(x),
+                        other => other,
+                    });
+                }
+                Some(Err(join_err)) => {
+                    slots.stop.store(true, Ordering::Release);
+                    stop_all(&mut set).await;
+                    if join_err.is_panic() {
+                        std::panic::resume_unwind(join_err.into_panic());
+                    }
+                    return Err(shared.set_interrupt(Interrupt::Shutdown(shared.run_id)));
                 }
             }
         };
+        slots.stop.store(true, Ordering::Release);
         // The policy decided: stop what is still running. A branch counts as cancelled only if
         // it has no recorded outcome once stopped: a branch may have recorded its outcome (and
         // been counted) before the coordinator joined it.
         stop_all(&mut set).await;
+        let in_flight = std::mem::take(&mut *lock(&slots.in_flight));
         let cancelled: Vec<u32> = {
             let st = lock(&shared.state);
             let outcomes = st.run.fanouts.get(&path).map(|fo| &fo.outcomes);
@@ -583,6 +515,169 @@ impl WorkflowContext {
         }
         Ok(FanIn { outcomes })
     }
+}
+
+/// What a fan-out's lanes share: the items still to run and the branches running.
+struct Slots<I> {
+    /// Indexes of the branches without a recorded outcome, in order.
+    todo: Vec<u32>,
+    /// The next position in `todo` to take.
+    next: AtomicUsize,
+    /// The items, each taken by the lane that runs it.
+    items: Mutex<Vec<Option<I>>>,
+    /// Branches started and not finished: the ones a decision stops count as cancelled.
+    in_flight: Mutex<BTreeSet<u32>>,
+    /// Set once the join policy has decided (or the fan-out stops): no lane starts another.
+    stop: AtomicBool,
+    /// A lane saw the policy decide.
+    decided: Notify,
+    /// The fan-out's path, span, policy and size.
+    path: StepPath,
+    span: tracing::Span,
+    join: JoinPolicy,
+    total: u32,
+    /// Outcome futures a lane keeps before waiting for them (about 4,096 in all).
+    keep: usize,
+}
+
+/// One lane of a fan-out: runs branches one after another (each in a `branch` span under the
+/// `fan_out` span) until the items run out or the join policy decides, and returns the futures of the outcomes it recorded that it has not
+/// waited for.
+async fn lane<I, O, F, Fut>(
+    slots: Arc<Slots<I>>,
+    ctx: WorkflowContext,
+    f: Arc<F>,
+) -> Result<Vec<Durable>, WorkflowError>
+where
+    I: Send + 'static,
+    O: Serialize + DeserializeOwned + Send + 'static,
+    F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+{
+    let shared = Arc::clone(&ctx.shared);
+    let path = &slots.path;
+    let mut written: Vec<Durable> = Vec::new();
+    while !slots.stop.load(Ordering::Acquire) {
+        let k = slots.next.fetch_add(1, Ordering::Relaxed);
+        let Some(&i) = slots.todo.get(k) else { break };
+        let Some(item) = lock(&slots.items)
+            .get_mut(i as usize)
+            .and_then(Option::take)
+        else {
+            continue;
+        };
+        lock(&slots.in_flight).insert(i);
+        // A child of the `fan_out` span (a lane is a task of its own, outside it).
+        let span = tracing::info_span!(
+            parent: &slots.span,
+            "branch",
+            cairn.run_id = %shared.run_id,
+            cairn.step_path = %path.child(i),
+            index = i64::from(i),
+            cairn.branch.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            exception.message = tracing::field::Empty,
+        );
+        let record = span.clone();
+        let r = branch(&ctx, path, i, item, &*f, &record)
+            .instrument(span)
+            .await;
+        lock(&slots.in_flight).remove(&i);
+        written.push(r?);
+        if written.len() >= slots.keep {
+            await_durable(&shared, &mut written).await?;
+        }
+        let (ok, failed) = lock(&shared.state)
+            .run
+            .fanouts
+            .get(path)
+            .map(|fo| (fo.succeeded, fo.failed))
+            .unwrap_or_default();
+        if slots.join.decide(slots.total, ok, failed).is_some() {
+            slots.stop.store(true, Ordering::Release);
+            slots.decided.notify_one();
+            break;
+        }
+    }
+    Ok(written)
+}
+
+/// Runs branch `i` and records its outcome (not awaited: the branch's steps are durable
+/// already, and a crash only re-runs the branch's closure, whose steps are answered from the
+/// log; the fan-in waits for it).
+async fn branch<I, O, F, Fut>(
+    ctx: &WorkflowContext,
+    fan_path: &StepPath,
+    i: u32,
+    item: I,
+    f: &F,
+    span: &tracing::Span,
+) -> BranchResult
+where
+    O: Serialize,
+    F: Fn(WorkflowContext, I) -> Fut,
+    Fut: Future<Output = Result<O, WorkflowError>>,
+{
+    let sh = &ctx.shared;
+    let r = f(ctx.scope_at(fan_path.child(i)), item).await;
+    let max_bytes = sh.store.max_payload_bytes();
+    let fan_path = fan_path.clone();
+    let ev = match r {
+        Ok(o) => match Payload::from_value(&o) {
+            // An output over the store's limit fails the branch, not the run.
+            Ok(output) if output.len() + 64 > max_bytes => Event::BranchFailed {
+                path: fan_path,
+                index: i,
+                error: format!(
+                    "the branch's output is {} bytes, over the store's payload limit of {max_bytes} bytes; return a reference to large data instead",
+                    output.len()
+                ),
+            },
+            Ok(output) => Event::BranchCompleted {
+                path: fan_path,
+                index: i,
+                output,
+            },
+            Err(e) => Event::BranchFailed {
+                path: fan_path,
+                index: i,
+                error: format!("the branch's output cannot be encoded as JSON: {e}"),
+            },
+        },
+        Err(WorkflowError::Interrupted(x)) => return Err(WorkflowError::Interrupted(x)),
+        Err(WorkflowError::FailedWith { message, details }) => {
+            match Payload::from_value(&details) {
+                // Details over the store's limit are dropped, not the failure.
+                Ok(d) if d.len() + message.len() + 64 <= max_bytes => Event::BranchFailedWith {
+                    path: fan_path,
+                    index: i,
+                    error: message,
+                    details: d,
+                },
+                _ => Event::BranchFailed {
+                    path: fan_path,
+                    index: i,
+                    error: message,
+                },
+            }
+        }
+        Err(e) => Event::BranchFailed {
+            path: fan_path,
+            index: i,
+            error: e.to_string(),
+        },
+    };
+    match &ev {
+        Event::BranchFailed { error, .. } | Event::BranchFailedWith { error, .. } => {
+            span.record("cairn.branch.outcome", "failed");
+            span.record("otel.status_code", "ERROR");
+            span.record("exception.message", error.as_str());
+        }
+        _ => {
+            span.record("cairn.branch.outcome", "succeeded");
+        }
+    }
+    sh.record_pipelined(ev)
 }
 
 /// Waits until the branch outcomes written so far are durable; a failure stops the run as a
