@@ -281,7 +281,9 @@ impl WorkflowContext {
                 None => None,
             }
         };
-        // Appended records not yet known durable; all are awaited before the fan-in.
+        // Appended records not yet known durable, awaited before the fan-in is recorded (the
+        // fan-in's own record implies them, the log being ordered; waiting surfaces a failed
+        // write as the store failure it is).
         let mut outcomes_written: Vec<Durable> = Vec::new();
         match recorded {
             // The fan-in was decided before: answer entirely from the log.
@@ -418,7 +420,7 @@ impl WorkflowContext {
         slots.stop.store(true, Ordering::Release);
         // The policy decided: stop what is still running. A branch counts as cancelled only if
         // it has no recorded outcome once stopped: a branch may have recorded its outcome (and
-        // been counted) before the coordinator joined it.
+        // been counted) just before its lane was stopped.
         stop_all(&mut set).await;
         let in_flight = std::mem::take(&mut *lock(&slots.in_flight));
         let cancelled: Vec<u32> = {
@@ -541,8 +543,8 @@ struct Slots<I> {
 }
 
 /// One lane of a fan-out: runs branches one after another (each in a `branch` span under the
-/// `fan_out` span) until the items run out or the join policy decides, and returns the futures of the outcomes it recorded that it has not
-/// waited for.
+/// `fan_out` span) until the items run out or the join policy decides, and returns the
+/// futures of the outcomes it recorded and has not waited for.
 async fn lane<I, O, F, Fut>(
     slots: Arc<Slots<I>>,
     ctx: WorkflowContext,
