@@ -708,6 +708,14 @@ where
             drop(ext);
             up = p.parent();
         }
+        // No parent, made while the workflow of a run left out is polled (the engine does not
+        // enter such a run's span): part of that run, so not exported either.
+        if matches!(parent, Parent::Root)
+            && attrs.is_contextual()
+            && cairn_engine::in_left_out_run()
+        {
+            parent = Parent::Unsampled;
+        }
         if let Some(m) = &self.metrics {
             m.opened(meta.name());
         }
@@ -2174,6 +2182,72 @@ mod tests {
         assert!(c.spans.is_empty(), "{:#?}", c.spans);
         // The same counts as the exported run of an_agent_run_counts_its_steps_calls_and_tokens.
         assert_agent_run_counted(&c.metrics);
+    }
+
+    /// A run the sampler leaves out is not entered while its workflow runs once its first step
+    /// has found it left out, so a span made later at the workflow's level (here a fan-out's)
+    /// has no parent: it must count as part of the run, left out with it, and not as the root
+    /// of a trace of its own, which a sampler keeping 99.9% of traces would keep.
+    #[tokio::test(flavor = "current_thread")]
+    async fn spans_without_a_parent_in_a_run_left_out_are_left_out_with_it() {
+        let ratio = 0.999;
+        let id = (0..100_000u128)
+            .map(|i| cairn_storage::RunId::from_u128(i << 64 | 0x5eed))
+            .find(|id| !ratio_samples(ratio, TraceId::from_bytes(crate::trace::trace_id(*id))))
+            .expect("a run id the ratio leaves out");
+        let mut r = cairn_engine::Registry::new();
+        r.register("step_then_fan", 1, |ctx, (): ()| async move {
+            ctx.step("first", || async { Ok(1u32) }).await?;
+            let fan = ctx
+                .fan_out(
+                    "fan",
+                    vec![1u32, 2, 3],
+                    cairn_engine::FanOutOptions::new(2),
+                    |b, i: u32| async move { b.step("square", move || async move { Ok(i * i) }).await },
+                )
+                .await?;
+            Ok::<_, cairn_engine::WorkflowError>(fan.into_successes().iter().sum::<u32>())
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let (spans, metrics, stats, pipeline) = memory_pipeline(Sampler::Ratio(ratio));
+        let guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(pipeline.layer()));
+        let engine = Engine::new(RedbStore::open(dir.path().join("s.redb")).unwrap(), r);
+        let mut start = StartOptions::new("step_then_fan", json!(null));
+        start.id = Some(id);
+        let out = engine
+            .start_with(start)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        engine.wait_idle().await;
+        drop(engine);
+        drop(guard);
+        pipeline.force_flush();
+        assert_eq!(out.status, RunStatus::Completed);
+        assert_eq!(out.output, Some(json!(14)));
+        let spans = spans.get_finished_spans().unwrap();
+        assert!(spans.is_empty(), "{spans:#?}");
+        assert_eq!(stats.traces_sampled.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            stats.traces_unsampled.load(Ordering::Relaxed),
+            1,
+            "one trace: the run's"
+        );
+        let m = metrics.get_finished_metrics().unwrap();
+        assert_eq!(step_attempts(&m, &[("cairn.step_name", "first")]), 1);
+        assert_eq!(step_attempts(&m, &[("cairn.step_name", "square")]), 3);
+        assert_eq!(
+            counter(
+                &m,
+                "cairn.fan_out.branches",
+                &[("cairn.branch.outcome", "succeeded")]
+            ),
+            3
+        );
+        assert_eq!(pipeline.shutdown(), None, "nothing dropped");
     }
 
     /// A pipeline exporting to in-memory span and metric exporters with `sampler`.

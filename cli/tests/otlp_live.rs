@@ -370,6 +370,58 @@ fn a_run_sampled_out_is_counted_in_the_metrics_and_can_be_sent_later() {
     assert!(again.iter().all(|s| s.trace_id == trace_id_of(&run)));
 }
 
+/// A run the sampler leaves out that fans out: no span of it is sent (not the fan-out's, not a
+/// branch's), and the metrics count its branches and their steps.
+#[test]
+fn a_fan_out_in_a_run_sampled_out_sends_no_span_and_counts_its_branches() {
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+    let env = Env::new();
+    let rx = Receiver::start();
+    let out = cairn(
+        &env,
+        &[("OTEL_TRACES_SAMPLER", "always_off")],
+        &[
+            "--otlp",
+            &rx.url(),
+            "start",
+            "fanout",
+            "--input",
+            r#"{"branches": 5, "concurrency": 2}"#,
+        ],
+    );
+    out.assert_ok();
+    assert!(rx.spans().is_empty(), "{:#?}", rx.spans());
+    let (mut runs, mut steps, mut branches) = (0, 0, 0);
+    for m in rx
+        .metrics()
+        .iter()
+        .flat_map(|m| &m.resource_metrics)
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+    {
+        let sum = |data: &Option<metric::Data>| match data {
+            Some(metric::Data::Sum(sum)) => sum
+                .data_points
+                .iter()
+                .filter_map(|p| match p.value {
+                    Some(number_data_point::Value::AsInt(n)) => Some(n),
+                    _ => None,
+                })
+                .sum(),
+            _ => 0,
+        };
+        match (m.name.as_str(), &m.data) {
+            ("cairn.runs", data) => runs += sum(data),
+            ("cairn.fan_out.branches", data) => branches += sum(data),
+            ("cairn.step.duration", Some(metric::Data::Histogram(h))) => {
+                steps += h.data_points.iter().map(|p| p.count).sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((runs, steps, branches), (1, 5, 5));
+}
+
 /// (c) A malformed `--otlp` is a usage error before anything runs.
 #[test]
 fn a_malformed_endpoint_is_a_usage_error() {

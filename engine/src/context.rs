@@ -61,7 +61,7 @@ pub(crate) struct RunShared {
 /// [`RunShared::step_spans`]: the subscriber wanted the first step span.
 const STEP_SPANS_YES: u8 = 1;
 /// [`RunShared::step_spans`]: no span; attempts go to the subscriber's meter.
-const STEP_SPANS_METERED: u8 = 2;
+pub(crate) const STEP_SPANS_METERED: u8 = 2;
 /// [`RunShared::step_spans`]: no span and no meter (telemetry off).
 const STEP_SPANS_NONE: u8 = 3;
 

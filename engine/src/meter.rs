@@ -35,7 +35,15 @@
 //! # let _ = layer;
 //! ```
 
+use std::cell::Cell;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use crate::context::{RunShared, STEP_SPANS_METERED};
 
 /// One executed step attempt that had no `step` span, as a [`StepMeter`] receives it.
 #[derive(Debug, Clone, Copy)]
@@ -106,5 +114,59 @@ impl StepMeter {
 impl fmt::Debug for StepMeter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("StepMeter")
+    }
+}
+
+thread_local! {
+    /// Set while this thread polls the workflow task of a run the subscriber left out.
+    static LEFT_OUT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is polling the workflow of a run whose spans the subscriber leaves out
+/// (its step attempts go to the [`StepMeter`]). The run's own span is not entered while its
+/// workflow is polled (a registry enter and exit per poll saved), so a span made now without
+/// an explicit parent belongs to that run: a layer should treat it as part of the run's trace,
+/// which is not exported, rather than as the root of a trace of its own.
+pub fn in_left_out_run() -> bool {
+    LEFT_OUT.with(Cell::get)
+}
+
+/// A run's workflow task: polled inside the run's span, or, once the run is known to be left
+/// out by the subscriber (its attempts metered, not spanned), with [`in_left_out_run`] set
+/// instead.
+pub(crate) struct RunTask<F> {
+    fut: F,
+    span: tracing::Span,
+    shared: Arc<RunShared>,
+}
+
+impl<F> RunTask<F> {
+    /// `fut` polled in `span` (the run's) unless `shared`'s run is left out.
+    pub(crate) fn new(fut: F, span: tracing::Span, shared: Arc<RunShared>) -> Self {
+        RunTask { fut, span, shared }
+    }
+}
+
+/// Restores [`LEFT_OUT`] when a poll ends, also by a panic.
+struct LeftOut(bool);
+
+impl Drop for LeftOut {
+    fn drop(&mut self) {
+        LEFT_OUT.with(|c| c.set(self.0));
+    }
+}
+
+impl<F: Future + Unpin> Future for RunTask<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if self.shared.step_spans.load(Ordering::Relaxed) == STEP_SPANS_METERED {
+            let _restore = LeftOut(LEFT_OUT.with(|c| c.replace(true)));
+            Pin::new(&mut self.fut).poll(cx)
+        } else {
+            let this = &mut *self;
+            let _entered = this.span.enter();
+            Pin::new(&mut this.fut).poll(cx)
+        }
     }
 }

@@ -1024,7 +1024,13 @@ impl Engine {
                 // The workflow runs in its own task so that a panic in user code is contained
                 // and reported instead of taking the engine down.
                 let deadline = lock(&shared.state).run.deadline_us;
-                let mut task = tokio::spawn((wf.run)(ctx, input).in_current_span());
+                // In the run's span (entered at each poll) unless the run is left out of the
+                // subscriber's spans, which the first step finds out (`RunTask`).
+                let mut task = tokio::spawn(crate::meter::RunTask::new(
+                    (wf.run)(ctx, input),
+                    tracing::Span::current(),
+                    Arc::clone(&shared),
+                ));
                 let result = match deadline {
                     None => (&mut task).await,
                     Some(d) => {

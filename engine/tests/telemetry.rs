@@ -232,3 +232,69 @@ async fn attempts_with_a_span_are_not_metered_twice() {
         .count();
     assert_eq!(steps, 4, "one span per attempt");
 }
+
+type Looks = Arc<Mutex<Vec<(bool, Option<&'static str>)>>>;
+
+/// Records, before its first step, after it and inside its second step, whether the thread
+/// polls a run left out (`in_left_out_run`) and which span is current.
+fn looking_registry(looks: Looks) -> Registry {
+    let mut r = Registry::new();
+    r.register("looks", 1, move |ctx, (): ()| {
+        let looks = Arc::clone(&looks);
+        async move {
+            let look = || {
+                (
+                    cairn_engine::in_left_out_run(),
+                    tracing::Span::current().metadata().map(|m| m.name()),
+                )
+            };
+            looks.lock().unwrap().push(look());
+            ctx.step("first", || async { Ok(1u32) }).await?;
+            looks.lock().unwrap().push(look());
+            let inside = Arc::clone(&looks);
+            ctx.step("second", move || async move {
+                inside.lock().unwrap().push(look());
+                Ok(2u32)
+            })
+            .await
+        }
+    });
+    r
+}
+
+#[tokio::test]
+async fn a_run_left_out_is_polled_outside_its_span_and_says_so() {
+    let (layer, _seen) = Metering::new(true);
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let (_d, store) = store();
+    let looks = Looks::default();
+    let engine = Engine::with_store(store, looking_registry(Arc::clone(&looks)));
+    let out = finish(&engine, "looks", &()).await;
+    assert_eq!(out.status, RunStatus::Completed);
+    // Until the first step finds the run left out, its workflow runs in its span; then not,
+    // and spans made meanwhile are told they belong to a run left out.
+    assert_eq!(
+        *looks.lock().unwrap(),
+        [(false, Some("run")), (true, None), (true, None)]
+    );
+    assert!(!cairn_engine::in_left_out_run(), "reset after each poll");
+}
+
+#[tokio::test]
+async fn a_run_with_spans_is_polled_inside_its_span() {
+    let (layer, _seen) = Metering::new(false);
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let (_d, store) = store();
+    let looks = Looks::default();
+    let engine = Engine::with_store(store, looking_registry(Arc::clone(&looks)));
+    let out = finish(&engine, "looks", &()).await;
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(
+        *looks.lock().unwrap(),
+        [
+            (false, Some("run")),
+            (false, Some("run")),
+            (false, Some("step"))
+        ]
+    );
+}
