@@ -77,7 +77,9 @@ impl<'a> StepAttempt<'a> {
 /// installed for one thread (a test's) meters only the runs polled there.
 ///
 /// A run keeps the meter it found at its first attempt (a clone: one shared closure) and hands
-/// it the later ones directly.
+/// it the later ones directly. From then on the run's workflow is polled outside the run's span,
+/// with [`in_left_out_run`] set: a subscriber that refuses `step` spans and offers a meter should
+/// count a span made without a parent while that is set as part of the run it left out.
 #[derive(Clone)]
 pub struct StepMeter {
     record: std::sync::Arc<dyn Fn(&StepAttempt<'_>) + Send + Sync>,
