@@ -489,3 +489,72 @@ async fn a_failed_branch_leaves_details_that_a_resumed_run_reads_back() {
     );
     assert!(store.verify(id).await.unwrap().ok());
 }
+
+/// A branch that panics (a bug in its code) stops the fan-out and is reported like a panic in
+/// the workflow itself: the run stays `running` (resumable), the other lanes are stopped, and
+/// a resume after the fix runs only the branches without a recorded outcome.
+#[tokio::test]
+async fn a_panicking_branch_is_contained_and_a_resume_runs_only_what_is_missing() {
+    let (_d, store) = store();
+    let buggy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let executed = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let registry = |buggy: Arc<std::sync::atomic::AtomicBool>, executed: Arc<Mutex<Vec<u32>>>| {
+        let mut r = Registry::new();
+        r.register("fragile", 1, move |ctx, n: u32| {
+            let buggy = Arc::clone(&buggy);
+            let executed = Arc::clone(&executed);
+            async move {
+                let fan = ctx
+                    .fan_out(
+                        "items",
+                        (0..n).collect(),
+                        FanOutOptions::new(1),
+                        move |b, i: u32| {
+                            let buggy = Arc::clone(&buggy);
+                            let executed = Arc::clone(&executed);
+                            async move {
+                                let v: u32 = b
+                                    .step("work", move || async move {
+                                        executed.lock().unwrap().push(i);
+                                        Ok(i)
+                                    })
+                                    .await?;
+                                if i == 3 && buggy.load(Ordering::SeqCst) {
+                                    panic!("bug in branch code");
+                                }
+                                Ok(v)
+                            }
+                        },
+                    )
+                    .await?;
+                Ok(fan.into_successes().iter().sum::<u32>())
+            }
+        });
+        r
+    };
+    let engine = Engine::with_store(
+        store.clone(),
+        registry(Arc::clone(&buggy), Arc::clone(&executed)),
+    );
+    let h = engine.start("fragile", &6u32).await.unwrap();
+    let id = h.id;
+    let err = h.wait().await.unwrap_err();
+    assert!(err.to_string().contains("bug in branch code"), "{err}");
+    assert_eq!(
+        engine.run_meta(id).await.unwrap().status,
+        RunStatus::Running
+    );
+    // One at a time: branches 0-3 ran their step, none after the panic.
+    assert_eq!(*executed.lock().unwrap(), [0, 1, 2, 3]);
+    drop(engine);
+
+    // The bug fixed: the resumed fan-out answers branches 0-2 from the log, replays branch 3's
+    // recorded step, and runs 4 and 5.
+    buggy.store(false, Ordering::SeqCst);
+    executed.lock().unwrap().clear();
+    let engine = Engine::with_store(store, registry(buggy, Arc::clone(&executed)));
+    let out = engine.resume(id).await.unwrap().wait().await.unwrap();
+    assert_eq!(out.status, RunStatus::Completed, "{out:?}");
+    assert_eq!(out.output, Some(json!(15)));
+    assert_eq!(*executed.lock().unwrap(), [4, 5]);
+}
