@@ -306,7 +306,6 @@ fn a_run_with_the_collector_down_completes_and_reports_dropped_spans() {
 /// the whole run into the trace it would have had.
 #[test]
 fn a_run_sampled_out_is_counted_in_the_metrics_and_can_be_sent_later() {
-    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
     let env = Env::new();
     let rx = Receiver::start();
     let out = cairn(
@@ -337,30 +336,8 @@ fn a_run_sampled_out_is_counted_in_the_metrics_and_can_be_sent_later() {
     );
     assert!(rx.spans().is_empty(), "no span of a run sampled out");
     // The metrics count the run and its three steps.
-    let mut runs = 0;
-    let mut steps = 0;
-    for m in rx
-        .metrics()
-        .iter()
-        .flat_map(|m| &m.resource_metrics)
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-    {
-        match (m.name.as_str(), &m.data) {
-            ("cairn.runs", Some(metric::Data::Sum(sum))) => {
-                for p in &sum.data_points {
-                    if let Some(number_data_point::Value::AsInt(n)) = p.value {
-                        runs += n;
-                    }
-                }
-            }
-            ("cairn.step.duration", Some(metric::Data::Histogram(h))) => {
-                steps += h.data_points.iter().map(|p| p.count).sum::<u64>();
-            }
-            _ => {}
-        }
-    }
-    assert_eq!((runs, steps), (1, 3));
+    let counted = Counted::of(&rx);
+    assert_eq!((counted.runs, counted.steps), (1, 3));
     // The history has it all: `cairn trace` sends the run and its steps into the run's trace.
     let run = common::run_id_of(out.stdout.lines().next().unwrap());
     let rx2 = Receiver::start();
@@ -374,7 +351,6 @@ fn a_run_sampled_out_is_counted_in_the_metrics_and_can_be_sent_later() {
 /// branch's), and the metrics count its branches and their steps.
 #[test]
 fn a_fan_out_in_a_run_sampled_out_sends_no_span_and_counts_its_branches() {
-    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
     let env = Env::new();
     let rx = Receiver::start();
     let out = cairn(
@@ -391,35 +367,56 @@ fn a_fan_out_in_a_run_sampled_out_sends_no_span_and_counts_its_branches() {
     );
     out.assert_ok();
     assert!(rx.spans().is_empty(), "{:#?}", rx.spans());
-    let (mut runs, mut steps, mut branches) = (0, 0, 0);
-    for m in rx
-        .metrics()
-        .iter()
-        .flat_map(|m| &m.resource_metrics)
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-    {
-        let sum = |data: &Option<metric::Data>| match data {
-            Some(metric::Data::Sum(sum)) => sum
-                .data_points
-                .iter()
-                .filter_map(|p| match p.value {
-                    Some(number_data_point::Value::AsInt(n)) => Some(n),
-                    _ => None,
-                })
-                .sum(),
-            _ => 0,
-        };
-        match (m.name.as_str(), &m.data) {
-            ("cairn.runs", data) => runs += sum(data),
-            ("cairn.fan_out.branches", data) => branches += sum(data),
-            ("cairn.step.duration", Some(metric::Data::Histogram(h))) => {
-                steps += h.data_points.iter().map(|p| p.count).sum::<u64>();
+    let counted = Counted::of(&rx);
+    assert_eq!((counted.runs, counted.steps, counted.branches), (1, 5, 5));
+}
+
+/// What the receiver's metrics counted: runs, step attempts and fan-out branches finished.
+struct Counted {
+    runs: i64,
+    steps: u64,
+    branches: i64,
+}
+
+impl Counted {
+    fn of(rx: &Receiver) -> Counted {
+        use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+        let sum = |data: &Option<metric::Data>| -> i64 {
+            match data {
+                Some(metric::Data::Sum(sum)) => sum
+                    .data_points
+                    .iter()
+                    .filter_map(|p| match p.value {
+                        Some(number_data_point::Value::AsInt(n)) => Some(n),
+                        _ => None,
+                    })
+                    .sum(),
+                _ => 0,
             }
-            _ => {}
+        };
+        let mut c = Counted {
+            runs: 0,
+            steps: 0,
+            branches: 0,
+        };
+        for m in rx
+            .metrics()
+            .iter()
+            .flat_map(|m| &m.resource_metrics)
+            .flat_map(|r| &r.scope_metrics)
+            .flat_map(|s| &s.metrics)
+        {
+            match (m.name.as_str(), &m.data) {
+                ("cairn.runs", data) => c.runs += sum(data),
+                ("cairn.fan_out.branches", data) => c.branches += sum(data),
+                ("cairn.step.duration", Some(metric::Data::Histogram(h))) => {
+                    c.steps += h.data_points.iter().map(|p| p.count).sum::<u64>();
+                }
+                _ => {}
+            }
         }
+        c
     }
-    assert_eq!((runs, steps, branches), (1, 5, 5));
 }
 
 /// (c) A malformed `--otlp` is a usage error before anything runs.

@@ -189,14 +189,21 @@ fn metered_registry() -> Registry {
     r
 }
 
-#[tokio::test]
-async fn attempts_without_a_span_go_to_the_subscribers_meter() {
-    let (layer, seen) = Metering::new(true);
+/// Runs `workflow` of `registry` to completion on this thread under a subscriber with only a
+/// [`Metering`] layer (refusing `step` spans or not); returns the attempts it metered.
+async fn run_metered(refuse_steps: bool, registry: Registry, workflow: &str) -> Attempts {
+    let (layer, seen) = Metering::new(refuse_steps);
     let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
     let (_d, store) = store();
-    let engine = Engine::with_store(store, metered_registry());
-    let out = finish(&engine, "metered", &()).await;
-    assert_eq!(out.status, RunStatus::Completed);
+    let engine = Engine::with_store(store, registry);
+    let out = finish(&engine, workflow, &()).await;
+    assert_eq!(out.status, RunStatus::Completed, "{out:?}");
+    seen
+}
+
+#[tokio::test]
+async fn attempts_without_a_span_go_to_the_subscribers_meter() {
+    let seen = run_metered(true, metered_registry(), "metered").await;
     let seen = seen.lock().unwrap().clone();
     let want = [
         ("first", false, false),
@@ -264,13 +271,8 @@ fn looking_registry(looks: Looks) -> Registry {
 
 #[tokio::test]
 async fn a_run_left_out_is_polled_outside_its_span_and_says_so() {
-    let (layer, _seen) = Metering::new(true);
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-    let (_d, store) = store();
     let looks = Looks::default();
-    let engine = Engine::with_store(store, looking_registry(Arc::clone(&looks)));
-    let out = finish(&engine, "looks", &()).await;
-    assert_eq!(out.status, RunStatus::Completed);
+    run_metered(true, looking_registry(Arc::clone(&looks)), "looks").await;
     // Until the first step finds the run left out, its workflow runs in its span; then not,
     // and spans made meanwhile are told they belong to a run left out.
     assert_eq!(
@@ -282,13 +284,12 @@ async fn a_run_left_out_is_polled_outside_its_span_and_says_so() {
 
 #[tokio::test]
 async fn a_run_with_spans_is_polled_inside_its_span() {
-    let (layer, _seen) = Metering::new(false);
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-    let (_d, store) = store();
     let looks = Looks::default();
-    let engine = Engine::with_store(store, looking_registry(Arc::clone(&looks)));
-    let out = finish(&engine, "looks", &()).await;
-    assert_eq!(out.status, RunStatus::Completed);
+    let seen = run_metered(false, looking_registry(Arc::clone(&looks)), "looks").await;
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "attempts with spans are not metered"
+    );
     assert_eq!(
         *looks.lock().unwrap(),
         [
