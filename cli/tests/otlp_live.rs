@@ -308,19 +308,7 @@ fn a_run_with_the_collector_down_completes_and_reports_dropped_spans() {
 fn a_run_sampled_out_is_counted_in_the_metrics_and_can_be_sent_later() {
     let env = Env::new();
     let rx = Receiver::start();
-    let out = cairn(
-        &env,
-        &[("OTEL_TRACES_SAMPLER", "always_off")],
-        &[
-            "--otlp",
-            &rx.url(),
-            "start",
-            "steps",
-            "--input",
-            r#"{"steps": 3}"#,
-        ],
-    );
-    out.assert_ok();
+    let out = start_sampled_out(&env, &rx, "steps", r#"{"steps": 3}"#);
     assert!(!out.stderr.contains("warning"), "{}", out.stderr);
     let notes: Vec<&str> = out
         .stderr
@@ -353,22 +341,22 @@ fn a_run_sampled_out_is_counted_in_the_metrics_and_can_be_sent_later() {
 fn a_fan_out_in_a_run_sampled_out_sends_no_span_and_counts_its_branches() {
     let env = Env::new();
     let rx = Receiver::start();
-    let out = cairn(
-        &env,
-        &[("OTEL_TRACES_SAMPLER", "always_off")],
-        &[
-            "--otlp",
-            &rx.url(),
-            "start",
-            "fanout",
-            "--input",
-            r#"{"branches": 5, "concurrency": 2}"#,
-        ],
-    );
-    out.assert_ok();
+    start_sampled_out(&env, &rx, "fanout", r#"{"branches": 5, "concurrency": 2}"#);
     assert!(rx.spans().is_empty(), "{:#?}", rx.spans());
     let counted = Counted::of(&rx);
     assert_eq!((counted.runs, counted.steps, counted.branches), (1, 5, 5));
+}
+
+/// Starts `workflow` with `input`, exporting to `rx` with every run left out by the sampler
+/// (`OTEL_TRACES_SAMPLER=always_off`); the command succeeded.
+fn start_sampled_out(env: &Env, rx: &Receiver, workflow: &str, input: &str) -> common::Out {
+    let out = cairn(
+        env,
+        &[("OTEL_TRACES_SAMPLER", "always_off")],
+        &["--otlp", &rx.url(), "start", workflow, "--input", input],
+    );
+    out.assert_ok();
+    out
 }
 
 /// What the receiver's metrics counted: runs, step attempts and fan-out branches finished.
