@@ -539,6 +539,12 @@ fn run_trace_id(attrs: &[KeyValue]) -> Option<TraceId> {
     Some(TraceId::from_bytes(crate::trace::trace_id(run)))
 }
 
+thread_local! {
+    /// Set by the meter's run hook when the sampler keeps a run as it starts: the run's span,
+    /// which the engine makes next on this thread, is then exported without a second decision.
+    static RUN_SAMPLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The `tracing` layer that turns the spans of cairn's crates into OpenTelemetry spans: it
 /// keeps each span's fields in the registry while it is open and, when it closes, hands one
 /// record to the export queue, which builds the [`SpanData`] and derives the metrics. The
@@ -719,10 +725,16 @@ where
         if let Some(m) = &self.metrics {
             m.opened(meta.name());
         }
+        // A run's span whose run the sampler kept as the run started (the meter's run hook, on
+        // this thread, just before): exported without asking the sampler again.
+        let presampled = matches!(parent, Parent::Root)
+            && RUN_SAMPLED.with(|c| c.replace(false))
+            && meta.name() == "run";
         // A root is decided here when the sampler needs no trace id (all but the ratio one):
         // a root left out then costs no copy of its fields, no trace id, no span record.
         let stats = &self.queue.stats;
-        let early = matches!(parent, Parent::Root) && !self.sampling.needs_trace_id();
+        let early =
+            matches!(parent, Parent::Root) && !presampled && !self.sampling.needs_trace_id();
         if early {
             if self.sampling.sample(TraceId::INVALID) {
                 stats.traces_sampled.fetch_add(1, Ordering::Relaxed);
@@ -758,7 +770,9 @@ where
                 live.trace_id = run_trace_id(&live.attributes).unwrap_or_else(|| {
                     TraceId::from(u128::from(next_id()) << 64 | u128::from(next_id()))
                 });
-                if !early {
+                if presampled {
+                    stats.traces_sampled.fetch_add(1, Ordering::Relaxed);
+                } else if !early {
                     if !self.sampling.sample(live.trace_id) {
                         stats.traces_unsampled.fetch_add(1, Ordering::Relaxed);
                         let rec = self.unsampled_rec(meta.name(), attrs);
@@ -1478,7 +1492,11 @@ impl Pipeline {
     {
         let meter = self.span_metrics.clone().map(|metrics| {
             let queue = Arc::clone(&self.queue);
-            cairn_engine::StepMeter::new(move |a| {
+            let run_queue = Arc::clone(&self.queue);
+            let run_metrics = metrics.clone();
+            let sampling = Arc::clone(&self.sampling);
+            let stats = Arc::clone(&self.queue.stats);
+            let meter = cairn_engine::StepMeter::new(move |a| {
                 let rec = MetricRec::Step(crate::otel_metrics::StepRec {
                     name: Some(crate::otel_metrics::intern_label(a.step_name)),
                     failed: a.failed,
@@ -1492,7 +1510,42 @@ impl Pipeline {
                     // The queue is full: counted here rather than lost.
                     rec.record(&metrics, kind, secs);
                 }
-            })
+            });
+            if steps_wanted_elsewhere {
+                // The log shows `run` spans too: each run keeps its span.
+                return meter;
+            }
+            // The sampler decides as each run starts, before its span is made: a run left out
+            // then has no span at all (its end is metered), and one exported has its decision
+            // taken over by `on_new_span` (a rate-limited sampler is asked once per run).
+            meter.with_runs(
+                move |run| {
+                    let trace_id = if sampling.needs_trace_id() {
+                        TraceId::from_bytes(crate::trace::trace_id(run))
+                    } else {
+                        TraceId::INVALID
+                    };
+                    if sampling.sample(trace_id) {
+                        RUN_SAMPLED.with(|c| c.set(true));
+                        false
+                    } else {
+                        stats.traces_unsampled.fetch_add(1, Ordering::Relaxed);
+                        true
+                    }
+                },
+                move |r| {
+                    let rec = MetricRec::Other(Box::new(crate::otel_metrics::SpanRec::run(
+                        r.workflow, r.status,
+                    )));
+                    let (kind, secs) = ("run", r.secs);
+                    if let Some(Ended::Metric { rec, kind, secs }) =
+                        run_queue.push(Ended::Metric { rec, kind, secs })
+                    {
+                        // The queue is full: counted here rather than lost.
+                        rec.record(&run_metrics, kind, secs);
+                    }
+                },
+            )
         });
         Box::new(SpanLayer {
             queue: Arc::clone(&self.queue),
@@ -2044,14 +2097,19 @@ mod tests {
 
     /// The count of `cairn.step.duration` points whose attributes include all of `with`.
     fn step_attempts(metrics: &[ResourceMetrics], with: &[(&str, &str)]) -> u64 {
+        observations(metrics, "cairn.step.duration", with)
+    }
+
+    /// The count of the f64 histogram `name`'s points whose attributes include all of `with`.
+    fn observations(metrics: &[ResourceMetrics], name: &str, with: &[(&str, &str)]) -> u64 {
         let last = metrics.last().expect("a metrics export");
         let mut total = 0;
         for m in last.scope_metrics().flat_map(|s| s.metrics()) {
-            if m.name() != "cairn.step.duration" {
+            if m.name() != name {
                 continue;
             }
             let AggregatedMetrics::F64(MetricData::Histogram(h)) = m.data() else {
-                panic!("cairn.step.duration is not an f64 histogram");
+                panic!("{name} is not an f64 histogram");
             };
             for p in h.data_points() {
                 let attrs: Vec<(String, String)> = p
@@ -2407,15 +2465,27 @@ mod tests {
         out
     }
 
-    /// Counts the `step` spans a subscriber made (any layer could see them).
+    /// Counts the `step` and `run` spans a subscriber made (any layer could see them).
     #[derive(Clone, Default)]
-    struct StepSpans(Arc<std::sync::atomic::AtomicUsize>);
+    struct StepSpans(
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    );
+
+    impl StepSpans {
+        /// The `run` spans made.
+        fn runs(&self) -> usize {
+            self.1.load(Ordering::Relaxed)
+        }
+    }
 
     impl<S: Subscriber> Layer<S> for StepSpans {
         fn on_new_span(&self, attrs: &Attributes<'_>, _id: &Id, _ctx: LayerContext<'_, S>) {
-            if attrs.metadata().name() == "step" {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
+            match attrs.metadata().name() {
+                "step" => self.0.fetch_add(1, Ordering::Relaxed),
+                "run" => self.1.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
         }
     }
 
@@ -2471,6 +2541,37 @@ mod tests {
             assert_eq!(step_attempts(&m, &[("cairn.step_name", "step")]), 3);
             let made = seen.0.load(Ordering::Relaxed);
             assert_eq!(made, if wanted { 3 } else { 0 }, "wanted: {wanted}");
+            // The run's own span likewise; the run is counted and timed either way.
+            assert_eq!(seen.runs(), usize::from(wanted), "wanted: {wanted}");
+            let run = [
+                ("cairn.workflow", "steps"),
+                ("cairn.run.status", "completed"),
+            ];
+            assert_eq!(counter(&m, "cairn.runs", &run), 1, "wanted: {wanted}");
+            assert_eq!(
+                observations(&m, "cairn.run.duration", &run),
+                1,
+                "wanted: {wanted}"
+            );
+        }
+    }
+
+    /// An exported run still has its `run` span (the sampler's decision, taken as the run
+    /// starts, carries over to it), and a run left out has none: its end is metered.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_run_left_out_makes_no_run_span_and_is_still_counted() {
+        for sampler in [Sampler::AlwaysOn, Sampler::AlwaysOff] {
+            let seen = StepSpans::default();
+            let (spans, m) = one_run(sampler, false, &seen, "steps", |_| json!({"steps": 2})).await;
+            let exported = matches!(sampler, Sampler::AlwaysOn);
+            assert_eq!(seen.runs(), usize::from(exported), "{sampler:?}");
+            assert_eq!(named(&spans, "run").len(), usize::from(exported));
+            let run = [
+                ("cairn.workflow", "steps"),
+                ("cairn.run.status", "completed"),
+            ];
+            assert_eq!(counter(&m, "cairn.runs", &run), 1, "{sampler:?}");
+            assert_eq!(observations(&m, "cairn.run.duration", &run), 1);
         }
     }
 

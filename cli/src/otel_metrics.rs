@@ -449,6 +449,16 @@ pub(crate) struct SpanRec {
 }
 
 impl SpanRec {
+    /// What the metrics read of a run that had no span: its workflow and status (`None`:
+    /// stopped on an engine error, counted as `stopped`, as a span without a status is).
+    pub(crate) fn run(workflow: &str, status: Option<&str>) -> SpanRec {
+        SpanRec {
+            label: Some(StringValue::from(workflow.to_string())),
+            outcome: status.map(|s| StringValue::from(s.to_string())),
+            ..SpanRec::default()
+        }
+    }
+
     /// A string field as an attribute (empty if not recorded).
     fn kv(&self, key: &'static str, v: &Option<StringValue>) -> KeyValue {
         KeyValue::new(key, v.clone().unwrap_or_else(|| "".into()))

@@ -28,7 +28,7 @@ pub use fanout::{BranchOutcome, FanIn, FanOutOptions, JoinPolicy};
 pub use fork::{
     FORK_EVENTS_LABEL, FORK_POINT_LABEL, FORKED_FROM_LABEL, ForkError, ForkOptions, ForkedRun,
 };
-pub use meter::{StepAttempt, StepMeter, in_left_out_run};
+pub use meter::{RunEnded, StepAttempt, StepMeter, in_left_out_run};
 pub use registry::Registry;
 pub use retry::{RetryPolicy, StepOptions};
 pub use runtime::{

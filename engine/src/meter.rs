@@ -43,6 +43,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
+use cairn_storage::RunId;
+
 use crate::context::{RunShared, STEP_SPANS_METERED};
 
 /// One executed step attempt that had no `step` span, as a [`StepMeter`] receives it.
@@ -72,6 +74,37 @@ impl<'a> StepAttempt<'a> {
     }
 }
 
+/// How one incarnation of a run that had no `run` span ended, as a [`StepMeter`] with run
+/// hooks ([`StepMeter::with_runs`]) receives it.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RunEnded<'a> {
+    /// The run's workflow (`cairn.workflow`).
+    pub workflow: &'a str,
+    /// The run's status when this incarnation stopped (`cairn.run.status`), or `None` when it
+    /// stopped on an engine error (a store failure, say) before a status was known.
+    pub status: Option<&'a str>,
+    /// How long the incarnation took, in seconds.
+    pub secs: f64,
+}
+
+impl<'a> RunEnded<'a> {
+    /// A run of `workflow` that stopped with `status` (`None`: an engine error) after `secs`.
+    pub fn new(workflow: &'a str, status: Option<&'a str>, secs: f64) -> Self {
+        RunEnded {
+            workflow,
+            status,
+            secs,
+        }
+    }
+}
+
+/// The run hooks of a [`StepMeter`] (see [`StepMeter::with_runs`]).
+struct RunHooks {
+    leaves_out: Box<dyn Fn(RunId) -> bool + Send + Sync>,
+    ended: Box<dyn Fn(&RunEnded<'_>) + Send + Sync>,
+}
+
 /// What a subscriber does with the step attempts it made no span for: found by the engine on
 /// the current dispatcher (`Dispatch::downcast_ref::<StepMeter>()`), so that a subscriber
 /// installed for one thread (a test's) meters only the runs polled there.
@@ -80,22 +113,58 @@ impl<'a> StepAttempt<'a> {
 /// it the later ones directly. From then on the run's workflow is polled outside the run's span,
 /// with [`in_left_out_run`] set: a subscriber that refuses `step` spans and offers a meter should
 /// count a span made without a parent while that is set as part of the run it left out.
+///
+/// A meter with run hooks ([`StepMeter::with_runs`]) is also asked, as each run starts, whether
+/// the subscriber leaves the run out; if so the engine makes no `run` span at all, meters every
+/// attempt from the first, and reports the run's end to the meter.
 #[derive(Clone)]
 pub struct StepMeter {
-    record: std::sync::Arc<dyn Fn(&StepAttempt<'_>) + Send + Sync>,
+    record: Arc<dyn Fn(&StepAttempt<'_>) + Send + Sync>,
+    runs: Option<Arc<RunHooks>>,
 }
 
 impl StepMeter {
     /// A meter calling `record` for each attempt (on the workflow's thread: keep it short).
     pub fn new(record: impl Fn(&StepAttempt<'_>) + Send + Sync + 'static) -> Self {
         StepMeter {
-            record: std::sync::Arc::new(record),
+            record: Arc::new(record),
+            runs: None,
         }
+    }
+
+    /// This meter, also deciding which runs get no `run` span: `leaves_out` is asked once per
+    /// run, on the thread that starts it, just before the engine would make the run's span
+    /// (when it answers `false` the span follows at once, on that thread); `ended` receives how
+    /// each run left out ended. A subscriber should offer this only when no layer wants the
+    /// `run` spans of the runs it leaves out.
+    pub fn with_runs(
+        mut self,
+        leaves_out: impl Fn(RunId) -> bool + Send + Sync + 'static,
+        ended: impl Fn(&RunEnded<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.runs = Some(Arc::new(RunHooks {
+            leaves_out: Box::new(leaves_out),
+            ended: Box::new(ended),
+        }));
+        self
     }
 
     /// Hands `attempt` to this meter.
     pub fn record(&self, attempt: &StepAttempt<'_>) {
         (self.record)(attempt)
+    }
+
+    /// Whether the subscriber leaves run `run` out (no `run` span); `false` for a meter without
+    /// run hooks.
+    pub fn leaves_out(&self, run: RunId) -> bool {
+        self.runs.as_ref().is_some_and(|h| (h.leaves_out)(run))
+    }
+
+    /// Hands how a run left out ended to this meter (nothing without run hooks).
+    pub fn record_run(&self, ended: &RunEnded<'_>) {
+        if let Some(h) = &self.runs {
+            (h.ended)(ended)
+        }
     }
 
     /// The current dispatcher's meter, if it offers one.
@@ -115,7 +184,9 @@ impl StepMeter {
 
 impl fmt::Debug for StepMeter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("StepMeter")
+        f.debug_struct("StepMeter")
+            .field("run_hooks", &self.runs.is_some())
+            .finish()
     }
 }
 

@@ -950,19 +950,29 @@ impl Engine {
         let active = claim.active.take().unwrap_or_default();
         drop(claim);
         let input = state.input.clone();
-        // The run's span covers its task and the workflow's own task (entered below). It is a
-        // root, like the run's trace in `cairn trace`: a run started or woken from within
-        // another run's task is not part of that run.
-        let span = tracing::info_span!(
-            parent: None,
-            "run",
-            cairn.run_id = %id,
-            cairn.workflow = %state.workflow,
-            cairn.version = i64::from(state.version),
-            cairn.run.status = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            exception.message = tracing::field::Empty,
-        );
+        // A subscriber that leaves this run out of its spans may say so now (a meter with run
+        // hooks): the run then has no span at all; its attempts go to the meter from the first,
+        // and so does its end.
+        let metered = crate::StepMeter::current()
+            .filter(|m| m.leaves_out(id))
+            .map(|m| (m, state.workflow.clone(), std::time::Instant::now()));
+        // Otherwise the run's span covers its task and the workflow's own task (entered below).
+        // It is a root, like the run's trace in `cairn trace`: a run started or woken from
+        // within another run's task is not part of that run.
+        let span = if metered.is_some() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                parent: None,
+                "run",
+                cairn.run_id = %id,
+                cairn.workflow = %state.workflow,
+                cairn.version = i64::from(state.version),
+                cairn.run.status = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                exception.message = tracing::field::Empty,
+            )
+        };
         let run_span = span.clone();
         let queued = pending || (self.inner.slots.is_some() && state.parent.is_none());
         let parent = state.parent.clone();
@@ -977,8 +987,15 @@ impl Engine {
             engine: Arc::downgrade(&self.inner),
             suspend_after: self.inner.options.suspend_after,
             check_only: false,
-            step_spans: Default::default(),
-            meter: Default::default(),
+            step_spans: std::sync::atomic::AtomicU8::new(if metered.is_some() {
+                crate::context::STEP_SPANS_METERED
+            } else {
+                0
+            }),
+            meter: match &metered {
+                Some((m, _, _)) => std::sync::OnceLock::from(m.clone()),
+                None => std::sync::OnceLock::new(),
+            },
         });
         let inner = Arc::clone(&self.inner);
         let slot = if queued { self.request_slot() } else { None };
@@ -1062,8 +1079,14 @@ impl Engine {
                 finish(&shared, &root, result, reason).await
             }
             .await;
-                // How this incarnation of the run ended, on its span: a failed run is an
-                // error (OpenTelemetry: ERROR status and the exception).
+                // How this incarnation of the run ended: to the meter for a run left out, or
+                // on its span, where a failed run is an error (OpenTelemetry: ERROR status and
+                // the exception).
+                if let Some((meter, workflow, started)) = &metered {
+                    let status = r.as_ref().ok().map(|o| o.status.as_str());
+                    let secs = started.elapsed().as_secs_f64();
+                    meter.record_run(&crate::RunEnded::new(workflow, status, secs));
+                }
                 match &r {
                     Ok(o) => {
                         run_span.record("cairn.run.status", o.status.as_str());

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use cairn_engine::{
-    Engine, FanOutOptions, Registry, RetryPolicy, StepAttempt, StepError, StepMeter, StepOptions,
+    Engine, FanOutOptions, Registry, RetryPolicy, RunEnded, StepAttempt, StepError, StepMeter,
+    StepOptions,
 };
 use cairn_storage::RunStatus;
 use tracing::Subscriber;
@@ -298,4 +299,68 @@ async fn a_run_with_spans_is_polled_inside_its_span() {
             (false, Some("step"))
         ]
     );
+}
+
+type Ends = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// Runs `looking_registry`'s workflow on this thread under a [`Metering`] layer whose meter has
+/// run hooks that leave every run out (or none); returns the looks, the runs' ends the meter
+/// got, the attempts it got and the names of the spans made.
+async fn run_with_run_hooks(leave_out: bool) -> (Looks, Ends, Attempts, Vec<String>) {
+    let (mut layer, seen) = Metering::new(true);
+    let ends = Ends::default();
+    let keep = Arc::clone(&ends);
+    layer.meter = layer.meter.with_runs(
+        move |_| leave_out,
+        move |e: &RunEnded<'_>| {
+            assert!(e.secs >= 0.0 && e.secs < 60.0, "{e:?}");
+            keep.lock()
+                .unwrap()
+                .push((e.workflow.to_string(), e.status.map(str::to_string)));
+        },
+    );
+    let collect = Collect::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(collect.clone()),
+    );
+    let looks = Looks::default();
+    let (_d, store) = store();
+    let engine = Engine::with_store(store, looking_registry(Arc::clone(&looks)));
+    let out = finish(&engine, "looks", &()).await;
+    assert_eq!(out.status, RunStatus::Completed, "{out:?}");
+    tokio::task::yield_now().await;
+    let names = collect
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    (looks, ends, seen, names)
+}
+
+#[tokio::test]
+async fn a_run_the_meter_leaves_out_at_its_start_has_no_span_and_its_end_is_metered() {
+    let (looks, ends, attempts, spans) = run_with_run_hooks(true).await;
+    assert!(spans.is_empty(), "no span at all: {spans:?}");
+    // Left out from its first poll, not only after its first step.
+    assert_eq!(
+        *looks.lock().unwrap(),
+        [(true, None), (true, None), (true, None)]
+    );
+    assert_eq!(attempts.lock().unwrap().len(), 2, "both attempts metered");
+    assert_eq!(
+        *ends.lock().unwrap(),
+        [("looks".to_string(), Some("completed".to_string()))]
+    );
+}
+
+#[tokio::test]
+async fn a_run_the_meter_keeps_has_its_span_and_no_metered_end() {
+    let (looks, ends, _attempts, spans) = run_with_run_hooks(false).await;
+    assert_eq!(spans, ["run"], "the run's span (its steps are refused)");
+    assert_eq!(looks.lock().unwrap()[0], (false, Some("run")));
+    assert!(ends.lock().unwrap().is_empty());
 }
