@@ -22,6 +22,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -97,14 +98,15 @@ fn align_up(n: u64) -> u64 {
 
 /// The log file and where the next record goes.
 pub(crate) struct Wal {
-    file: File,
+    file: Arc<File>,
     /// The same file opened `O_DIRECT | O_DSYNC`, when durable appends are wanted and the file
     /// system supports it: each record is then one write that returns once the device has it,
     /// without the page-cache copy and write-back an fdatasync pays for.
-    direct: Option<File>,
-    /// Scratch space for direct writes, over-allocated so a [`BLOCK`]-aligned slice fits.
+    direct: Option<Arc<File>>,
+    /// Scratch space for direct writes, over-allocated so a [`BLOCK`]-aligned slice fits (lent
+    /// to each [`PendingWrite`] and given back when it is written).
     scratch: Vec<u8>,
-    path: PathBuf,
+    path: Arc<Path>,
     offset: u64,
     /// Bytes of the file already written (with zeros or records): appends below this only
     /// overwrite data blocks, so their fdatasync does not also flush a new file size.
@@ -116,7 +118,109 @@ pub(crate) struct Wal {
     fail_write: bool,
     /// Tests: make the next fdatasync fail.
     #[cfg(test)]
-    fail_sync: std::cell::Cell<bool>,
+    fail_sync: bool,
+}
+
+/// A record encoded and given its place in the log, to be written (and made durable) by
+/// [`PendingWrite::write`], which needs no access to the [`Wal`]: the writer thread writes it
+/// without holding the writer's lock. [`Wal::written`] then takes it back.
+pub(crate) struct PendingWrite {
+    /// The record (`direct`: zero-padded to whole blocks from `start`), in the log's scratch.
+    buf: Vec<u8>,
+    start: usize,
+    /// The record's length without the padding.
+    rec_len: usize,
+    /// The padded length (what a direct write writes).
+    padded: usize,
+    offset: u64,
+    file: Arc<File>,
+    direct: Option<Arc<File>>,
+    /// Whether a buffered write is followed by an fdatasync.
+    sync: bool,
+    /// Whether the write is made durable (durability on).
+    durable: bool,
+    path: Arc<Path>,
+    /// Set by [`PendingWrite::write`] when the file system refused direct I/O after all.
+    refused_direct: bool,
+    #[cfg(test)]
+    fail_write: bool,
+    #[cfg(test)]
+    fail_sync: bool,
+}
+
+/// Why a [`PendingWrite`] failed: its write (nothing of it is durable) or the fdatasync after
+/// a buffered write (the kernel may have dropped dirty pages of the log: only a reopen can
+/// tell what is durable).
+pub(crate) enum WriteError {
+    /// The write failed.
+    Write(StoreError),
+    /// The fdatasync failed.
+    Sync(StoreError),
+}
+
+impl PendingWrite {
+    /// Writes the record at its place and makes it durable (one `O_DIRECT | O_DSYNC` write, or
+    /// a write and, unless durability is off, an fdatasync).
+    pub(crate) fn write(&mut self) -> Result<(), WriteError> {
+        #[cfg(test)]
+        if self.fail_write {
+            // As a device that fails a write: after a while (operations meanwhile go on being
+            // worked out into the next record).
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            return Err(WriteError::Write(io(
+                &self.path,
+                "cannot write the write-ahead log",
+                std::io::Error::other("injected failure"),
+            )));
+        }
+        if let Some(direct) = &self.direct {
+            // One write of whole blocks, durable when it returns (the tail past the record is
+            // zeros, which a scan reads as padding).
+            match direct.write_all_at(&self.buf[self.start..self.start + self.padded], self.offset)
+            {
+                Ok(()) => return Ok(()),
+                // The file system refused direct I/O after all: buffered from now on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.refused_direct = true;
+                    self.sync = self.durable;
+                }
+                Err(e) => {
+                    return Err(WriteError::Write(io(
+                        &self.path,
+                        "cannot write the write-ahead log",
+                        e,
+                    )));
+                }
+            }
+        }
+        self.file
+            .write_all_at(
+                &self.buf[self.start..self.start + self.rec_len],
+                self.offset,
+            )
+            .map_err(|e| {
+                WriteError::Write(io(&self.path, "cannot write the write-ahead log", e))
+            })?;
+        #[cfg(test)]
+        if self.fail_sync {
+            return Err(WriteError::Sync(io(
+                &self.path,
+                "cannot fsync the write-ahead log",
+                std::io::Error::other("injected failure"),
+            )));
+        }
+        if self.sync {
+            self.file.sync_data().map_err(|e| {
+                WriteError::Sync(io(&self.path, "cannot fsync the write-ahead log", e))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether the write is made durable: false only with durability off.
+    pub(crate) fn durable(&self) -> bool {
+        self.durable
+    }
 }
 
 /// The log's path for a store file.
@@ -157,7 +261,7 @@ fn open_direct(_path: &Path) -> Option<File> {
 }
 
 /// One record: header and body.
-fn encode_record(lsn: u64, changes: &[Change]) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode_record(lsn: u64, changes: &[Change]) -> Result<Vec<u8>, StoreError> {
     // Encode the body straight after a header placeholder: the batch's bytes are copied once,
     // not once into a body and again into the record.
     let mut buf = Vec::with_capacity(HEADER_BYTES + encoded_size_hint(changes));
@@ -204,7 +308,7 @@ impl Wal {
     /// The error for a log written by a newer cairn.
     fn newer(&self) -> StoreError {
         StoreError::Corrupt {
-            path: self.path.clone(),
+            path: self.path.to_path_buf(),
             detail: "the write-ahead log was written by a newer cairn; upgrade cairn".into(),
         }
     }
@@ -227,17 +331,17 @@ impl Wal {
         // and fdatasync.
         let direct = if sync { open_direct(&path) } else { None };
         Ok(Wal {
-            file,
-            direct,
+            file: Arc::new(file),
+            direct: direct.map(Arc::new),
             scratch: Vec::new(),
-            path,
+            path: Arc::from(path.as_path()),
             offset: 0,
             allocated,
             sync,
             #[cfg(test)]
             fail_write: false,
             #[cfg(test)]
-            fail_sync: std::cell::Cell::new(false),
+            fail_sync: false,
         })
     }
 
@@ -285,7 +389,7 @@ impl Wal {
             if lsn > checkpoint {
                 let changes: Vec<Change> =
                     postcard::from_bytes(body).map_err(|e| StoreError::Corrupt {
-                        path: self.path.clone(),
+                        path: self.path.to_path_buf(),
                         detail: format!("write-ahead log record {lsn} cannot be decoded: {e}"),
                     })?;
                 out.push((lsn, changes));
@@ -303,8 +407,10 @@ impl Wal {
     /// Appends one record and makes it durable.
     #[cfg(test)]
     pub(crate) fn append(&mut self, lsn: u64, changes: &[Change]) -> Result<(), StoreError> {
-        self.write(lsn, changes)?;
-        self.sync()
+        let mut p = self.prepare(lsn, changes)?;
+        let r = p.write();
+        self.written(p);
+        r.map_err(|(WriteError::Write(e) | WriteError::Sync(e))| e)
     }
 
     /// Tests: buffered writes and fdatasync, as where direct I/O is refused.
@@ -321,74 +427,67 @@ impl Wal {
 
     /// Tests: the next fdatasync fails.
     #[cfg(test)]
-    pub(crate) fn fail_next_sync(&self) {
-        self.fail_sync.set(true);
+    pub(crate) fn fail_next_sync(&mut self) {
+        self.fail_sync = true;
     }
 
-    /// Whether records are fdatasynced (not with `Durability::None`).
-    pub(crate) fn syncs(&self) -> bool {
-        self.sync
+    /// Encodes a record of `changes` with sequence number `lsn` and gives it its place (the next
+    /// block boundary): [`PendingWrite::write`] writes it, then [`Wal::written`] takes it back.
+    /// Records must be written in the order they were prepared, one at a time.
+    pub(crate) fn prepare(
+        &mut self,
+        lsn: u64,
+        changes: &[Change],
+    ) -> Result<PendingWrite, StoreError> {
+        self.place(&encode_record(lsn, changes)?)
     }
 
-    /// Makes every record written so far durable (one fdatasync; nothing without sync).
-    pub(crate) fn sync(&self) -> Result<(), StoreError> {
-        #[cfg(test)]
-        if self.fail_sync.replace(false) {
-            return Err(io(
-                &self.path,
-                "cannot fsync the write-ahead log",
-                std::io::Error::other("injected failure"),
-            ));
-        }
-        // Direct writes are durable when they return.
-        if self.sync && self.direct.is_none() {
-            self.file
-                .sync_data()
-                .map_err(|e| io(&self.path, "cannot fsync the write-ahead log", e))?;
-        }
-        Ok(())
-    }
-
-    /// Appends one record without waiting for the disk: [`Wal::sync`] makes it durable.
-    pub(crate) fn write(&mut self, lsn: u64, changes: &[Change]) -> Result<(), StoreError> {
-        #[cfg(test)]
-        if std::mem::take(&mut self.fail_write) {
-            return Err(io(
-                &self.path,
-                "cannot write the write-ahead log",
-                std::io::Error::other("injected failure"),
-            ));
-        }
-        let rec = encode_record(lsn, changes)?;
+    /// [`Wal::prepare`] for a record already encoded ([`encode_record`], which needs no
+    /// access to the log: the writer thread encodes outside the writer's lock).
+    pub(crate) fn place(&mut self, rec: &[u8]) -> Result<PendingWrite, StoreError> {
         let padded = align_up(rec.len() as u64);
         self.reserve(self.offset + padded)?;
-        if let Some(direct) = &self.direct {
-            // One write of whole blocks, durable when it returns (the tail past the record is
-            // zeros, which a scan reads as padding).
-            let len = padded as usize;
-            if self.scratch.len() < len + BLOCK {
-                self.scratch.resize(len + BLOCK, 0);
-            }
-            let start = self.scratch.as_ptr().align_offset(BLOCK).min(BLOCK);
-            let block = &mut self.scratch[start..start + len];
-            block[..rec.len()].copy_from_slice(&rec);
-            // Only the padding needs zeroing: the rest is the record.
-            block[rec.len()..].fill(0);
-            match direct.write_all_at(block, self.offset) {
-                Ok(()) => {
-                    self.offset += padded;
-                    return Ok(());
-                }
-                // The file system refused direct I/O after all: buffered from now on.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
-                Err(e) => return Err(io(&self.path, "cannot write the write-ahead log", e)),
-            }
+        let len = padded as usize;
+        let mut buf = std::mem::take(&mut self.scratch);
+        if buf.len() < len + BLOCK {
+            buf.resize(len + BLOCK, 0);
         }
-        self.file
-            .write_all_at(&rec, self.offset)
-            .map_err(|e| io(&self.path, "cannot write the write-ahead log", e))?;
+        let start = buf.as_ptr().align_offset(BLOCK).min(BLOCK);
+        let block = &mut buf[start..start + len];
+        block[..rec.len()].copy_from_slice(rec);
+        // Only the padding needs zeroing: the rest is the record.
+        block[rec.len()..].fill(0);
+        let offset = self.offset;
         self.offset += padded;
-        Ok(())
+        Ok(PendingWrite {
+            buf,
+            start,
+            rec_len: rec.len(),
+            padded: len,
+            offset,
+            file: Arc::clone(&self.file),
+            direct: self.direct.clone(),
+            // A direct write is durable when it returns; a buffered one needs an fdatasync.
+            sync: self.sync && self.direct.is_none(),
+            durable: self.sync,
+            path: Arc::clone(&self.path),
+            refused_direct: false,
+            #[cfg(test)]
+            fail_write: std::mem::take(&mut self.fail_write),
+            #[cfg(test)]
+            fail_sync: std::mem::take(&mut self.fail_sync),
+        })
+    }
+
+    /// Takes back a record [`PendingWrite::write`] wrote (its scratch space, and whether the
+    /// file system refused direct I/O: buffered writes and fdatasync from then on).
+    pub(crate) fn written(&mut self, mut p: PendingWrite) {
+        if p.refused_direct {
+            self.direct = None;
+        }
+        if p.buf.capacity() >= self.scratch.capacity() {
+            self.scratch = std::mem::take(&mut p.buf);
+        }
     }
 
     /// Gives the log its first [`RESERVE_STEP`] bytes now, at open, so the first commit does
