@@ -183,8 +183,9 @@ enum Op {
     Checkpoint {
         reply: Reply,
     },
-    /// Wakes the writer thread so that it schedules a checkpoint for changes a caller
-    /// committed itself (no reply, not counted as queued).
+    /// Wakes the writer thread (no reply, not counted as queued): to write the open record a
+    /// caller added to while it waited for work, or to schedule a checkpoint for changes a
+    /// caller committed itself.
     Tick,
 }
 
@@ -527,11 +528,11 @@ impl RedbStore {
         };
         let (reply, rx) = Reply::new(&shared.inflight);
         let op = make(reply);
-        // Leader path: when the writer is idle, nothing is queued and this caller has been
-        // alone for a streak of ops (a sequential workflow), commit on this thread (one durable
-        // log write) instead of waking the writer thread and being woken by it. A sequential
-        // workflow then pays the disk's latency and little else. Under load the writer is busy
-        // and operations queue for its group commit.
+        // Under load: nothing queued before this operation and the lock free, so work it out
+        // into the open record here, on this thread (no hand-off to the writer thread, which
+        // only seals and writes). If a write is in flight the writer thread takes the open
+        // record when it returns; if it is waiting for work, wake it. (A sequential caller
+        // takes the leader path below instead.)
         if shared.queued.load(Ordering::Acquire) == 0
             && !matches!(op, Op::Checkpoint { .. })
             && let Some(mut w) = shared.try_lock()
@@ -541,10 +542,6 @@ impl RedbStore {
             && w.open.ops < BATCH_OPS_MAX as u64
             && w.open.bytes < BATCH_BYTES_MAX
         {
-            // Nothing queued before this operation and the lock free: work it out into the
-            // open record here, on this thread (no hand-off to the writer thread, which only
-            // seals and writes). If a write is in flight the writer thread takes the open
-            // record when it returns; if it is waiting for work, wake it.
             w.prepare(vec![op]);
             let wake = std::mem::take(&mut w.idle);
             drop(w);
@@ -553,6 +550,10 @@ impl RedbStore {
             }
             return Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? });
         }
+        // Leader path: when nothing is queued, open or being written and this caller has been
+        // alone for a streak of ops (a sequential workflow), commit on this thread (one durable
+        // log write) instead of waking the writer thread and being woken by it. A sequential
+        // workflow then pays the disk's latency and little else.
         if streak >= LEADER_STREAK && shared.queued.load(Ordering::Acquire) == 0 {
             match shared.writer.try_lock() {
                 Ok(mut w)
