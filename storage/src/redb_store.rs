@@ -189,7 +189,30 @@ enum Op {
     Tick,
 }
 
+/// What an operation asks of the writer: work (with where its result goes), a checkpoint, or
+/// only a wake-up.
+enum Split {
+    Work(Reply, Work),
+    Checkpoint(Reply),
+    Tick,
+}
+
 impl Op {
+    fn split(self) -> Split {
+        match self {
+            Op::Create { run, events, reply } => Split::Work(reply, Work::Create(run, events)),
+            Op::Append {
+                run,
+                events,
+                update,
+                reply,
+            } => Split::Work(reply, Work::Append(run, events, update)),
+            Op::Flush { reply } => Split::Work(reply, Work::Flush),
+            Op::Checkpoint { reply } => Split::Checkpoint(reply),
+            Op::Tick => Split::Tick,
+        }
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Op::Create { events, .. } | Op::Append { events, .. } => {
@@ -899,6 +922,11 @@ enum Placed {
     Write(PendingWrite, InFlight),
 }
 
+/// The error of an operation refused because the writer stopped after `failure`.
+fn stopped(failure: &str) -> String {
+    format!("the store's writer stopped after a failure ({failure}); reopen the store")
+}
+
 /// Operations in a row that must find nothing else in flight before a caller commits itself.
 /// Interleaved medians (session 4): `many` 188k steps/s with 1 (every lone op), 223k with 5,
 /// 226k with the leader path off; `seq` and `fanout` the same within noise with 5.
@@ -1142,31 +1170,16 @@ impl Writer {
         let mut replies = Vec::with_capacity(batch.len());
         for op in batch {
             self.open.bytes += op.bytes();
-            match op {
-                Op::Create { run, events, reply } => {
+            match op.split() {
+                Split::Work(reply, w) => {
                     replies.push(reply);
-                    work.push(Work::Create(run, events));
+                    work.push(w);
                 }
-                Op::Append {
-                    run,
-                    events,
-                    update,
-                    reply,
-                } => {
-                    replies.push(reply);
-                    work.push(Work::Append(run, events, update));
-                }
-                Op::Flush { reply } => {
-                    replies.push(reply);
-                    work.push(Work::Flush);
-                }
-                Op::Checkpoint { reply } => {
+                Split::Checkpoint(reply) => {
                     self.prepare_work(std::mem::take(&mut work), std::mem::take(&mut replies));
                     self.flush_open();
                     let r = match &self.failed {
-                        Some(f) => Err(StoreError::Backend(format!(
-                            "the store's writer stopped after a failure ({f}); reopen the store"
-                        ))),
+                        Some(f) => Err(StoreError::Backend(stopped(f))),
                         None => match self.checkpoint() {
                             Ok(()) => Ok(()),
                             Err(e) => {
@@ -1188,7 +1201,7 @@ impl Writer {
                         head: [0; 32],
                     }));
                 }
-                Op::Tick => {}
+                Split::Tick => {}
             }
         }
         self.prepare_work(work, replies);
@@ -1200,9 +1213,7 @@ impl Writer {
             return;
         }
         let refused = match (&self.failed, &self.broken) {
-            (Some(f), _) => Some(format!(
-                "the store's writer stopped after a failure ({f}); reopen the store"
-            )),
+            (Some(f), _) => Some(stopped(f)),
             (None, Some(b)) => Some(format!("not recorded: a write to the store failed ({b})")),
             (None, None) => None,
         };
@@ -1439,35 +1450,22 @@ impl Writer {
         let mut want_checkpoint = false;
         let mut checkpoint_ops: Vec<usize> = Vec::new();
         for op in batch {
-            match op {
-                Op::Create { run, events, reply } => {
+            match op.split() {
+                Split::Work(reply, w) => {
                     replies.push(reply);
-                    work.push(Work::Create(run, events));
+                    work.push(w);
                 }
-                Op::Append {
-                    run,
-                    events,
-                    update,
-                    reply,
-                } => {
-                    replies.push(reply);
-                    work.push(Work::Append(run, events, update));
-                }
-                Op::Flush { reply } => {
-                    replies.push(reply);
-                    work.push(Work::Flush);
-                }
-                Op::Checkpoint { reply } => {
+                Split::Checkpoint(reply) => {
                     want_checkpoint = true;
                     checkpoint_ops.push(replies.len());
                     replies.push(reply);
                     work.push(Work::Flush);
                 }
-                Op::Tick => {}
+                Split::Tick => {}
             }
         }
         if let Some(f) = &self.failed {
-            let msg = format!("the store's writer stopped after a failure ({f}); reopen the store");
+            let msg = stopped(f);
             for reply in replies {
                 answers
                     .list
