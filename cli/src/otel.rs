@@ -852,14 +852,8 @@ where
         } else if let Some(Unsampled(Some((started, rec)))) = ext.remove::<Unsampled>() {
             drop(ext);
             let secs = started.elapsed().as_secs_f64();
-            let kind = span.name();
-            if let Some(Ended::Metric { rec, kind, secs }) =
-                self.queue.push(Ended::Metric { rec, kind, secs })
-                && let Some(m) = &self.metrics
-            {
-                // The queue is full: counted here rather than lost.
-                rec.record(m, kind, secs);
-            }
+            self.queue
+                .push_metric(self.metrics.as_ref(), rec, span.name(), secs);
         }
     }
 }
@@ -1027,6 +1021,23 @@ impl Queue {
             self.wake.notify_one();
         }
         None
+    }
+
+    /// Queues the metrics of a span not exported (or of an attempt or run that had no span);
+    /// if the queue is full, records them here, into `metrics`, rather than lose them.
+    fn push_metric(
+        &self,
+        metrics: Option<&crate::otel_metrics::SpanMetrics>,
+        rec: MetricRec,
+        kind: &'static str,
+        secs: f64,
+    ) {
+        if let Some(Ended::Metric { rec, kind, secs }) =
+            self.push(Ended::Metric { rec, kind, secs })
+            && let Some(m) = metrics
+        {
+            rec.record(m, kind, secs);
+        }
     }
 
     /// Everything queued.
@@ -1502,14 +1513,7 @@ impl Pipeline {
                     failed: a.failed,
                     will_retry: a.will_retry,
                 });
-                if let Some(Ended::Metric { rec, kind, secs }) = queue.push(Ended::Metric {
-                    rec,
-                    kind: "step",
-                    secs: a.secs,
-                }) {
-                    // The queue is full: counted here rather than lost.
-                    rec.record(&metrics, kind, secs);
-                }
+                queue.push_metric(Some(&metrics), rec, "step", a.secs);
             });
             if steps_wanted_elsewhere {
                 // The log shows `run` spans too: each run keeps its span.
@@ -1537,13 +1541,7 @@ impl Pipeline {
                     let rec = MetricRec::Other(Box::new(crate::otel_metrics::SpanRec::run(
                         r.workflow, r.status,
                     )));
-                    let (kind, secs) = ("run", r.secs);
-                    if let Some(Ended::Metric { rec, kind, secs }) =
-                        run_queue.push(Ended::Metric { rec, kind, secs })
-                    {
-                        // The queue is full: counted here rather than lost.
-                        rec.record(&run_metrics, kind, secs);
-                    }
+                    run_queue.push_metric(Some(&run_metrics), rec, "run", r.secs);
                 },
             )
         });

@@ -453,8 +453,8 @@ impl SpanRec {
     /// stopped on an engine error, counted as `stopped`, as a span without a status is).
     pub(crate) fn run(workflow: &str, status: Option<&str>) -> SpanRec {
         SpanRec {
-            label: Some(StringValue::from(workflow.to_string())),
-            outcome: status.map(|s| StringValue::from(s.to_string())),
+            label: Some(intern(workflow)),
+            outcome: status.map(intern),
             ..SpanRec::default()
         }
     }

@@ -1224,13 +1224,7 @@ impl Writer {
             return;
         }
         let ops = work.len() as u64;
-        let events: u64 = work
-            .iter()
-            .map(|w| match w {
-                Work::Create(_, e) | Work::Append(_, e, _) => e.len() as u64,
-                Work::Flush => 0,
-            })
-            .sum();
+        let events = work.iter().map(Work::events).sum::<usize>() as u64;
         match self.write_batch(work) {
             Ok((results, changes)) => {
                 if self.open.changes.is_empty() {
@@ -1474,13 +1468,7 @@ impl Writer {
             return answers;
         }
         let ops = work.len() as u64;
-        let events: u64 = work
-            .iter()
-            .map(|w| match w {
-                Work::Create(_, e) | Work::Append(_, e, _) => e.len() as u64,
-                Work::Flush => 0,
-            })
-            .sum();
+        let events = work.iter().map(Work::events).sum::<usize>() as u64;
         let outcome = self.write_batch(work).and_then(|(results, changes)| {
             let pending = self.log(&changes)?;
             Ok((results, pending.map(|p| (p, changes))))
@@ -1671,13 +1659,7 @@ impl Writer {
         }
         let mut results = Vec::with_capacity(work.len());
         // One change per event plus a few per op: allocated once, not grown.
-        let events: usize = work
-            .iter()
-            .map(|w| match w {
-                Work::Create(_, e) | Work::Append(_, e, _) => e.len(),
-                Work::Flush => 0,
-            })
-            .sum();
+        let events: usize = work.iter().map(Work::events).sum();
         let mut changes = Vec::with_capacity(events + work.len() * 2);
         // Runs whose row must be logged (created, or status or wake-up changed).
         let mut logged: Vec<u128> = Vec::new();
@@ -2180,6 +2162,16 @@ enum Work {
     Create(NewRun, Vec<NewEvent>),
     Append(RunId, Vec<NewEvent>, RunUpdate),
     Flush,
+}
+
+impl Work {
+    /// The events this work appends.
+    fn events(&self) -> usize {
+        match self {
+            Work::Create(_, e) | Work::Append(_, e, _) => e.len(),
+            Work::Flush => 0,
+        }
+    }
 }
 
 fn append_events(
