@@ -729,8 +729,9 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             }
             Workload::Telemetry => {
                 say(format!(
-                    "telemetry ({} rounds of seq + many + agents in child processes: off ×2, memory, otlp, otlp-all)",
-                    args.telemetry_rounds
+                    "telemetry ({} rounds of seq + many + agents in child processes of {} core rounds each: off ×2, memory, otlp, otlp-all)",
+                    args.telemetry_rounds,
+                    crate::otel_bench::CHILD_ROUNDS
                 ));
                 let sizes = crate::otel_bench::Sizes {
                     steps: args.steps,

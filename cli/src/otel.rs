@@ -390,11 +390,19 @@ struct LiveSpan {
 
 /// Turns `tracing` fields into span attributes and the special `otel.*` fields into the span's
 /// name, kind and status, as `tracing-opentelemetry` does.
-struct FieldVisitor<'a>(&'a mut LiveSpan, Option<&'a StringValue>);
+///
+/// The second field is the run id of the enclosing run span, shared rather than formatted
+/// again; the third says whether the span is being opened: its fields are then new (a callsite
+/// names each field once), so they are added without looking for one to replace.
+struct FieldVisitor<'a>(&'a mut LiveSpan, Option<&'a StringValue>, bool);
 
 impl FieldVisitor<'_> {
     fn put(&mut self, key: &'static str, value: Value) {
         let attrs = &mut self.0.attributes;
+        if self.2 {
+            attrs.push(KeyValue::new(key, value));
+            return;
+        }
         match attrs.iter_mut().find(|kv| kv.key.as_str() == key) {
             Some(kv) => kv.value = value,
             None => attrs.push(KeyValue::new(key, value)),
@@ -761,12 +769,12 @@ where
         };
         match parent {
             Parent::Sampled(trace_id, span_id, run) => {
-                attrs.record(&mut FieldVisitor(&mut live, run.as_ref()));
+                attrs.record(&mut FieldVisitor(&mut live, run.as_ref(), true));
                 live.trace_id = trace_id;
                 live.parent_span_id = span_id;
             }
             _ => {
-                attrs.record(&mut FieldVisitor(&mut live, None));
+                attrs.record(&mut FieldVisitor(&mut live, None, true));
                 live.trace_id = run_trace_id(&live.attributes).unwrap_or_else(|| {
                     TraceId::from(u128::from(next_id()) << 64 | u128::from(next_id()))
                 });
@@ -791,7 +799,7 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut ext = span.extensions_mut();
         if let Some(live) = ext.get_mut::<LiveSpan>() {
-            values.record(&mut FieldVisitor(live, None));
+            values.record(&mut FieldVisitor(live, None, false));
         } else if let Some(Unsampled(Some((_, rec)))) = ext.get_mut::<Unsampled>() {
             values.record(rec);
         }
@@ -975,6 +983,29 @@ struct Queue {
     /// Set at shutdown: the thread sends what is left and stops.
     closing: AtomicBool,
     stats: Arc<ExportStats>,
+    /// Which queue this is, for the threads' [`SHARDS`].
+    id: u64,
+    /// Each thread's metric records not yet handed over (see [`Shard`]).
+    shards: Mutex<Vec<Arc<Shard>>>,
+}
+
+/// The metric records one thread queued and has not handed over yet. A step of a run not
+/// exported queues one record; taking the queue's lock for each made the two workflow threads
+/// pass its cache lines back and forth at every step. A thread fills its own shard instead and
+/// hands a full chunk over in one lock; the export thread takes what the shards hold whenever
+/// it runs (at least every [`Queue::delay`]), so a record waits no longer than before.
+#[derive(Default)]
+struct Shard {
+    recs: Mutex<Vec<Ended>>,
+}
+
+/// Source of [`Queue::id`].
+static QUEUE_IDS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's shard of each queue it queued metric records to (one, but for tests).
+    static SHARDS: std::cell::RefCell<Vec<(u64, Arc<Shard>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Spans per chunk of the queue.
@@ -1001,6 +1032,23 @@ impl Chunks {
 }
 
 impl Queue {
+    /// An empty queue holding `max` entries at most, sending `batch` spans per request or
+    /// after `delay`.
+    fn new(max: usize, batch: usize, delay: Duration, stats: Arc<ExportStats>) -> Queue {
+        Queue {
+            spans: Mutex::new(Chunks::default()),
+            wake: Condvar::new(),
+            max,
+            batch,
+            wake_len: (max - max / 4).max(1),
+            delay,
+            closing: AtomicBool::new(false),
+            stats,
+            id: QUEUE_IDS.fetch_add(1, Ordering::Relaxed),
+            shards: Mutex::default(),
+        }
+    }
+
     /// Queues `span`; gives it back if the queue is full.
     fn push(&self, span: Ended) -> Option<Ended> {
         let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
@@ -1032,20 +1080,100 @@ impl Queue {
         kind: &'static str,
         secs: f64,
     ) {
-        if let Some(Ended::Metric { rec, kind, secs }) =
-            self.push(Ended::Metric { rec, kind, secs })
-            && let Some(m) = metrics
-        {
-            rec.record(m, kind, secs);
+        let given_back = match self.push_to_shard(Ended::Metric { rec, kind, secs }) {
+            Ok(None) => return,
+            Ok(Some(chunk)) => chunk,
+            // No shard on this thread (it is being torn down): the shared queue.
+            Err(e) => self.push(e).into_iter().collect(),
+        };
+        // The queue is full: recorded here rather than lost.
+        if let Some(m) = metrics {
+            for e in given_back {
+                if let Ended::Metric { rec, kind, secs } = e {
+                    rec.record(m, kind, secs);
+                }
+            }
         }
     }
 
-    /// Everything queued.
+    /// Adds `e` to this thread's shard, handing the shard's records over to the queue once they
+    /// fill a chunk; gives the chunk back if the queue is full, and `e` if this thread has no
+    /// shard to use.
+    fn push_to_shard(&self, e: Ended) -> Result<Option<Vec<Ended>>, Ended> {
+        let mut e = Some(e);
+        let full = SHARDS
+            .try_with(|shards| {
+                let Ok(mut shards) = shards.try_borrow_mut() else {
+                    return None;
+                };
+                let shard = match shards.iter().find(|(id, _)| *id == self.id) {
+                    Some((_, shard)) => shard,
+                    None => {
+                        // Shards of queues gone (tests make many) are let go.
+                        shards.retain(|(_, s)| Arc::strong_count(s) > 1);
+                        let shard = Arc::new(Shard::default());
+                        self.shards
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Arc::clone(&shard));
+                        shards.push((self.id, shard));
+                        &shards.last().expect("just pushed").1
+                    }
+                };
+                let mut recs = shard.recs.lock().unwrap_or_else(|p| p.into_inner());
+                recs.push(e.take().expect("pushed once"));
+                (recs.len() >= CHUNK)
+                    .then(|| std::mem::replace(&mut *recs, Vec::with_capacity(CHUNK)))
+            })
+            .ok()
+            .flatten();
+        match (e, full) {
+            (Some(e), _) => Err(e),
+            (None, None) => Ok(None),
+            (None, Some(chunk)) => Ok(self.hand_over(chunk)),
+        }
+    }
+
+    /// Queues a shard's full `chunk` of metric records; gives it back if the queue is full.
+    fn hand_over(&self, chunk: Vec<Ended>) -> Option<Vec<Ended>> {
+        let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len + chunk.len() > self.max {
+            return Some(chunk);
+        }
+        let was_due = q.due(self);
+        q.len += chunk.len();
+        // Before the chunk being filled with spans, if any: that one stays last.
+        let at = q.full.len().saturating_sub(1);
+        q.full.insert(at, chunk);
+        let wake = !was_due && q.due(self);
+        drop(q);
+        if wake {
+            self.wake.notify_one();
+        }
+        None
+    }
+
+    /// Everything queued, and what the threads' shards hold.
     fn take(&self) -> Vec<Vec<Ended>> {
+        let mut partial: Vec<Vec<Ended>> = Vec::new();
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        for shard in shards.iter() {
+            let mut recs = shard.recs.lock().unwrap_or_else(|p| p.into_inner());
+            if !recs.is_empty() {
+                partial.push(std::mem::take(&mut *recs));
+            }
+        }
+        // The shards of threads that have ended (only this list holds them now) are emptied
+        // and let go: a process whose blocking threads come and go keeps a shard per live one.
+        shards.retain(|s| Arc::strong_count(s) > 1);
+        drop(shards);
         let mut q = self.spans.lock().unwrap_or_else(|p| p.into_inner());
         q.len = 0;
         q.spans = 0;
-        std::mem::take(&mut q.full)
+        let mut all = std::mem::take(&mut q.full);
+        drop(q);
+        all.append(&mut partial);
+        all
     }
 
     /// Emptied chunks, for reuse.
@@ -1427,16 +1555,7 @@ impl Pipeline {
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map_or(BATCH_DELAY, Duration::from_millis);
-        let queue = Arc::new(Queue {
-            spans: Mutex::new(Chunks::default()),
-            wake: Condvar::new(),
-            max,
-            batch,
-            wake_len: (max - max / 4).max(1),
-            delay,
-            closing: AtomicBool::new(false),
-            stats: Arc::clone(&stats),
-        });
+        let queue = Arc::new(Queue::new(max, batch, delay, Arc::clone(&stats)));
         let meters = metrics.map(|m| {
             SdkMeterProvider::builder()
                 .with_resource(resource.clone())
@@ -2644,16 +2763,7 @@ mod tests {
 
     #[test]
     fn metric_records_wake_the_export_thread_only_when_the_queue_fills() {
-        let queue = Queue {
-            spans: Mutex::new(Chunks::default()),
-            wake: Condvar::new(),
-            max: 8,
-            batch: 2,
-            wake_len: 6,
-            delay: Duration::from_secs(1),
-            closing: AtomicBool::new(false),
-            stats: Arc::default(),
-        };
+        let queue = Queue::new(8, 2, Duration::from_secs(1), Arc::default());
         let metric = || Ended::Metric {
             rec: MetricRec::Step(Default::default()),
             kind: "step",
@@ -2699,5 +2809,48 @@ mod tests {
             assert!(queue.push(metric()).is_none());
         }
         assert!(queue.push(metric()).is_some());
+    }
+
+    #[test]
+    fn metric_records_wait_in_each_threads_shard_and_are_all_taken() {
+        let queue = Arc::new(Queue::new(600, 2, Duration::from_secs(1), Arc::default()));
+        let metric = || MetricRec::Step(Default::default());
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let q = Arc::clone(&queue);
+                std::thread::spawn(move || {
+                    for _ in 0..CHUNK + 44 {
+                        q.push_metric(None, metric(), "step", 0.0);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Each thread handed one full chunk over; the rest waits in its shard, and is taken
+        // too (the threads are gone).
+        assert_eq!(queue.spans.lock().unwrap().len, 2 * CHUNK);
+        let taken = queue.take();
+        assert_eq!(taken.iter().map(Vec::len).sum::<usize>(), 2 * (CHUNK + 44));
+        assert_eq!(queue.take().iter().map(Vec::len).sum::<usize>(), 0);
+        assert!(
+            queue.shards.lock().unwrap().is_empty(),
+            "the ended threads' shards are let go"
+        );
+        // A chunk that does not fit is given back, for its thread to record.
+        let chunk = |n| {
+            (0..n).map(|_| Ended::Metric {
+                rec: metric(),
+                kind: "step",
+                secs: 0.0,
+            })
+        };
+        assert!(queue.hand_over(chunk(CHUNK).collect()).is_none());
+        assert!(queue.hand_over(chunk(CHUNK).collect()).is_none());
+        assert_eq!(
+            queue.hand_over(chunk(CHUNK).collect()).map(|c| c.len()),
+            Some(CHUNK)
+        );
     }
 }

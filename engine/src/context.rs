@@ -569,7 +569,11 @@ impl WorkflowContext {
                 }
                 span
             };
-            let attempt_fut = span.in_scope(&mut f);
+            // The attempt's future is made at its first poll, inside its span (entered once per
+            // poll by `instrument` below, not once more to make the future): what `f` does before
+            // its first await runs in the span as before, and an attempt stopped before its
+            // first poll never calls `f`.
+            let attempt_fut = async { f().await };
             let run = async {
                 match limit {
                     None => attempt_fut.await,

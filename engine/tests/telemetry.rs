@@ -120,6 +120,36 @@ async fn a_fan_out_has_a_span_with_a_branch_span_per_branch() {
     }
 }
 
+// What a step's closure does before its future's first await, and the future itself, run
+// inside the attempt's span (the future is made at its first poll, in the span).
+#[tokio::test]
+async fn spans_made_by_a_step_closure_and_by_its_future_are_children_of_the_step() {
+    let collect = Collect::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(collect.clone()));
+    let (_d, store) = store();
+    let mut r = Registry::new();
+    r.register("nested", 1, |ctx, _: ()| async move {
+        ctx.step("outer", || {
+            drop(tracing::info_span!("made_by_closure").entered());
+            async {
+                drop(tracing::info_span!("made_by_future").entered());
+                Ok(1u32)
+            }
+        })
+        .await
+    });
+    let engine = Engine::with_store(store, r);
+    let out = finish(&engine, "nested", &()).await;
+    assert_eq!(out.status, RunStatus::Completed);
+    tokio::task::yield_now().await;
+    let spans = std::mem::take(&mut *collect.0.lock().unwrap());
+    for name in ["made_by_closure", "made_by_future"] {
+        let s = spans.iter().find(|s| s.name == name).expect(name);
+        assert_eq!(s.ancestors, ["step", "run"], "{s:?}");
+    }
+}
+
 /// Refuses `step` spans (as the export layer does in a run it leaves out) and offers a
 /// [`StepMeter`] that keeps each attempt it is handed.
 struct Metering {
