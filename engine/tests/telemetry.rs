@@ -37,6 +37,22 @@ impl Visit for Fields<'_> {
 #[derive(Clone, Default)]
 struct Collect(Arc<Mutex<Vec<SpanRec>>>);
 
+impl Collect {
+    /// A collector, installed as this thread's default subscriber until the guard drops.
+    fn install() -> (Collect, tracing::subscriber::DefaultGuard) {
+        let collect = Collect::default();
+        let guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(collect.clone()));
+        (collect, guard)
+    }
+
+    /// The spans closed so far (after one yield, for the run's task to finish closing them).
+    async fn take(&self) -> Vec<SpanRec> {
+        tokio::task::yield_now().await;
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Collect {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let span = ctx.span(id).expect("a new span");
@@ -60,9 +76,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Collect {
 // Current-thread runtime: the run's tasks poll on this thread, under this default subscriber.
 #[tokio::test]
 async fn a_fan_out_has_a_span_with_a_branch_span_per_branch() {
-    let collect = Collect::default();
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(collect.clone()));
+    let (collect, _guard) = Collect::install();
     let (_d, store) = store();
     let mut r = Registry::new();
     r.register("fan", 2, |ctx, n: u32| async move {
@@ -82,8 +96,7 @@ async fn a_fan_out_has_a_span_with_a_branch_span_per_branch() {
     let engine = Engine::with_store(store, r);
     let out = finish(&engine, "fan", &3u32).await;
     assert_eq!(out.status, RunStatus::Completed);
-    tokio::task::yield_now().await;
-    let spans = std::mem::take(&mut *collect.0.lock().unwrap());
+    let spans = collect.take().await;
     let of = |name: &str| spans.iter().filter(|s| s.name == name).collect::<Vec<_>>();
 
     let run = of("run");
@@ -124,9 +137,7 @@ async fn a_fan_out_has_a_span_with_a_branch_span_per_branch() {
 // inside the attempt's span (the future is made at its first poll, in the span).
 #[tokio::test]
 async fn spans_made_by_a_step_closure_and_by_its_future_are_children_of_the_step() {
-    let collect = Collect::default();
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(collect.clone()));
+    let (collect, _guard) = Collect::install();
     let (_d, store) = store();
     let mut r = Registry::new();
     r.register("nested", 1, |ctx, _: ()| async move {
@@ -142,8 +153,7 @@ async fn spans_made_by_a_step_closure_and_by_its_future_are_children_of_the_step
     let engine = Engine::with_store(store, r);
     let out = finish(&engine, "nested", &()).await;
     assert_eq!(out.status, RunStatus::Completed);
-    tokio::task::yield_now().await;
-    let spans = std::mem::take(&mut *collect.0.lock().unwrap());
+    let spans = collect.take().await;
     for name in ["made_by_closure", "made_by_future"] {
         let s = spans.iter().find(|s| s.name == name).expect(name);
         assert_eq!(s.ancestors, ["step", "run"], "{s:?}");
