@@ -569,9 +569,9 @@ struct SpanLayer {
     /// queue is full.
     metrics: Option<crate::otel_metrics::SpanMetrics>,
     sampling: Arc<Sampling>,
-    /// Whether a `step` span of a trace that is not exported is not made at all (no other
-    /// layer wants it): the engine then hands the attempt to [`SpanLayer::meter`] instead,
-    /// which costs a fraction of a span in the registry.
+    /// Whether `enabled` refuses a `step` span of a trace that is not exported (no other
+    /// layer wants it, and no meter's run hooks keep such runs from making one): the engine
+    /// then measures the attempt without a span (with no meter, not at all).
     skip_unsampled_steps: bool,
     /// What measures the step attempts that had no span (when metrics are on): offered to the
     /// engine through [`Layer::downcast_raw`]; it queues the attempt for the export thread.
@@ -1668,7 +1668,11 @@ impl Pipeline {
             queue: Arc::clone(&self.queue),
             metrics: self.span_metrics.clone(),
             sampling: Arc::clone(&self.sampling),
-            skip_unsampled_steps: !steps_wanted_elsewhere,
+            // With the run hooks (metrics on), a run left out never makes a `step` span: the
+            // engine meters its attempts from the start. The `step` callsite is then always
+            // interesting, and an exported run's attempts skip the per-span `enabled` check
+            // (a lookup of the current span per attempt).
+            skip_unsampled_steps: !steps_wanted_elsewhere && self.span_metrics.is_none(),
             meter,
         })
     }
