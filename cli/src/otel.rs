@@ -990,10 +990,11 @@ struct Queue {
 }
 
 /// The metric records one thread queued and has not handed over yet. A step of a run not
-/// exported queues one record; taking the queue's lock for each made the two workflow threads
-/// pass its cache lines back and forth at every step. A thread fills its own shard instead and
-/// hands a full chunk over in one lock; the export thread takes what the shards hold whenever
-/// it runs (at least every [`Queue::delay`]), so a record waits no longer than before.
+/// exported queues one record; taking the queue's one lock for each makes every workflow
+/// thread write the same lock and chunk at every step (cache lines passed between cores, and
+/// contention as workers grow). A thread fills its own shard instead and hands a full chunk
+/// over in one lock; the export thread takes what the shards hold whenever it runs (at least
+/// every [`Queue::delay`]), so a record waits no longer than before.
 #[derive(Default)]
 struct Shard {
     recs: Mutex<Vec<Ended>>,
