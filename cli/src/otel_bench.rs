@@ -31,7 +31,7 @@ pub const OFF_TARGET_PCT: f64 = 2.0;
 /// Rounds of `seq` and `many` in each child bench (after one warm-up). A `many` round lasts
 /// about 10 ms and its rate swings by a third from round to round on two busy cores; with
 /// the default 9 rounds, off A and off B differed by 10–20% (session 10, the median over a
-/// bench's rounds), with 30 by 8–16%. The `seq` rounds keep their size, so the rate limiter's
+/// bench's rounds), with 30 by 7.5–16.5% (seven runs). The `seq` rounds keep their size, so the rate limiter's
 /// bucket refills between `many` rounds as before and the share of runs exported stays the
 /// same.
 pub const CHILD_ROUNDS: u32 = 30;
@@ -265,7 +265,7 @@ fn spread(v: &[Sample], f: fn(&Sample) -> f64) -> f64 {
 /// The standard error, in points, of an overhead that compares the median of `n_mode` runs
 /// with the median of `n_off` runs whose spread is `spread_pct` (a median's standard error
 /// is about 1.25 standard deviations over the square root of the runs).
-pub fn overhead_se(spread_pct: f64, n_mode: u32, n_off: u32) -> f64 {
+fn overhead_se(spread_pct: f64, n_mode: u32, n_off: u32) -> f64 {
     if n_mode == 0 || n_off == 0 {
         return 0.0;
     }
