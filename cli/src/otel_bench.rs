@@ -187,6 +187,26 @@ pub struct TelemetryResult {
     pub agent_runs: u32,
     /// `off`, `memory`, `otlp`.
     pub modes: Vec<ModeResult>,
+    /// Every child run, in the order run.
+    pub children: Vec<ChildRun>,
+}
+
+/// One child run's figures as measured, for pooling runs of the bench or pairing the modes of a
+/// round afterwards.
+#[derive(Debug, Serialize)]
+pub struct ChildRun {
+    /// The round (from 0); each round runs every mode once, in an order that rotates.
+    pub round: u32,
+    /// `off`, `memory`, `otlp`, `off-b` or `otlp-all`.
+    pub mode: &'static str,
+    /// `seq` steps per second.
+    pub seq_steps_per_sec: f64,
+    /// `many` steps per second.
+    pub many_steps_per_sec: f64,
+    /// `agents` model calls per second.
+    pub agents_calls_per_sec: f64,
+    /// The child's CPU time (user + system), in seconds.
+    pub cpu_secs: f64,
 }
 
 /// One child run's figures.
@@ -326,6 +346,20 @@ fn summarize(samples: &[Vec<Sample>], rounds: u32, sizes: Sizes) -> TelemetryRes
             mode("otlp", &samples[2], true),
             mode("otlp-all", &samples[4], true),
         ],
+        children: (0..rounds as usize)
+            .flat_map(|round| (0..MODES.len()).map(move |k| (round, (k + round) % MODES.len())))
+            .filter_map(|(round, m)| {
+                let s = samples.get(m)?.get(round)?;
+                Some(ChildRun {
+                    round: round as u32,
+                    mode: MODES[m],
+                    seq_steps_per_sec: s.seq,
+                    many_steps_per_sec: s.many,
+                    agents_calls_per_sec: s.agents,
+                    cpu_secs: s.cpu,
+                })
+            })
+            .collect(),
     }
 }
 
@@ -674,6 +708,21 @@ mod tests {
             },
         );
         assert_eq!(r.noise_seq_pct, 0.0);
+        let children: Vec<_> = r
+            .children
+            .iter()
+            .map(|c| (c.round, c.mode, c.many_steps_per_sec))
+            .collect();
+        assert_eq!(
+            children,
+            [
+                (0, "off", 1000.0),
+                (0, "memory", 950.0),
+                (0, "otlp", 900.0),
+                (0, "off-b", 1000.0),
+                (0, "otlp-all", 500.0)
+            ]
+        );
         assert!((r.modes[1].seq_overhead_pct - 10.0).abs() < 1e-9);
         assert!((r.modes[2].many_overhead_pct - 10.0).abs() < 1e-9);
         let t = targets(&r);
@@ -707,5 +756,48 @@ mod tests {
         assert!((overhead_se(10.0, 5, 10) - 1.2533 * 10.0 * 0.3f64.sqrt()).abs() < 1e-9);
         // Four times the runs halve it.
         assert!((overhead_se(10.0, 20, 40) * 2.0 - overhead_se(10.0, 5, 10)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_children_are_listed_in_the_order_they_ran() {
+        // Mode m's run of round r has many = 100 m + r.
+        let samples: Vec<Vec<Sample>> = (0..MODES.len())
+            .map(|m| {
+                (0..2)
+                    .map(|r| Sample {
+                        many: (100 * m + r) as f64,
+                        ..Sample::default()
+                    })
+                    .collect()
+            })
+            .collect();
+        let sizes = Sizes {
+            steps: 1,
+            workflows: 1,
+            steps_per_workflow: 1,
+            agent_runs: 1,
+        };
+        let r = summarize(&samples, 2, sizes);
+        let order: Vec<_> = r
+            .children
+            .iter()
+            .map(|c| (c.round, c.mode, c.many_steps_per_sec as usize))
+            .collect();
+        // Round 1 starts one mode later, as `bench_telemetry` runs them.
+        assert_eq!(
+            order,
+            [
+                (0, "off", 0),
+                (0, "memory", 100),
+                (0, "otlp", 200),
+                (0, "off-b", 300),
+                (0, "otlp-all", 400),
+                (1, "memory", 101),
+                (1, "otlp", 201),
+                (1, "off-b", 301),
+                (1, "otlp-all", 401),
+                (1, "off", 1),
+            ]
+        );
     }
 }
