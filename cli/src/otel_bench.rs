@@ -241,7 +241,7 @@ pub async fn bench_telemetry(dir: &Path, sizes: Sizes, rounds: u32) -> Result<Te
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); MODES.len()];
         for round in 0..rounds as usize {
             for k in 0..MODES.len() {
-                let m = (k + round) % MODES.len();
+                let m = mode_in_round(round, k);
                 let before = rx.spans.load(Ordering::Relaxed);
                 let s = child(&dir, MODES[m], &rx.url(), sizes)?;
                 let spans = rx.spans.load(Ordering::Relaxed) - before;
@@ -254,6 +254,12 @@ pub async fn bench_telemetry(dir: &Path, sizes: Sizes, rounds: u32) -> Result<Te
     })
     .await
     .context("the telemetry benchmark task panicked")?
+}
+
+/// The mode (an index into [`MODES`]) run `k`-th in round `round`: each round starts one mode
+/// later than the one before, so that no mode always follows the same one.
+fn mode_in_round(round: usize, k: usize) -> usize {
+    (k + round) % MODES.len()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -347,7 +353,7 @@ fn summarize(samples: &[Vec<Sample>], rounds: u32, sizes: Sizes) -> TelemetryRes
             mode("otlp-all", &samples[4], true),
         ],
         children: (0..rounds as usize)
-            .flat_map(|round| (0..MODES.len()).map(move |k| (round, (k + round) % MODES.len())))
+            .flat_map(|round| (0..MODES.len()).map(move |k| (round, mode_in_round(round, k))))
             .filter_map(|(round, m)| {
                 let s = samples.get(m)?.get(round)?;
                 Some(ChildRun {
