@@ -31,9 +31,9 @@ pub const OFF_TARGET_PCT: f64 = 2.0;
 /// Rounds of `seq` and `many` in each child bench (after one warm-up). A `many` round lasts
 /// about 10 ms and its rate swings by a third from round to round on two busy cores; with
 /// the default 9 rounds, off A and off B differed by 10–20% (session 10, the median over a
-/// bench's rounds), with 30 by 7.5–16.5% (seven runs). The `seq` rounds keep their size, so the rate limiter's
-/// bucket refills between `many` rounds as before and the share of runs exported stays the
-/// same.
+/// bench's rounds), with 30 by 7.5–16.5% (seven runs). The `seq` rounds keep their size, so
+/// the rate limiter's bucket refills between `many` rounds as before and the share of runs
+/// exported stays the same.
 pub const CHILD_ROUNDS: u32 = 30;
 /// The most one child bench may take.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(600);
